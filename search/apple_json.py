@@ -1,0 +1,253 @@
+"""Apple's recipe JSON: write a search report in it, read recipes back from it.
+
+The layout mirrors ``mixed_bit_compression_pre_analysis.py`` so that Apple's apply script
+and plot can read our downloads:
+
+    {"model_version": ..., "baselines": {"original", "linear_8bit", "<recipe key>": psnr},
+     "recipes": {"<recipe key>": {layer: bits}},
+     "single_layer": {"<nbits>": {"metadata": {...}, layer: [psnr per prompt]}},
+     "cumulative":   {"<nbits>": {"metadata": {..., "candidates": [...], "sizes": [...]},
+                      layer: [psnr per prompt] in cumulative order},
+     "mbp_search": {...this project's own fields...}}
+
+Strict JSON (no NaN/Infinity): a PSNR of +inf (bit-exact output) is written as
+``JSON_INF_PSNR`` (1000 dB, above anything the PSNR formula's 1e-10 epsilon allows, ~200 dB),
+-inf as ``-JSON_INF_PSNR``, NaN as null. In ``mbp_search`` non-finite floats become null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from search.recipes import ALLOWED_BITS, Recipe
+
+JSON_INF_PSNR = 1000.0
+UNNAMED_RECIPE = "recipe"  # key given to a bare {layer: bits} map (real key needs sizes)
+_APPLE_TOP_KEYS = ("model_version", "baselines", "recipes", "single_layer", "cumulative")
+
+
+@dataclass(frozen=True)
+class SearchReport:
+    """Plain data the driver assembles from storage; partial reports are fine."""
+
+    model_version: str
+    baselines: dict[str, float]
+    recipes: list[tuple[Recipe, float | None]] = field(default_factory=list)
+    single_layer: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+    cumulative: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+    order: dict[int, list[str]] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def json_psnr(value: float | None) -> float | None:
+    """A PSNR as a strict-JSON number: ±inf -> ±JSON_INF_PSNR, NaN/None -> None."""
+    if value is None:
+        return None
+    v = float(value)
+    if math.isnan(v):
+        return None
+    if math.isinf(v):
+        return JSON_INF_PSNR if v > 0 else -JSON_INF_PSNR
+    return v
+
+
+def _json_safe(obj: Any, where: str = "mbp_search") -> Any:
+    """Recursively turn ``extra`` into strict-JSON data (numpy scalars, tuples, Paths too)."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+        return [_json_safe(v, f"{where}[{i}]") for i, v in enumerate(items)]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalar
+        return _json_safe(obj.item(), where)
+    raise TypeError(f"{where}: {type(obj).__name__} is not JSON-serialisable")
+
+
+def _metadata(nbits: int, cumulative: bool) -> dict[str, Any]:
+    # Apple's benchmark_signal_integrity metadata; we never group channels (1, 1).
+    return {"nbits": nbits, "out_ngroups": 1, "in_ngroups": 1, "cumulative": cumulative}
+
+
+def _unique_key(recipe: Recipe, taken: dict[str, dict[str, int]]) -> str | None:
+    """The recipe's key, or a suffixed one if another recipe already holds it; None if a duplicate."""
+    key = recipe.key
+    for suffix in ("", f"_{recipe.strategy}", *(f"_{i}" for i in range(2, 1000))):
+        candidate = key + suffix
+        if candidate not in taken:
+            return candidate
+        if taken[candidate] == recipe.bits:
+            return None
+    raise ValueError(f"too many recipes share key {key!r}")
+
+
+def to_apple_json(report: SearchReport) -> dict:
+    """Apple-format dict (strict-JSON safe) from a report.
+
+    Unmeasured recipes appear in ``recipes`` but not in ``baselines`` (Apple's plot expects a
+    number there). Identical recipes are written once; a different recipe whose key is taken
+    gets ``_<strategy>`` (then ``_2``, ...) appended rather than overwriting it.
+    Cumulative entries follow ``order[b]``; its metadata lists the full order and sizes, so for a
+    complete report entries align 1:1 with ``candidates`` as Apple's plot needs.
+    ``mbp_search`` holds ``recipe_info`` (key -> avg_bits, size_mb, threshold, strategy, psnr)
+    plus ``report.extra``, whose keys win on a clash.
+    """
+    baselines: dict[str, float | None] = {}
+    for name in ("original", "linear_8bit"):
+        if name in report.baselines:
+            baselines[name] = json_psnr(report.baselines[name])
+    for name, v in report.baselines.items():
+        baselines.setdefault(name, json_psnr(v))
+
+    recipes: dict[str, dict[str, int]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for recipe, psnr in report.recipes:
+        key = _unique_key(recipe, recipes)
+        if key is None:
+            continue
+        recipes[key] = {layer: int(b) for layer, b in recipe.bits.items()}
+        if psnr is not None:
+            baselines[key] = json_psnr(psnr)
+        info[key] = {
+            "avg_bits": recipe.avg_bits,
+            "size_mb": recipe.size_mb,
+            "threshold": json_psnr(recipe.threshold),
+            "strategy": recipe.strategy,
+            "psnr": json_psnr(psnr),
+        }
+
+    single_layer: dict[str, dict[str, Any]] = {}
+    for b in sorted(report.single_layer):
+        entry: dict[str, Any] = {"metadata": _metadata(int(b), False)}
+        for layer, psnrs in report.single_layer[b].items():
+            entry[layer] = [json_psnr(p) for p in psnrs]
+        single_layer[str(b)] = entry
+
+    cumulative: dict[str, dict[str, Any]] = {}
+    for b in sorted(set(report.cumulative) | set(report.order)):
+        measured = report.cumulative.get(b, {})
+        order = list(report.order.get(b) or measured)
+        in_order = set(order)
+        stray = [layer for layer in measured if layer not in in_order]
+        if stray:
+            raise ValueError(f"cumulative[{b}] has layers outside its order: {stray[:3]}")
+        missing = [layer for layer in order if layer not in report.sizes]
+        if missing:
+            raise ValueError(f"cumulative[{b}] order has layers without a size: {missing[:3]}")
+        meta = _metadata(int(b), True)
+        meta.update(candidates=order, sizes=[int(report.sizes[c]) for c in order])
+        entry = {"metadata": meta}
+        for layer in order:
+            if layer in measured:
+                entry[layer] = [json_psnr(p) for p in measured[layer]]
+        cumulative[str(b)] = entry
+
+    mbp = {"recipe_info": info}
+    mbp.update(_json_safe(dict(report.extra)))
+    return {
+        "model_version": report.model_version,
+        "baselines": baselines,
+        "recipes": recipes,
+        "single_layer": single_layer,
+        "cumulative": cumulative,
+        "mbp_search": mbp,
+    }
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class RecipeFileError(ValueError):
+    """A recipe file that cannot be used; the message is one line naming the problem."""
+
+
+def _load(data: Any) -> Any:
+    if isinstance(data, Path):
+        try:
+            data = data.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeFileError(f"cannot read recipe file {str(data)!r}: {e}") from None
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RecipeFileError("recipe file is not UTF-8 text") from None
+    if isinstance(data, str):
+        try:
+            return json.loads(data, parse_constant=_reject_constant)
+        except (json.JSONDecodeError, RecipeFileError) as e:
+            raise RecipeFileError(f"recipe file is not valid JSON: {e}") from None
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise RecipeFileError(f"{name} is not allowed")
+
+
+def _check_recipe(key: str, recipe: Any) -> dict[str, int]:
+    if not isinstance(recipe, Mapping):
+        raise RecipeFileError(f"recipe {key!r} is not an object of {{layer: bits}}")
+    if not recipe:
+        raise RecipeFileError(f"recipe {key!r} is empty")
+    out: dict[str, int] = {}
+    for layer, b in recipe.items():
+        if not isinstance(layer, str):
+            raise RecipeFileError(f"recipe {key!r}: layer name {layer!r} is not a string")
+        if isinstance(b, float) and b.is_integer():
+            b = int(b)
+        if isinstance(b, bool) or not isinstance(b, int) or b not in ALLOWED_BITS:
+            raise RecipeFileError(
+                f"recipe {key!r}: layer {layer!r} has bits {b!r}, expected one of "
+                f"{sorted(ALLOWED_BITS)}"
+            )
+        out[layer] = b
+    return out
+
+
+def parse_recipe_file(data: dict | str | bytes | Path) -> tuple[str | None, dict[str, dict[str, int]]]:
+    """``(model_version or None, {key: {layer: bits}})`` from an Apple file, our download, or a bare map.
+
+    A ``str`` is JSON text, a ``Path`` a file to read. A bare ``{layer: bits}`` map (no Apple
+    top-level keys, no object values) is one recipe under ``UNNAMED_RECIPE``: its real key
+    needs the model's candidate sizes, which the caller has.
+    """
+    obj = _load(data)
+    if not isinstance(obj, Mapping):
+        raise RecipeFileError(f"recipe file must be a JSON object, got {type(obj).__name__}")
+    if not obj:
+        raise RecipeFileError("recipe file is an empty object: no recipes")
+    model_version = obj.get("model_version")
+    if "recipes" in obj:
+        if model_version is not None and not isinstance(model_version, str):
+            raise RecipeFileError(f"model_version must be a string, got {model_version!r}")
+        recipes = obj["recipes"]
+        if not isinstance(recipes, Mapping):
+            raise RecipeFileError("'recipes' must be an object of {key: {layer: bits}}")
+        if not recipes:
+            raise RecipeFileError("'recipes' is empty: no recipes")
+        out = {}
+        for key, recipe in recipes.items():
+            if not isinstance(key, str):
+                raise RecipeFileError(f"recipe key {key!r} is not a string")
+            out[key] = _check_recipe(key, recipe)
+        return model_version, out
+    if any(k in obj for k in _APPLE_TOP_KEYS) or any(
+        isinstance(v, (Mapping, list)) for v in obj.values()
+    ):
+        raise RecipeFileError("no 'recipes' in the file (and it is not a bare {layer: bits} map)")
+    return None, {UNNAMED_RECIPE: _check_recipe(UNNAMED_RECIPE, obj)}

@@ -1,0 +1,279 @@
+"""The driver: runs a search's remaining phases on a pool of Ray evaluators and stores every
+result as it arrives. It is the only writer of the database; resuming is just running again,
+since every phase skips what is already stored."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Callable
+
+import ray
+
+from search.config import SearchConfig
+from search.pool import EvaluatorPool, ItemFailed, PoolError, actor_class
+from search.progress import NullReporter, Reporter
+from search.recipes import apple_recipes, thresholds
+from search.results import load_tables
+from storage import Baseline, Measurement, PaletteInfo, Search, Storage, StorageError, StoredRecipe
+from storage.palette_store import PaletteStore
+from workers.items import WorkItem
+from workers.models import ModelSpec
+from workers.palettize import load_palette, save_palette
+
+HEARTBEAT_S = 5.0
+PHASE_ORDER = ("palettes", "isolated", "cumulative", "recipes")
+
+
+class SearchInterrupted(RuntimeError):
+    pass
+
+
+class SearchFailed(RuntimeError):
+    pass
+
+
+def driver_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster when given an address (or RAY_ADDRESS), else start a small local
+    instance without the dashboard."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
+
+
+def plan_workers(requested: int | None) -> tuple[int, float, float, int]:
+    """(actors, cpus per actor, gpus per actor, torch threads) from the cluster's resources."""
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 1))
+    if gpus:
+        n = requested or gpus
+        return n, 1.0, 1.0, max(1, int(cpus // n))
+    n = requested or 2
+    per = min(1.0, cpus / n)
+    return n, per, 0.0, max(1, int(cpus // n))
+
+
+class SearchDriver:
+    def __init__(self, storage: Storage, search: Search, spec: ModelSpec, *, workers: int | None = None,
+                 reporter: Reporter | None = None, actor_resources: dict | None = None):
+        self.storage, self.search, self.spec = storage, search, spec
+        self.config = SearchConfig.from_dict(search.config)
+        self.reporter = reporter or NullReporter()
+        self.requested_workers = workers
+        self.actor_resources = actor_resources
+        self.palette_store = PaletteStore(storage.path)
+        self._stop = threading.Event()
+        self._last_beat = 0.0
+        self.palette_refs: dict[tuple[str, int], object] = {}
+        self.pool: EvaluatorPool | None = None
+        self.evaluations = 0  # pipeline runs this driver performed (resume cost accounting)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def request_stop(self, *_args) -> None:
+        self._stop.set()
+
+    def _should_stop(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_beat > HEARTBEAT_S:
+            self.storage.heartbeat(self.search.id)
+            self._last_beat = now
+        return self._stop.is_set()
+
+    def run(self) -> Search:
+        sid = self.search.id
+        started = time.monotonic()
+        handlers = self._install_signal_handlers()
+        try:
+            self._start_pool()
+            self._phase_palettes()
+            self._phase_isolated()
+            self._phase_cumulative()
+            self._phase_recipes()
+            self.storage.update_search(sid, status="completed", phase="done", finished=True,
+                                       add_elapsed=time.monotonic() - started)
+        except SearchInterrupted:
+            self.storage.update_search(sid, status="interrupted", add_elapsed=time.monotonic() - started)
+            raise
+        except (ItemFailed, PoolError) as exc:
+            self.storage.update_search(sid, status="failed", error=str(exc), add_elapsed=time.monotonic() - started)
+            raise SearchFailed(str(exc)) from None
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            msg = None if status == "interrupted" else (str(exc).splitlines() or [type(exc).__name__])[0]
+            self.storage.update_search(sid, status=status, error=msg, add_elapsed=time.monotonic() - started)
+            raise
+        finally:
+            if self.pool:
+                self.pool.shutdown()
+            self._restore_signal_handlers(handlers)
+        return self.storage.get_search(sid)
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        return {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def _restore_signal_handlers(handlers) -> None:
+        for sig, handler in (handlers or {}).items():
+            signal.signal(sig, handler)
+
+    def _start_pool(self) -> None:
+        n, cpus, gpus, threads = plan_workers(self.requested_workers)
+        cls = actor_class(cpus, gpus, self.actor_resources)
+        spec, signal_spec = self.spec, self.config.signal_spec()
+        kwargs = dict(precision=self.config.precision, fingerprint=self.search.fingerprint, threads=threads,
+                      min_size=self.config.min_size)
+        self.pool = EvaluatorPool(n, lambda: cls.remote(spec, signal_spec, **kwargs))
+        self.pool.on_actor_lost = lambda exc, lost: self.reporter.message(
+            f"[yellow]an evaluator died ({type(exc).__name__}); re-queued {len(lost)} item(s) on a new one")
+        self.reporter.message(f"starting {n} evaluator(s) ({'GPU' if gpus else 'CPU'}, {threads} thread(s) each)")
+        self.storage.update_search(self.search.id, phase="starting")
+        infos = self.pool.start()
+        self.evaluations += len(infos)  # each computed its own reference
+        d = infos[0]
+        self.reporter.message(f"evaluators ready on {d['device']} ({d['dtype']}), {d['candidates']} candidates; "
+                              f"one pipeline run takes {d['reference_s']:.2f} s")
+
+    def _run_items(self, phase: str, items: list[WorkItem], submit: Callable, store: Callable) -> None:
+        self.storage.update_search(self.search.id, phase=phase)
+        self.reporter.phase_start(phase, len(items))
+        for item, result in self.pool.run(items, submit, self._should_stop):
+            store(item, result)
+            self.reporter.advance(phase)
+        self.reporter.phase_end(phase)
+        if self._stop.is_set():
+            raise SearchInterrupted(f"search {self.search.id} interrupted")
+
+    # -- phases ---------------------------------------------------------------------------
+    def _phase_palettes(self) -> None:
+        sid, layers = self.search.id, list(load_tables(self.storage, self.search.id).sizes)
+        stored = self.storage.palettes(sid)
+        todo = []
+        for layer in layers:
+            for bits in self.config.nbits:
+                info = stored.get((layer, bits))
+                path = self.palette_store.path(info.path) if info else None
+                if info and path.exists():
+                    palette = load_palette(path)
+                    if palette.digest == info.digest:
+                        self.palette_refs[(layer, bits)] = ray.put(palette)
+                        continue
+                    raise SearchFailed(f"palette file {path} does not match the stored digest; restore it or start a new search")
+                if info:
+                    raise SearchFailed(f"palette file {path} is missing; restore the {self.palette_store.root} folder")
+                todo.append(WorkItem(key=f"palette/{bits}/{layer}", phase="palette", bits=bits, layer=layer))
+
+        def store(item: WorkItem, res) -> None:
+            rel = self.palette_store.relative_path(sid, item.layer, item.bits)
+            save_palette(self.palette_store.path_for(sid, item.layer, item.bits), res.palette)
+            self.storage.add_palette(sid, PaletteInfo(item.layer, item.bits, res.palette.digest,
+                                                      float(res.palette.weight_mse), rel))
+            self.palette_refs[(item.layer, item.bits)] = ray.put(res.palette)
+
+        self._run_items("palettes", todo, lambda actor, it: actor.fit_palette.remote(it), store)
+
+    def _submit_eval(self, actor, item: WorkItem):
+        refs = {key: self.palette_refs[key] for key in item.assignment if key[1] != 16}
+        return actor.evaluate.remote(item, refs)
+
+    def _store_measurement(self, item: WorkItem, r) -> None:
+        self.evaluations += 1
+        self.storage.add_measurement(self.search.id, Measurement(
+            item.key, item.phase, item.bits, item.layer, item.position, r.psnr, r.per_prompt, r.node, r.worker,
+            r.duration_s))
+
+    def _phase_isolated(self) -> None:
+        sid = self.search.id
+        done = self.storage.measured_keys(sid)
+        have_baselines = self.storage.baselines(sid)
+        layers = list(load_tables(self.storage, sid).sizes)
+        items = [WorkItem(f"baseline/{n}", "baseline", name=n, linear8=(n == "linear_8bit"))
+                 for n in ("original", "linear_8bit") if n not in have_baselines]
+        items += [WorkItem(f"isolated/{b}/{layer}", "isolated", bits=b, layer=layer, assignment=((layer, b),))
+                  for b in self.config.nbits for layer in layers if f"isolated/{b}/{layer}" not in done]
+
+        def store(item: WorkItem, r) -> None:
+            if item.phase == "baseline":
+                self.evaluations += 1
+                self.storage.add_baseline(sid, Baseline(item.name, r.psnr, r.per_prompt, r.node, r.duration_s))
+            else:
+                self._store_measurement(item, r)
+
+        self._run_items("isolated", items, self._submit_eval, store)
+
+    def _phase_cumulative(self) -> None:
+        sid = self.search.id
+        tables = load_tables(self.storage, sid)
+        items = []
+        for b in self.config.nbits:
+            order = tables.order(b)
+            for pos in range(1, len(order) + 1):
+                if pos in tables.cumulative.get(b, {}):
+                    continue
+                items.append(WorkItem(f"cumulative/{b}/{pos:05d}", "cumulative", bits=b, layer=order[pos - 1],
+                                      position=pos, assignment=tuple((l, b) for l in order[:pos])))
+        # Longest prefixes first: they take the longest, so the tail of the phase stays balanced.
+        items.sort(key=lambda it: -it.position)
+        self._run_items("cumulative", items, self._submit_eval, self._store_measurement)
+
+    def recipe_thresholds(self, tables) -> tuple[list[float], str | None]:
+        original, linear8 = tables.baselines["original"], tables.baselines["linear_8bit"]
+        first_points = [tables.cumulative[b][1].psnr for b in self.config.nbits if 1 in tables.cumulative.get(b, {})]
+        cap = max(first_points) - 1.0 if first_points else None
+        note = None
+        if cap is not None and original - 1.0 > cap:
+            note = (f"original is {original:.1f} dB (bit-exact arithmetic); thresholds start at {cap:.2f} dB, "
+                    f"1 dB below the best single palettized layer")
+        upper = min(original - 1.0, cap) if cap is not None else original - 1.0
+        lower = linear8 + 5.0
+        if upper <= lower:
+            # The 8-bit linear baseline is within 6 dB of the top: span the measured curves instead.
+            lows = [min(m.psnr for m in tables.cumulative[b].values()) for b in self.config.nbits if tables.cumulative.get(b)]
+            lower_alt = min(lows)
+            note = (note + "; " if note else "") + (
+                f"linear_8bit + 5 dB ({lower:.2f}) is above the top threshold, so thresholds end at the lowest "
+                f"cumulative PSNR measured ({lower_alt:.2f} dB)")
+            return [float(t) for t in _linspace(upper, lower_alt, self.config.num_recipes)], note
+        return thresholds(original, linear8, self.config.num_recipes, cap=cap), note
+
+    def _phase_recipes(self) -> None:
+        sid = self.search.id
+        tables = load_tables(self.storage, sid)
+        ts, note = self.recipe_thresholds(tables)
+        if note:
+            self.reporter.message(f"[dim]{note}")
+        cumulative = {b: tables.cumulative_by_layer(b) for b in self.config.nbits}
+        for r in apple_recipes(cumulative, tables.sizes, ts):
+            self.storage.add_recipe(sid, StoredRecipe(r.key, r.strategy, r.threshold, None, r.bits, r.avg_bits,
+                                                      r.size_mb, None, None, None, None, None))
+        items = [WorkItem(f"recipe/{r.key}", "recipe", name=r.key,
+                          assignment=tuple(sorted((l, b) for l, b in r.bits.items() if b != 16)))
+                 for r in self.storage.recipes(sid) if r.psnr is None]
+
+        def store(item: WorkItem, r) -> None:
+            self.evaluations += 1
+            self.storage.set_recipe_result(sid, item.name, psnr=r.psnr, per_prompt=r.per_prompt, node=r.node,
+                                           duration_s=r.duration_s)
+
+        self._run_items("recipes", items, self._submit_eval, store)
+
+
+def _linspace(a: float, b: float, n: int) -> list[float]:
+    return [a] if n == 1 else [a + (b - a) * i / (n - 1) for i in range(n)]
+
+
+__all__ = ["SearchDriver", "SearchInterrupted", "SearchFailed", "ensure_ray", "plan_workers", "driver_id",
+           "StorageError", "math"]

@@ -1,0 +1,132 @@
+"""A pool of evaluator actors that keeps each busy and survives actors dying.
+
+The driver hands it work items; it yields (item, result) in completion order. An actor that
+dies is replaced and its in-flight items re-queued; an item whose evaluation raises is
+retried, and the third failure of the same item stops the run with `ItemFailed`.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+from workers.evaluator import Evaluator
+from workers.items import WorkItem
+
+MAX_ATTEMPTS = 3
+IN_FLIGHT_PER_ACTOR = 2
+
+
+class ItemFailed(RuntimeError):
+    def __init__(self, item: WorkItem, error: str):
+        where = f"layer {item.layer} at {item.bits} bits" if item.layer else item.key
+        super().__init__(f"{item.phase} evaluation of {where} failed {MAX_ATTEMPTS} times: {error}")
+        self.item, self.error = item, error
+
+
+class PoolError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Slot:
+    actor: object
+    in_flight: dict = field(default_factory=dict)  # ObjectRef -> WorkItem
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "cause", None) or exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+class EvaluatorPool:
+    def __init__(self, size: int, make_actor: Callable[[], object], *, max_replacements: int | None = None):
+        if size < 1:
+            raise PoolError("need at least one evaluator")
+        self._make = make_actor
+        self.slots = [_Slot(make_actor()) for _ in range(size)]
+        self.replacements = 0
+        self.max_replacements = size * 3 if max_replacements is None else max_replacements
+        self.infos: list[dict] = []
+
+    def start(self, timeout_s: float = 1800) -> list[dict]:
+        """Wait for every actor to load the model and compute its reference output."""
+        refs = [slot.actor.info.remote() for slot in self.slots]
+        try:
+            self.infos = ray.get(refs, timeout=timeout_s)
+        except RayActorError as exc:
+            raise PoolError(f"an evaluator failed to start: {_short(exc)}") from None
+        return self.infos
+
+    def _replace(self, slot: _Slot) -> None:
+        self.replacements += 1
+        if self.replacements > self.max_replacements:
+            raise PoolError(f"evaluators died {self.replacements} times; giving up")
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:
+            pass
+        slot.actor = self._make()
+        slot.in_flight = {}
+
+    def run(self, items: Iterable[WorkItem], submit: Callable[[object, WorkItem], object],
+            should_stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[WorkItem, object]]:
+        """Yield (item, result) as results arrive. `submit(actor, item)` returns an ObjectRef."""
+        queue = collections.deque(items)
+        attempts: collections.Counter = collections.Counter()
+        while queue or any(s.in_flight for s in self.slots):
+            if should_stop():
+                return
+            for slot in self.slots:
+                while queue and len(slot.in_flight) < IN_FLIGHT_PER_ACTOR:
+                    item = queue.popleft()
+                    slot.in_flight[submit(slot.actor, item)] = item
+            pending = [ref for s in self.slots for ref in s.in_flight]
+            ready, _ = ray.wait(pending, num_returns=1, timeout=1.0)
+            for ref in ready:
+                slot = next(s for s in self.slots if ref in s.in_flight)
+                item = slot.in_flight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except (ActorDiedError, ActorUnavailableError) as exc:
+                    # The actor is gone: every item it held goes back to the queue.
+                    lost = [item, *slot.in_flight.values()]
+                    self._replace(slot)
+                    queue.extendleft(reversed(lost))
+                    self.on_actor_lost(exc, lost)
+                    continue
+                except RayTaskError as exc:
+                    attempts[item.key] += 1
+                    if attempts[item.key] >= MAX_ATTEMPTS:
+                        raise ItemFailed(item, _short(exc)) from None
+                    queue.append(item)
+                    continue
+                except RayActorError as exc:
+                    lost = [item, *slot.in_flight.values()]
+                    self._replace(slot)
+                    queue.extendleft(reversed(lost))
+                    self.on_actor_lost(exc, lost)
+                    continue
+                yield item, result
+
+    def on_actor_lost(self, exc: BaseException, lost: list[WorkItem]) -> None:
+        """Hook for the driver's log; the default does nothing."""
+
+    def shutdown(self) -> None:
+        for slot in self.slots:
+            try:
+                ray.kill(slot.actor, no_restart=True)
+            except Exception:
+                pass
+
+
+def actor_class(num_cpus: float, num_gpus: float, resources: dict | None = None):
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0,
+                      resources=resources or None)(Evaluator)
+
+
+__all__ = ["EvaluatorPool", "ItemFailed", "PoolError", "actor_class", "MAX_ATTEMPTS", "time"]

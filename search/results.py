@@ -1,0 +1,69 @@
+"""Reading a search's stored measurements back as plain tables and as an Apple report."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from search.apple_json import SearchReport
+from search.recipes import Recipe, cumulative_order
+from storage import Measurement, Search, Storage
+
+
+@dataclass(frozen=True)
+class Tables:
+    sizes: dict[str, int]                              # candidate -> numel, module order
+    isolated: dict[int, dict[str, Measurement]]        # bits -> layer -> measurement
+    cumulative: dict[int, dict[int, Measurement]]      # bits -> position (1-based) -> measurement
+    baselines: dict[str, float]
+
+    def isolated_psnr(self, bits: int) -> dict[str, float]:
+        return {layer: m.psnr for layer, m in self.isolated.get(bits, {}).items()}
+
+    def order(self, bits: int) -> list[str]:
+        """Cumulative order: descending isolated PSNR. Needs the full isolated row."""
+        return cumulative_order(self.isolated_psnr(bits))
+
+    def cumulative_by_layer(self, bits: int) -> dict[str, float]:
+        return {m.layer: m.psnr for m in self.cumulative.get(bits, {}).values()}
+
+
+def load_tables(storage: Storage, search_id: str) -> Tables:
+    sizes = {l.name: l.numel for l in storage.layers(search_id)}
+    isolated: dict[int, dict[str, Measurement]] = {}
+    cumulative: dict[int, dict[int, Measurement]] = {}
+    for m in storage.measurements(search_id):
+        if m.phase == "isolated":
+            isolated.setdefault(m.bits, {})[m.layer] = m
+        elif m.phase == "cumulative":
+            cumulative.setdefault(m.bits, {})[m.position] = m
+    baselines = {name: b.psnr for name, b in storage.baselines(search_id).items()}
+    return Tables(sizes, isolated, cumulative, baselines)
+
+
+def build_report(storage: Storage, search: Search) -> SearchReport:
+    t = load_tables(storage, search.id)
+    nbits = search.config["nbits"]
+    stored = storage.recipes(search.id)
+    recipes = [(Recipe(r.key, r.bits, r.avg_bits, r.size_mb, r.threshold, r.strategy), r.psnr) for r in stored]
+    baselines = dict(t.baselines)
+    order = {b: t.order(b) for b in nbits if len(t.isolated.get(b, {})) == len(t.sizes)}
+    cumulative = {b: {m.layer: list(m.per_prompt) for _, m in sorted(t.cumulative.get(b, {}).items())}
+                  for b in nbits if t.cumulative.get(b)}
+    single = {b: {layer: list(m.per_prompt) for layer, m in t.isolated.get(b, {}).items()}
+              for b in nbits if t.isolated.get(b)}
+    extra = {
+        "search_id": search.id,
+        "model": search.model,
+        "model_location": search.model_location,
+        "fingerprint": search.fingerprint,
+        "config": search.config,
+        "status": search.status,
+        "thresholds": [r.threshold for r in stored if r.threshold is not None],
+        "recipe_details": {r.key: {"strategy": r.strategy, "threshold": r.threshold, "avg_bits": r.avg_bits,
+                                   "size_mb": r.size_mb, "predicted_psnr": r.predicted_psnr,
+                                   "per_prompt": list(r.per_prompt) if r.per_prompt else None} for r in stored},
+        "timings": {"created_at": search.created_at.isoformat() + "Z",
+                    "finished_at": search.finished_at.isoformat() + "Z" if search.finished_at else None,
+                    "elapsed_s": round(search.elapsed_s, 3), "evaluations": search.evaluations},
+    }
+    return SearchReport(model_version=search.model_version, baselines=baselines, recipes=recipes,
+                        single_layer=single, cumulative=cumulative, order=order, sizes=t.sizes, extra=extra)

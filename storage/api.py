@@ -1,0 +1,239 @@
+"""The one persistence API. Every call is its own short transaction (see SessionFactory.scope),
+so a killed driver loses at most the results it had not yet handed to storage."""
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.sqlite import insert
+
+from storage import schema as s
+from storage.engine import SessionFactory, StorageError, open_engine
+from storage.records import (
+    ACTIVE,
+    Baseline,
+    Layer,
+    Measurement,
+    PaletteInfo,
+    Search,
+    StoredRecipe,
+)
+
+
+def _search(row: s.SearchRow) -> Search:
+    return Search(
+        id=row.id, model=row.model, model_version=row.model_version, model_location=row.model_location,
+        model_source=row.model_source, fingerprint=row.fingerprint, config=json.loads(row.config_json),
+        config_hash=row.config_hash, status=row.status, phase=row.phase, error=row.error, owner=row.owner,
+        created_at=row.created_at, updated_at=row.updated_at, heartbeat_at=row.heartbeat_at,
+        finished_at=row.finished_at, evaluations=row.evaluations, elapsed_s=row.elapsed_s,
+    )
+
+
+def _recipe(row: s.RecipeRow) -> StoredRecipe:
+    return StoredRecipe(
+        key=row.key, strategy=row.strategy, threshold=row.threshold,
+        target=json.loads(row.target_json) if row.target_json else None,
+        bits=json.loads(row.bits_json), avg_bits=row.avg_bits, size_mb=row.size_mb,
+        predicted_psnr=row.predicted_psnr, psnr=row.psnr,
+        per_prompt=tuple(json.loads(row.per_prompt_json)) if row.per_prompt_json else None,
+        node=row.node, duration_s=row.duration_s,
+    )
+
+
+class Storage:
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        self.engine = open_engine(self.path)
+        self.session_scope = SessionFactory(self.engine).scope
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Storage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- searches -------------------------------------------------------------------------
+    def create_search(self, *, model: str, model_version: str, model_location: str, model_source: str,
+                      fingerprint: str, config: dict, config_hash: str, layers: list[Layer],
+                      owner: str | None = None) -> Search:
+        """Search row and its candidate layers in one transaction: all or nothing."""
+        now = s.utcnow()
+        row = s.SearchRow(
+            id=uuid.uuid4().hex[:12], model=model, model_version=model_version, model_location=model_location,
+            model_source=model_source, fingerprint=fingerprint, config_json=json.dumps(config, sort_keys=True),
+            config_hash=config_hash, status="pending", phase="setup", owner=owner, created_at=now,
+            updated_at=now, heartbeat_at=now, evaluations=0, elapsed_s=0.0,
+        )
+        with self.session_scope() as db:
+            db.add(row)
+            db.flush()
+            db.add_all(
+                s.LayerRow(search_id=row.id, ordinal=i, name=l.name, kind=l.kind, numel=l.numel,
+                           shape_json=json.dumps(list(l.shape)))
+                for i, l in enumerate(layers)
+            )
+            return _search(row)
+
+    def get_search(self, search_id: str) -> Search:
+        """Exact id or an unambiguous prefix of one."""
+        with self.session_scope() as db:
+            row = db.get(s.SearchRow, search_id)
+            if row is None and search_id:
+                rows = db.scalars(select(s.SearchRow).where(s.SearchRow.id.startswith(search_id, autoescape=True))).all()
+                if len(rows) > 1:
+                    raise StorageError(f"search id prefix '{search_id}' is ambiguous ({len(rows)} searches); give more characters")
+                row = rows[0] if rows else None
+            if row is None:
+                raise StorageError(f"no search '{search_id}' in {self.path}; `search list` shows the ids")
+            return _search(row)
+
+    def list_searches(self) -> list[Search]:
+        with self.session_scope() as db:
+            return [_search(r) for r in db.scalars(select(s.SearchRow).order_by(s.SearchRow.created_at))]
+
+    def find_unfinished(self, model_location: str, config_hash: str) -> list[Search]:
+        with self.session_scope() as db:
+            rows = db.scalars(select(s.SearchRow).where(
+                s.SearchRow.model_location == model_location, s.SearchRow.config_hash == config_hash,
+                s.SearchRow.status != "completed"))
+            return [_search(r) for r in rows]
+
+    def claim(self, search_id: str, owner: str, now_is_stale) -> Search:
+        """Take ownership of a search for a driver; refuse if another live driver holds it.
+        `now_is_stale(search)` decides whether the current holder is dead."""
+        with self.session_scope() as db:
+            row = db.get(s.SearchRow, search_id)
+            if row is None:
+                raise StorageError(f"no search '{search_id}'")
+            current = _search(row)
+            if row.status in ACTIVE and row.owner and row.owner != owner and not now_is_stale(current):
+                raise StorageError(f"search {search_id} is already running (driver {row.owner}); wait for it or stop it first")
+            if row.status == "completed":
+                raise StorageError(f"search {search_id} is already completed; nothing to resume")
+            row.status, row.owner, row.error = "running", owner, None
+            row.heartbeat_at = row.updated_at = s.utcnow()
+            return _search(row)
+
+    def update_search(self, search_id: str, *, status: str | None = None, phase: str | None = None,
+                      error: str | None = None, finished: bool = False, add_elapsed: float = 0.0) -> None:
+        values: dict = {"updated_at": s.utcnow(), "heartbeat_at": s.utcnow()}
+        if status is not None:
+            values["status"] = status
+            values["error"] = error
+        if phase is not None:
+            values["phase"] = phase
+        if finished:
+            values["finished_at"] = s.utcnow()
+        if add_elapsed:
+            values["elapsed_s"] = s.SearchRow.elapsed_s + add_elapsed
+        with self.session_scope() as db:
+            db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(**values))
+
+    def heartbeat(self, search_id: str) -> None:
+        with self.session_scope() as db:
+            db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(heartbeat_at=s.utcnow()))
+
+    def layers(self, search_id: str) -> list[Layer]:
+        with self.session_scope() as db:
+            rows = db.scalars(select(s.LayerRow).where(s.LayerRow.search_id == search_id).order_by(s.LayerRow.ordinal))
+            return [Layer(r.name, r.numel, tuple(json.loads(r.shape_json)), r.kind) for r in rows]
+
+    # -- palettes -------------------------------------------------------------------------
+    def add_palette(self, search_id: str, info: PaletteInfo) -> bool:
+        stmt = insert(s.PaletteRow).values(search_id=search_id, layer=info.layer, bits=info.bits, digest=info.digest,
+                                           weight_mse=info.weight_mse, path=info.path).on_conflict_do_nothing()
+        with self.session_scope() as db:
+            return db.execute(stmt).rowcount == 1
+
+    def palettes(self, search_id: str) -> dict[tuple[str, int], PaletteInfo]:
+        with self.session_scope() as db:
+            rows = db.scalars(select(s.PaletteRow).where(s.PaletteRow.search_id == search_id))
+            return {(r.layer, r.bits): PaletteInfo(r.layer, r.bits, r.digest, r.weight_mse, r.path) for r in rows}
+
+    # -- measurements ---------------------------------------------------------------------
+    def add_measurement(self, search_id: str, m: Measurement) -> bool:
+        """Insert once; a second insert of the same key is a no-op (returns False)."""
+        stmt = insert(s.MeasurementRow).values(
+            search_id=search_id, key=m.key, phase=m.phase, bits=m.bits, layer=m.layer, position=m.position,
+            psnr=m.psnr, per_prompt_json=json.dumps(list(m.per_prompt)), node=m.node, worker=m.worker,
+            duration_s=m.duration_s, created_at=s.utcnow(),
+        ).on_conflict_do_nothing()
+        with self.session_scope() as db:
+            inserted = db.execute(stmt).rowcount == 1
+            if inserted:
+                db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(
+                    evaluations=s.SearchRow.evaluations + 1, heartbeat_at=s.utcnow()))
+            return inserted
+
+    def measurements(self, search_id: str, phase: str | None = None) -> list[Measurement]:
+        q = select(s.MeasurementRow).where(s.MeasurementRow.search_id == search_id)
+        if phase:
+            q = q.where(s.MeasurementRow.phase == phase)
+        with self.session_scope() as db:
+            return [
+                Measurement(r.key, r.phase, r.bits, r.layer, r.position, r.psnr, tuple(json.loads(r.per_prompt_json)),
+                            r.node, r.worker, r.duration_s)
+                for r in db.scalars(q.order_by(s.MeasurementRow.id))
+            ]
+
+    def count_measurements(self, search_id: str) -> dict[str, int]:
+        with self.session_scope() as db:
+            rows = db.execute(select(s.MeasurementRow.phase, func.count()).where(
+                s.MeasurementRow.search_id == search_id).group_by(s.MeasurementRow.phase))
+            return {phase: n for phase, n in rows}
+
+    def measured_keys(self, search_id: str) -> set[str]:
+        with self.session_scope() as db:
+            return set(db.scalars(select(s.MeasurementRow.key).where(s.MeasurementRow.search_id == search_id)))
+
+    # -- baselines ------------------------------------------------------------------------
+    def add_baseline(self, search_id: str, b: Baseline) -> bool:
+        stmt = insert(s.BaselineRow).values(search_id=search_id, name=b.name, psnr=b.psnr, node=b.node,
+                                            per_prompt_json=json.dumps(list(b.per_prompt)),
+                                            duration_s=b.duration_s).on_conflict_do_nothing()
+        with self.session_scope() as db:
+            inserted = db.execute(stmt).rowcount == 1
+            if inserted:
+                db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(
+                    evaluations=s.SearchRow.evaluations + 1))
+            return inserted
+
+    def baselines(self, search_id: str) -> dict[str, Baseline]:
+        with self.session_scope() as db:
+            rows = db.scalars(select(s.BaselineRow).where(s.BaselineRow.search_id == search_id))
+            return {r.name: Baseline(r.name, r.psnr, tuple(json.loads(r.per_prompt_json)), r.node, r.duration_s)
+                    for r in rows}
+
+    # -- recipes --------------------------------------------------------------------------
+    def add_recipe(self, search_id: str, r: StoredRecipe) -> bool:
+        stmt = insert(s.RecipeRow).values(
+            search_id=search_id, key=r.key, strategy=r.strategy, threshold=r.threshold,
+            target_json=json.dumps(r.target) if r.target is not None else None,
+            bits_json=json.dumps(r.bits, sort_keys=True), avg_bits=r.avg_bits, size_mb=r.size_mb,
+            predicted_psnr=r.predicted_psnr, created_at=s.utcnow(),
+        ).on_conflict_do_nothing()
+        with self.session_scope() as db:
+            return db.execute(stmt).rowcount == 1
+
+    def set_recipe_result(self, search_id: str, key: str, *, psnr: float, per_prompt: tuple[float, ...],
+                          node: str, duration_s: float) -> bool:
+        """Store a recipe's end-to-end PSNR once; an already measured recipe is left alone."""
+        with self.session_scope() as db:
+            res = db.execute(update(s.RecipeRow).where(
+                s.RecipeRow.search_id == search_id, s.RecipeRow.key == key, s.RecipeRow.psnr.is_(None)).values(
+                psnr=psnr, per_prompt_json=json.dumps(list(per_prompt)), node=node, duration_s=duration_s))
+            if res.rowcount == 1:
+                db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(
+                    evaluations=s.SearchRow.evaluations + 1))
+            return res.rowcount == 1
+
+    def recipes(self, search_id: str) -> list[StoredRecipe]:
+        with self.session_scope() as db:
+            rows = db.scalars(select(s.RecipeRow).where(s.RecipeRow.search_id == search_id).order_by(s.RecipeRow.id))
+            return [_recipe(r) for r in rows]

@@ -1,0 +1,111 @@
+"""Opening a database safely: refuse foreign/corrupt/newer files before writing a byte."""
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.migrations import LATEST_VERSION, migrate
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+APPLICATION_ID = 0x4D425053  # "MBPS": marks files this project created
+BUSY_TIMEOUT_MS = 60_000
+
+
+class StorageError(Exception):
+    """A database that cannot be used; the message is one line for the user."""
+
+
+def check_database_file(path: Path) -> None:
+    """Inspect an existing file read-only; raise StorageError unless it is ours (or empty)."""
+    if path.is_dir():
+        raise StorageError(f"database path {path} is a directory, not a file")
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head != SQLITE_MAGIC:
+        raise StorageError(f"{path} is not an SQLite database; pass another --db path (the file was left unchanged)")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            ok = con.execute("PRAGMA quick_check").fetchone()[0]
+            app_id = con.execute("PRAGMA application_id").fetchone()[0]
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(f"{path} is corrupt or unreadable ({exc}); the file was left unchanged") from None
+    if ok != "ok":
+        raise StorageError(f"{path} failed SQLite's integrity check ({ok}); the file was left unchanged")
+    if app_id != APPLICATION_ID and tables:
+        raise StorageError(f"{path} is an SQLite database of another application; pass another --db path (the file was left unchanged)")
+    if version > LATEST_VERSION:
+        raise StorageError(
+            f"{path} has schema version {version}, newer than this mbp-search understands ({LATEST_VERSION}); upgrade mbp-search"
+        )
+
+
+def make_engine(path: Path) -> Engine:
+    """An engine whose transactions all BEGIN IMMEDIATE: concurrent writers queue on the busy
+    timeout instead of failing with 'database is locked' on a read->write upgrade."""
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # pragma: no cover - exercised by every test
+        dbapi_conn.isolation_level = None  # let the "begin" hook below issue BEGIN itself
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def open_engine(path: Path) -> Engine:
+    path = Path(path).expanduser()
+    check_database_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create the database directory {path.parent}: {exc.strerror}") from None
+    engine = make_engine(path)
+    try:
+        with engine.begin() as conn:
+            migrate(conn, APPLICATION_ID)
+    except Exception as exc:  # e.g. read-only file system, disk full
+        engine.dispose()
+        if isinstance(exc, StorageError):
+            raise
+        raise StorageError(f"cannot open database {path}: {str(exc).splitlines()[0]}") from None
+    return engine
+
+
+class SessionFactory:
+    def __init__(self, engine: Engine):
+        self._maker = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def scope(self) -> Iterator[Session]:
+        """One short transaction: commit on success, roll back on any error, always close."""
+        session = self._maker()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()

@@ -1,0 +1,42 @@
+"""Versioned schema steps keyed on SQLite's `PRAGMA user_version`.
+
+Each step runs once, in order, inside the opening transaction; a database from an older
+release is upgraded in place, one from a newer release is refused by the engine check.
+Never edit a released step: add a new one.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from sqlalchemy import Connection, text
+
+from storage import schema
+
+
+def _v1_initial(conn: Connection) -> None:
+    schema.Base.metadata.create_all(conn, tables=[t.__table__ for t in schema.V1_TABLES])
+
+
+STEPS: list[Callable[[Connection], None]] = [_v1_initial]
+LATEST_VERSION = len(STEPS)
+
+
+def current_version(conn: Connection) -> int:
+    return int(conn.exec_driver_sql("PRAGMA user_version").scalar())
+
+
+def migrate(conn: Connection, application_id: int) -> int:
+    version = current_version(conn)
+    if version > LATEST_VERSION:  # re-checked under the write lock
+        from storage.engine import StorageError
+
+        raise StorageError(f"database schema version {version} is newer than this release ({LATEST_VERSION})")
+    for number in range(version + 1, LATEST_VERSION + 1):
+        STEPS[number - 1](conn)
+        conn.exec_driver_sql(f"PRAGMA user_version={number}")
+    if version == 0:
+        conn.exec_driver_sql(f"PRAGMA application_id={application_id}")
+    return LATEST_VERSION
+
+
+__all__ = ["LATEST_VERSION", "migrate", "current_version", "text"]

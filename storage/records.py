@@ -1,0 +1,98 @@
+"""Plain, frozen records returned by the storage API (never live ORM objects)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+# A running search whose driver stopped beating for this long is shown as interrupted.
+STALE_AFTER_S = 60.0
+
+ACTIVE = ("pending", "running")
+RESUMABLE = ("interrupted", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Search:
+    id: str
+    model: str
+    model_version: str
+    model_location: str
+    model_source: str
+    fingerprint: str
+    config: dict
+    config_hash: str
+    status: str
+    phase: str
+    error: str | None
+    owner: str | None
+    created_at: datetime
+    updated_at: datetime
+    heartbeat_at: datetime | None
+    finished_at: datetime | None
+    evaluations: int
+    elapsed_s: float
+
+    def effective_status(self, now: datetime) -> str:
+        """'running' with a stale heartbeat means the driver died (SIGKILL, power loss)."""
+        if self.status in ACTIVE:
+            beat = self.heartbeat_at or self.updated_at
+            if (now - beat).total_seconds() > STALE_AFTER_S:
+                return "interrupted"
+        return self.status
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    numel: int
+    shape: tuple[int, ...]
+    kind: str
+
+
+@dataclass(frozen=True)
+class PaletteInfo:
+    layer: str
+    bits: int
+    digest: str
+    weight_mse: float
+    path: str
+
+
+@dataclass(frozen=True)
+class Measurement:
+    key: str
+    phase: str
+    bits: int | None
+    layer: str | None
+    position: int | None
+    psnr: float
+    per_prompt: tuple[float, ...]
+    node: str
+    worker: str
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class Baseline:
+    name: str
+    psnr: float
+    per_prompt: tuple[float, ...]
+    node: str
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class StoredRecipe:
+    key: str
+    strategy: str
+    threshold: float | None
+    target: dict | None
+    bits: dict[str, int]
+    avg_bits: float
+    size_mb: float
+    predicted_psnr: float | None
+    psnr: float | None
+    per_prompt: tuple[float, ...] | None
+    node: str | None
+    duration_s: float | None
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,114 @@
+"""SQLAlchemy 2 ORM tables. Only `storage/` imports this module."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SearchRow(Base):
+    __tablename__ = "searches"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model: Mapped[str] = mapped_column(Text)            # as the user typed it
+    model_version: Mapped[str] = mapped_column(Text)    # resolved Hub id or path
+    model_location: Mapped[str] = mapped_column(Text)   # where weights were loaded from
+    model_source: Mapped[str] = mapped_column(String(16))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    config_json: Mapped[str] = mapped_column(Text)
+    config_hash: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    phase: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    owner: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    evaluations: Mapped[int] = mapped_column(Integer, default=0)   # pipeline runs performed
+    elapsed_s: Mapped[float] = mapped_column(Float, default=0.0)    # driver wall time, all attempts
+
+
+class LayerRow(Base):
+    __tablename__ = "layers"
+    __table_args__ = (UniqueConstraint("search_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
+    ordinal: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(8))
+    numel: Mapped[int] = mapped_column(Integer)
+    shape_json: Mapped[str] = mapped_column(Text)
+
+
+class PaletteRow(Base):
+    __tablename__ = "palettes"
+    __table_args__ = (UniqueConstraint("search_id", "layer", "bits"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
+    layer: Mapped[str] = mapped_column(Text)
+    bits: Mapped[int] = mapped_column(Integer)
+    digest: Mapped[str] = mapped_column(String(64))
+    weight_mse: Mapped[float] = mapped_column(Float)
+    path: Mapped[str] = mapped_column(Text)  # relative to the palette store root
+
+
+class MeasurementRow(Base):
+    __tablename__ = "measurements"
+    __table_args__ = (UniqueConstraint("search_id", "key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
+    key: Mapped[str] = mapped_column(Text)
+    phase: Mapped[str] = mapped_column(String(16))
+    bits: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    layer: Mapped[str | None] = mapped_column(Text, nullable=True)
+    position: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    psnr: Mapped[float] = mapped_column(Float)
+    per_prompt_json: Mapped[str] = mapped_column(Text)
+    node: Mapped[str] = mapped_column(Text)
+    worker: Mapped[str] = mapped_column(Text)
+    duration_s: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BaselineRow(Base):
+    __tablename__ = "baselines"
+    __table_args__ = (UniqueConstraint("search_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(32))
+    psnr: Mapped[float] = mapped_column(Float)
+    per_prompt_json: Mapped[str] = mapped_column(Text)
+    node: Mapped[str] = mapped_column(Text)
+    duration_s: Mapped[float] = mapped_column(Float)
+
+
+class RecipeRow(Base):
+    __tablename__ = "recipes"
+    __table_args__ = (UniqueConstraint("search_id", "key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
+    key: Mapped[str] = mapped_column(Text)
+    strategy: Mapped[str] = mapped_column(String(16))
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    target_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    bits_json: Mapped[str] = mapped_column(Text)
+    avg_bits: Mapped[float] = mapped_column(Float)
+    size_mb: Mapped[float] = mapped_column(Float)
+    predicted_psnr: Mapped[float | None] = mapped_column(Float, nullable=True)
+    psnr: Mapped[float | None] = mapped_column(Float, nullable=True)
+    per_prompt_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    node: Mapped[str | None] = mapped_column(Text, nullable=True)
+    duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+V1_TABLES = [SearchRow, LayerRow, PaletteRow, MeasurementRow, BaselineRow, RecipeRow]

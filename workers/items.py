@@ -1,0 +1,46 @@
+"""Plain messages between the driver and the evaluators."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PHASES = ("palette", "isolated", "cumulative", "baseline", "recipe")
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One unit of work. `assignment` lists the (layer, bits) palettized together;
+    `linear8` quantizes every candidate with per-channel int8 instead (the baseline)."""
+
+    key: str
+    phase: str
+    bits: int | None = None
+    layer: str | None = None
+    position: int | None = None
+    assignment: tuple[tuple[str, int], ...] = ()
+    linear8: bool = False
+    name: str | None = None  # baseline name or recipe key
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"unknown phase {self.phase!r}")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    key: str
+    per_prompt: tuple[float, ...]
+    psnr: float
+    node: str
+    worker: str
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class PaletteResult:
+    key: str
+    layer: str
+    bits: int
+    palette: object  # workers.palettize.Palette
+    node: str
+    worker: str
+    duration_s: float
