@@ -19,6 +19,7 @@ from storage.records import (
     PaletteInfo,
     Search,
     StoredRecipe,
+    Validation,
 )
 
 
@@ -237,3 +238,25 @@ class Storage:
         with self.session_scope() as db:
             rows = db.scalars(select(s.RecipeRow).where(s.RecipeRow.search_id == search_id).order_by(s.RecipeRow.id))
             return [_recipe(r) for r in rows]
+
+    # -- Core ML validations --------------------------------------------------------------
+    def put_validation(self, search_id: str, v: Validation) -> None:
+        """Latest validation of a recipe wins: re-applying replaces the previous record."""
+        values = dict(search_id=search_id, recipe_key=v.recipe_key, mlpackage=v.mlpackage, size_bytes=v.size_bytes,
+                      avg_bits=v.avg_bits, structural_ok=v.structural_ok, structural_detail=v.structural_detail,
+                      numeric_psnr=v.numeric_psnr, numeric_ok=v.numeric_ok,
+                      runtime_json=json.dumps(v.runtime) if v.runtime is not None else None,
+                      runtime_note=v.runtime_note, node=v.node, created_at=s.utcnow())
+        stmt = insert(s.ValidationRow).values(**values)
+        stmt = stmt.on_conflict_do_update(index_elements=["search_id", "recipe_key"],
+                                          set_={k: stmt.excluded[k] for k in values if k not in ("search_id", "recipe_key")})
+        with self.session_scope() as db:
+            db.execute(stmt)
+
+    def validations(self, search_id: str) -> dict[str, Validation]:
+        with self.session_scope() as db:
+            rows = db.scalars(select(s.ValidationRow).where(s.ValidationRow.search_id == search_id))
+            return {r.recipe_key: Validation(r.recipe_key, r.mlpackage, r.size_bytes, r.avg_bits, r.structural_ok,
+                                             r.structural_detail, r.numeric_psnr, r.numeric_ok,
+                                             json.loads(r.runtime_json) if r.runtime_json else None, r.runtime_note,
+                                             r.node) for r in rows}

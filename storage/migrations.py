@@ -17,7 +17,11 @@ def _v1_initial(conn: Connection) -> None:
     schema.Base.metadata.create_all(conn, tables=[t.__table__ for t in schema.V1_TABLES])
 
 
-STEPS: list[Callable[[Connection], None]] = [_v1_initial]
+def _v2_validations(conn: Connection) -> None:
+    schema.Base.metadata.create_all(conn, tables=[t.__table__ for t in schema.V2_TABLES])
+
+
+STEPS: list[Callable[[Connection], None]] = [_v1_initial, _v2_validations]
 LATEST_VERSION = len(STEPS)
 
 

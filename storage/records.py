@@ -96,3 +96,18 @@ class StoredRecipe:
     node: str | None
     duration_s: float | None
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Validation:
+    recipe_key: str
+    mlpackage: str
+    size_bytes: int
+    avg_bits: float
+    structural_ok: bool
+    structural_detail: str
+    numeric_psnr: float | None
+    numeric_ok: bool | None
+    runtime: dict | None       # {compute_unit: psnr} where Core ML prediction ran (macOS)
+    runtime_note: str          # says plainly when runtime validation was not run, and why
+    node: str

@@ -112,3 +112,27 @@ class RecipeRow(Base):
 
 
 V1_TABLES = [SearchRow, LayerRow, PaletteRow, MeasurementRow, BaselineRow, RecipeRow]
+
+
+class ValidationRow(Base):
+    """Result of applying a recipe to a Core ML model and checking it (schema v2)."""
+
+    __tablename__ = "validations"
+    __table_args__ = (UniqueConstraint("search_id", "recipe_key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
+    recipe_key: Mapped[str] = mapped_column(Text)
+    mlpackage: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    avg_bits: Mapped[float] = mapped_column(Float)
+    structural_ok: Mapped[bool] = mapped_column()
+    structural_detail: Mapped[str] = mapped_column(Text)
+    numeric_psnr: Mapped[float | None] = mapped_column(Float, nullable=True)
+    numeric_ok: Mapped[bool | None] = mapped_column(nullable=True)
+    runtime_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # {compute_unit: psnr} on macOS
+    runtime_note: Mapped[str] = mapped_column(Text)
+    node: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+V2_TABLES = [ValidationRow]

@@ -152,3 +152,28 @@ def test_concurrent_processes_write_without_lock_errors(tmp_path):
             ms = st.measurements(s.id)
             assert len(ms) == 150 and len({m.key for m in ms}) == 150
             assert s.evaluations == 150
+
+
+def test_v1_database_is_migrated_in_place(tmp_path):
+    """A database written by schema v1 gains the v2 table and keeps its rows."""
+    from sqlalchemy import create_engine
+
+    from storage import Validation, schema
+    from storage.engine import APPLICATION_ID
+
+    path = tmp_path / "v1.db"
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        schema.Base.metadata.create_all(conn, tables=[t.__table__ for t in schema.V1_TABLES])
+        conn.exec_driver_sql("PRAGMA user_version=1")
+        conn.exec_driver_sql(f"PRAGMA application_id={APPLICATION_ID}")
+    engine.dispose()
+    with Storage(path) as st:
+        sid = _new(st).id
+        st.put_validation(sid, Validation("r", "/x.mlpackage", 10, 4.0, True, "ok", 40.0, True, None, "not macOS", "n"))
+        st.put_validation(sid, Validation("r", "/y.mlpackage", 11, 4.0, True, "ok", 41.0, True, None, "not macOS", "n"))
+        v = st.validations(sid)
+        assert list(v) == ["r"] and v["r"].mlpackage == "/y.mlpackage" and v["r"].numeric_psnr == 41.0
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION == 2
+    con.close()
