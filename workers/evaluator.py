@@ -33,6 +33,8 @@ def _ray_identity() -> tuple[str, str]:
     try:
         import ray
 
+        if not ray.is_initialized():  # asking for a runtime context would start a local instance
+            raise RuntimeError
         ctx = ray.get_runtime_context()
         actor = ctx.get_actor_id()
         return ctx.get_node_id()[:16], (actor or "driver")[:12]

@@ -1,0 +1,283 @@
+"""Palettization primitives: exact fp16 k-means LUTs, 65,536-entry index tables, linear 8-bit.
+
+`kmeans_palette` solves the problem coremltools' ``mode="kmeans"`` solves for fp16 tensors
+(optimal weighted 1-D k-means over the distinct values, weights = counts) but works on a
+histogram of the 65,536 fp16 bit patterns, so it never sorts the tensor; the resulting
+`Palette.code` table turns dequantization into a single gather on any device.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+SUPPORTED_NBITS = (1, 2, 4, 6, 8)
+
+_PATTERNS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+_VALUES = _PATTERNS.view(np.float16).astype(np.float64)  # value of every fp16 bit pattern
+_FINITE = np.isfinite(_VALUES)
+_VALUES0 = np.where(_FINITE, _VALUES, 0.0)  # for error sums: non-finite patterns have count 0
+# Finite patterns in ascending value order; -0.0 (0x8000) is folded into +0.0 beforehand.
+_SORTED = np.flatnonzero(_FINITE & (_PATTERNS != 0x8000))
+_SORTED = _SORTED[np.argsort(_VALUES[_SORTED], kind="stable")]
+_SORTED_VALUES = _VALUES[_SORTED]
+
+
+class PaletteError(ValueError):
+    """Bad palettization input or palette file (concise one-line message)."""
+
+
+def _check_nbits(nbits) -> int:
+    if isinstance(nbits, bool) or not isinstance(nbits, (int, np.integer)) or int(nbits) not in SUPPORTED_NBITS:
+        raise PaletteError(f"nbits must be one of {SUPPORTED_NBITS}, got {nbits!r}")
+    return int(nbits)
+
+
+def _bits(weights) -> np.ndarray:
+    """uint16 view of a non-empty fp16 array (the bit patterns the tables are indexed by)."""
+    if not isinstance(weights, np.ndarray) or weights.dtype != np.float16:
+        raise PaletteError(f"weights must be a float16 numpy array, got {getattr(weights, 'dtype', type(weights).__name__)}")
+    if weights.size == 0:
+        raise PaletteError("weights are empty")
+    return weights.view(np.uint16)
+
+
+@dataclass(frozen=True, eq=False)
+class Palette:
+    """A fitted LUT plus the nearest-entry index of every fp16 bit pattern.
+
+    Arrays are copied and made read-only so the digest stays valid; equality is by digest.
+    """
+
+    nbits: int
+    lut: np.ndarray
+    code: np.ndarray
+    weight_mse: float
+
+    def __post_init__(self):
+        nbits = _check_nbits(self.nbits)
+        lut, code = np.asarray(self.lut), np.asarray(self.code)
+        if lut.dtype != np.float16 or lut.shape != (1 << nbits,):
+            raise PaletteError(f"lut must be float16 of shape ({1 << nbits},), got {lut.dtype} {lut.shape}")
+        if not np.isfinite(lut).all() or (np.diff(lut.astype(np.float64)) < 0).any():
+            raise PaletteError("lut must be finite and ascending")
+        if code.dtype != np.uint8 or code.shape != (1 << 16,) or int(code.max()) >= 1 << nbits:
+            raise PaletteError(f"code must be uint8 of shape (65536,) with entries < {1 << nbits}")
+        lut, code = lut.copy(), code.copy()
+        lut.flags.writeable = code.flags.writeable = False
+        for name, value in (("nbits", nbits), ("lut", lut), ("code", code), ("weight_mse", float(self.weight_mse))):
+            object.__setattr__(self, name, value)
+
+    @cached_property
+    def digest(self) -> str:
+        h = hashlib.sha256(bytes([self.nbits]))
+        h.update(self.lut.astype("<f2").tobytes())
+        h.update(self.code.tobytes())
+        return h.hexdigest()
+
+    @cached_property
+    def table(self) -> np.ndarray:
+        """fp16 value for every bit pattern (lut[code]): dequantization is one gather."""
+        t = self.lut[self.code]
+        t.flags.writeable = False
+        return t
+
+    def __eq__(self, other):
+        return isinstance(other, Palette) and self.digest == other.digest
+
+    def __hash__(self):
+        return hash(self.digest)
+
+    def indices(self, weights: np.ndarray) -> np.ndarray:
+        return self.code[_bits(weights)]
+
+    def dequantize(self, weights: np.ndarray) -> np.ndarray:
+        return self.table[_bits(weights)]
+
+
+def _layer(A, S1, S2, W, jlo, jhi, ilo, floor, D, opt):
+    """One DP layer: D[j] = min_i A[i] + S2[j] - (S1[j]-S1[i])^2/(W[j]-W[i]), jlo <= j <= jhi.
+
+    i ranges over [max(ilo, floor[j]), j-1]; floor is the previous layer's argmin (the
+    Knuth bound opt[m-1][j] <= opt[m][j]). Divide and conquer on the monotone argmin with all
+    segments of a recursion level done at once, so a layer is O(log n) numpy calls.
+    Ties go to the smallest i (deterministic, and what keeps the argmin monotone).
+    """
+    a, b = np.array([jlo]), np.array([jhi])
+    lo, hi = np.array([ilo]), np.array([jhi - 1])
+    while a.size:
+        mid = (a + b) >> 1
+        h = np.minimum(hi, mid - 1)
+        l = np.minimum(np.maximum(lo, floor[mid]), h)  # clamp: rounding must never empty a range
+        if a.size <= 4:  # few long segments: slices beat gathers
+            arg, best = np.empty_like(mid), np.empty(mid.size)
+            for s, (j, p, q) in enumerate(zip(mid, l, h + 1)):
+                d = S1[j] - S1[p:q]
+                val = A[p:q] - d * d / (W[j] - W[p:q])
+                t = int(np.argmin(val))
+                arg[s], best[s] = p + t, val[t]
+        else:
+            cnt = h - l + 1
+            ends = np.cumsum(cnt)
+            starts = ends - cnt
+            i = np.arange(ends[-1])
+            i += np.repeat(l - starts, cnt)
+            d = np.repeat(S1[mid], cnt)
+            d -= S1.take(i)
+            d *= d
+            d /= np.repeat(W[mid], cnt) - W.take(i)
+            val = A.take(i)
+            val -= d
+            best = np.minimum.reduceat(val, starts)
+            pos = np.flatnonzero(val == np.repeat(best, cnt))
+            arg = i[pos[np.searchsorted(pos, starts)]]  # first minimum of each segment
+        D[mid] = best + S2[mid]
+        opt[mid] = arg
+        # children, kept in ascending order: [a, mid-1] over [lo, arg]; [mid+1, b] over [arg, hi]
+        a, b = np.stack([a, mid + 1], 1).ravel(), np.stack([mid - 1, b], 1).ravel()
+        lo, hi = np.stack([lo, arg], 1).ravel(), np.stack([arg, hi], 1).ravel()
+        keep = a <= b
+        a, b, lo, hi = a[keep], b[keep], lo[keep], hi[keep]
+
+
+def _anchored_cumsum(v: np.ndarray, p: int) -> np.ndarray:
+    """Prefix sums S[i] = sum(v[:i]) - sum(v[:p]), accumulated outward from p.
+
+    Range sums S[j] - S[i] near the bulk of the data then never carry the huge partial sums
+    of far outliers, whose rounding error would otherwise swamp the tiny costs of 8-bit clusters.
+    """
+    S = np.zeros(v.size + 1)
+    S[p + 1 :] = np.cumsum(v[p:])
+    S[:p] = -np.cumsum(v[:p][::-1])[::-1]
+    return S
+
+
+def _kmeans_1d(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
+    """Globally optimal weighted 1-D k-means of sorted distinct x; returns each cluster's start index."""
+    n = x.size
+    if k >= n:
+        return np.arange(n)
+    W = np.concatenate(([0.0], np.cumsum(w)))  # integer counts: exact
+    p = int(np.searchsorted(W[1:], W[-1] / 2))  # weighted median
+    xc = x - x[p]
+    S1, S2 = _anchored_cumsum(w * xc, p), _anchored_cumsum(w * xc * xc, p)
+    D = np.full(n + 1, np.inf)
+    D[1:] = (S2[1:] - S2[0]) - (S1[1:] - S1[0]) ** 2 / W[1:]  # one cluster over the first j values
+    opt = np.zeros((k, n + 1), dtype=np.uint16)  # n <= 63,487 finite fp16 values
+    for m in range(2, k):  # D becomes: m clusters over the first j values, m <= j <= n-k+m
+        nxt = np.full(n + 1, np.inf)
+        _layer(D - S2, S1, S2, W, m, n - k + m, m - 1, opt[m - 1], nxt, opt[m])
+        D = nxt
+    i = np.arange(k - 1, n)  # last cluster is [i, n)
+    d = S1[n] - S1[i]
+    starts = np.empty(k, dtype=np.int64)
+    starts[0] = 0
+    starts[k - 1] = i[np.argmin(D[i] - S2[i] - d * d / (W[n] - W[i]))]
+    for m in range(k - 1, 1, -1):
+        starts[m - 1] = opt[m][starts[m]]
+    return starts
+
+
+def kmeans_palette(weights: np.ndarray, nbits: int) -> Palette:
+    """Optimal k-means palette of an fp16 tensor, from the histogram of its bit patterns."""
+    bits = _bits(weights)
+    nbits = _check_nbits(nbits)
+    counts = np.bincount(bits.ravel(), minlength=1 << 16)
+    if counts[~_FINITE].any():
+        raise PaletteError("weights contain NaN or inf")
+    counts[0] += counts[0x8000]  # -0.0 and +0.0 are one value (as in np.unique)
+    counts[0x8000] = 0
+    c = counts[_SORTED]
+    nz = c > 0
+    x, w = _SORTED_VALUES[nz], c[nz].astype(np.float64)
+    starts = _kmeans_1d(x, w, min(1 << nbits, x.size))
+    cent = (np.add.reduceat(w * x, starts) / np.add.reduceat(w, starts)).astype(np.float16)
+    lut = np.full(1 << nbits, cent[-1], dtype=np.float16)  # unused tail repeats the last centroid
+    lut[: cent.size] = cent
+    c64 = cent.astype(np.float64)
+    # nearest used entry for every pattern; exact midpoints go to the lower entry; NaN -> 0
+    code = np.searchsorted((c64[:-1] + c64[1:]) / 2, _VALUES, side="left")
+    code[np.isnan(_VALUES)] = 0
+    code = code.astype(np.uint8)
+    mse = float(np.dot(counts, (_VALUES0 - lut.astype(np.float64)[code]) ** 2) / bits.size)
+    return Palette(nbits, lut, code, mse)
+
+
+def kmeans_lut(weights: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lut, indices) in the shape coremltools' custom ``lut_function`` returns."""
+    pal = kmeans_palette(weights, nbits)
+    return pal.lut.copy(), pal.indices(weights)
+
+
+def dequantize_torch(weight, palette: Palette):
+    """lut[code[bits]] with torch ops on the weight's own device (no numpy round trip)."""
+    import torch
+
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float16:
+        raise PaletteError(f"weight must be a torch float16 tensor, got {getattr(weight, 'dtype', type(weight).__name__)}")
+    table = torch.from_numpy(palette.table.copy()).to(weight.device)
+    idx = weight.reshape(-1).view(torch.int16).to(torch.int32) & 0xFFFF
+    return torch.index_select(table, 0, idx).view(weight.shape)
+
+
+def linear_8bit(weights: np.ndarray) -> np.ndarray:
+    """Per-output-channel (axis 0) asymmetric uint8 quantization, returned dequantized as fp16.
+
+    The "linear_8bit" baseline; a 1-D tensor is one channel (as in coremltools).
+    """
+    w = np.asarray(weights)
+    if w.dtype.kind != "f" or w.size == 0:
+        raise PaletteError(f"weights must be a non-empty float array, got {w.dtype} {w.shape}")
+    if not np.isfinite(w).all():
+        raise PaletteError("weights contain NaN or inf")
+    flat = w.reshape(w.shape[0] if w.ndim > 1 else 1, -1).astype(np.float32)
+    lo = flat.min(axis=1).astype(np.float64)
+    scale = (flat.max(axis=1).astype(np.float64) - lo) / 255.0
+    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)  # constant channel: q = 0
+    lo32, scale32, inv32 = (v.astype(np.float32)[:, None] for v in (lo, scale, inv))
+    q = np.clip(np.rint((flat - lo32) * inv32), 0, 255)
+    return (q * scale32 + lo32).astype(np.float16).reshape(w.shape)
+
+
+_KEYS = ("nbits", "lut", "code", "weight_mse", "digest")
+
+
+def save_palette(path, palette: Palette) -> None:
+    """Compressed .npz, written to a temp file then renamed so readers never see half a file."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, nbits=np.int64(palette.nbits), lut=palette.lut, code=palette.code,
+                                weight_mse=np.float64(palette.weight_mse), digest=np.str_(palette.digest))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; other workers read the store
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_palette(path) -> Palette:
+    """Read a palette written by `save_palette`; the stored digest guards against corruption."""
+    try:
+        with np.load(os.fspath(path), allow_pickle=False) as z:
+            missing = [k for k in _KEYS if k not in z.files]
+            if missing:
+                raise PaletteError(f"missing {', '.join(missing)}")
+            pal = Palette(int(z["nbits"]), z["lut"], z["code"], float(z["weight_mse"]))
+            digest = str(z["digest"])
+    except FileNotFoundError:
+        raise PaletteError(f"palette file not found: {path}") from None
+    except (PaletteError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+        raise PaletteError(f"corrupt palette file {path}: {e}") from None
+    if digest != pal.digest:
+        raise PaletteError(f"corrupt palette file {path}: digest mismatch")
+    return pal
