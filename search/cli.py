@@ -137,6 +137,7 @@ def submit(
     """Run the mixed-bit analysis of MODEL's UNet and build recipes."""
     from search.config import SearchConfig, parse_nbits, parse_prompts_file
     from search.jobs import DuplicateSearch, prepare_search, resolve_config
+    from storage.engine import check_database_file
     from workers.models import resolve_model
 
     if workers is not None and workers < 1:
@@ -146,9 +147,10 @@ def submit(
     if prompts is not None:
         options["prompts"] = parse_prompts_file(str(prompts))
     SearchConfig(**{k: v for k, v in options.items() if v is not None})  # fail fast, before loading a model
-    storage = open_storage(db)
+    check_database_file(db or default_db())  # read-only: refuse a foreign file before any work
     spec = resolve_model(model)
     config = resolve_config(spec, **options)
+    storage = open_storage(db)
     try:
         prepared = prepare_search(storage, model, config, spec, resume_duplicate=resume)
     except DuplicateSearch as exc:

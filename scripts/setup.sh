@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv (if needed) and install this project with its test extras.
+# torch is installed first and explicitly: on Linux CPU machines an unpinned `torch`
+# would pull a multi-GB CUDA build. Set TORCH_SPEC to choose another build (e.g. on GPU
+# machines: TORCH_SPEC=torch), or pre-install torch in the venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  $PIP install -q "${TORCH_SPEC:-torch==2.13.0}"
+fi
+if ! "$VENV/bin/python" -c "import search, workers, storage, ray, coremltools, pytest" 2>/dev/null \
+   || [ pyproject.toml -nt "$VENV/.mbp-installed" ]; then
+  $PIP install -q -e ".[test]"
+  touch "$VENV/.mbp-installed"
+fi

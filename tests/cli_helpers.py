@@ -1,0 +1,39 @@
+"""Running the real `search` command in subprocesses, as a user would."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env(model_cache: Path, **extra: str) -> dict:
+    env = dict(os.environ)
+    env.update(MBP_SEARCH_CACHE=str(model_cache), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", COLUMNS="200")
+    env.pop("MBP_SEARCH_DB", None)
+    env.update(extra)
+    return env
+
+
+def cli_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "search.cli", *map(str, args)]
+
+
+def run_cli(*args: str, model_cache: Path, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_cmd(*args), cwd=ROOT, env=cli_env(model_cache, **env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_cli(*args: str, model_cache: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen(cli_cmd(*args), cwd=ROOT, env=cli_env(model_cache, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one line a failing command prints; fails the test on a traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    return lines[0]

@@ -1,0 +1,96 @@
+"""Bad input: one clear line, non-zero exit, no traceback, and the database left alone."""
+import hashlib
+import sqlite3
+
+import pytest
+
+from tests.cli_helpers import error_line, run_cli
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--nbits", "3"], "unsupported bit depth(s) 3"),
+    (["--nbits", "4,x"], "'x' is not an integer"),
+    (["--nbits", "4,4"], "twice"),
+    (["--num-recipes", "0"], "--num-recipes"),
+    (["--resolution", "60"], "multiple of 8"),
+    (["--steps", "0"], "steps"),
+    (["--workers", "0"], "--workers"),
+    (["--precision", "double"], "precision"),
+])
+def test_bad_options(tmp_path, model_cache, args, expected):
+    db = tmp_path / "s.db"
+    proc = run_cli("submit", "--model", "tiny-sdxl", "--db", db, *args, model_cache=model_cache)
+    assert proc.returncode == 2
+    assert expected in error_line(proc)
+    assert not db.exists()
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("./no/such/dir", "does not exist"),
+    ("not a repo id!", "unknown model"),
+    ("nobody-xyz/not-cached-model", "not in the local Hugging Face cache"),
+])
+def test_unusable_models(tmp_path, model_cache, model, expected):
+    db = tmp_path / "s.db"
+    proc = run_cli("submit", "--model", model, "--db", db, model_cache=model_cache)
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert expected in line and model.strip("./") in line
+    assert not db.exists()
+
+
+def test_not_a_pipeline_directory(tmp_path, model_cache):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.safetensors").write_bytes(b"x")
+    proc = run_cli("submit", "--model", tmp_path / "weights", "--db", tmp_path / "s.db", model_cache=model_cache)
+    assert proc.returncode == 2 and "model_index.json" in error_line(proc)
+
+
+def test_foreign_database_is_untouched(tmp_path, model_cache):
+    db = tmp_path / "other.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+    con.execute("INSERT INTO invoices VALUES (1, 9.5)")
+    con.commit()
+    con.close()
+    before = sha(db)
+    for args in (["submit", "--model", "tiny-sdxl"], ["list"], ["status", "abc"]):
+        proc = run_cli(*args, "--db", db, model_cache=model_cache)
+        assert proc.returncode == 2 and "another application" in error_line(proc)
+    assert sha(db) == before
+
+
+def test_text_file_as_database(tmp_path, model_cache):
+    db = tmp_path / "notes.txt"
+    db.write_text("my notes\n" * 50)
+    before = sha(db)
+    proc = run_cli("list", "--db", db, model_cache=model_cache)
+    assert proc.returncode == 2 and "not an SQLite database" in error_line(proc)
+    assert sha(db) == before
+
+
+def test_unknown_search_and_bad_outputs(tmp_path, model_cache):
+    db = tmp_path / "s.db"
+    proc = run_cli("status", "deadbeef", "--db", db, model_cache=model_cache)
+    assert proc.returncode == 2 and "no search 'deadbeef'" in error_line(proc)
+    proc = run_cli("download", "deadbeef", "-o", tmp_path / "r.json", "--db", db, model_cache=model_cache)
+    assert proc.returncode == 2 and not (tmp_path / "r.json").exists()
+    proc = run_cli("plot", "deadbeef", "-o", tmp_path / "p.jpg", "--db", db, model_cache=model_cache)
+    assert proc.returncode == 2 and ".png" in error_line(proc)
+    proc = run_cli("resume", "deadbeef", "--db", db, model_cache=model_cache)
+    assert proc.returncode == 2 and "no search" in error_line(proc)
+
+
+def test_prompts_file_errors(tmp_path, model_cache):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("# only a comment\n\n")
+    proc = run_cli("submit", "--model", "tiny-sdxl", "--prompts", empty, "--db", tmp_path / "s.db",
+                   model_cache=model_cache)
+    assert proc.returncode == 2 and "has no prompts" in error_line(proc)
+    proc = run_cli("submit", "--model", "tiny-sdxl", "--prompts", tmp_path / "missing.txt", "--db",
+                   tmp_path / "s.db", model_cache=model_cache)
+    assert proc.returncode == 2 and "cannot read prompts file" in error_line(proc)
