@@ -96,8 +96,10 @@ def _run(storage, prepared, workers: Optional[int], ray_address: Optional[str]) 
         fail(f"search {sid} failed: {exc}. Fix the cause, then: search resume {sid}", 1)
     finally:
         _shutdown_ray()
-    err.print(f"[green]search {sid} completed[/] in {search.elapsed_s:.1f} s "
-              f"({driver.evaluations} pipeline runs this session, {search.evaluations} stored)")
+    first = f"; first new result after {driver.first_result_s:.1f} s" if driver.first_result_s is not None else ""
+    err.print(f"[green]search {sid} completed[/]: {driver.evaluations} evaluations this run "
+              f"(+{driver.reference_runs} reference runs){first}; {search.evaluations} stored in total, "
+              f"{search.elapsed_s:.1f} s of driver time", highlight=False)
     recipe_table(storage, search)
     out.print(f"download: search download {sid} -o recipes.json    plot: search plot {sid} -o psnr.png",
               highlight=False)
@@ -130,12 +132,21 @@ def submit(
     resolution: Optional[int] = typer.Option(None, "--resolution", help="image size in pixels [model default]"),
     batch_size: int = typer.Option(0, "--batch-size", help="prompts per pipeline call [0: all]"),
     precision: str = typer.Option("auto", "--precision", help="auto (fp16 on GPU, fp32 on CPU), float16, float32"),
+    strategy: str = typer.Option("apple", "--strategy", help="apple (Apple's thresholds), optimal (knapsack on "
+                                 "predicted PSNR), or both"),
+    targets: Optional[str] = typer.Option(None, "--targets", help="average bits of the optimal recipes, e.g. 3,4,5,6"),
+    evals: str = typer.Option("full", "--evals", help="full, or fast: isolated impact at the anchor bit depths only "
+                              "(optimal strategy)"),
+    anchors: Optional[str] = typer.Option(None, "--anchors", help="anchor bit depths measured by --evals fast "
+                                          "[default: the searched depth nearest 4]"),
+    curves: Optional[bool] = typer.Option(None, "--curves/--no-curves", help="cumulative curves [default: only for "
+                                          "the apple strategy]"),
     resume: bool = typer.Option(False, "--resume", help="if an unfinished search has this model and config, resume it"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
                                               help="join a running Ray cluster instead of starting a local one"),
 ) -> None:
     """Run the mixed-bit analysis of MODEL's UNet and build recipes."""
-    from search.config import SearchConfig, parse_nbits, parse_prompts_file
+    from search.config import SearchConfig, parse_floats, parse_nbits, parse_prompts_file, parse_strategy
     from search.jobs import DuplicateSearch, prepare_search, resolve_config
     from storage.engine import check_database_file
     from workers.models import resolve_model
@@ -143,7 +154,10 @@ def submit(
     if workers is not None and workers < 1:
         raise CliError(f"--workers must be at least 1, got {workers}")
     options = dict(nbits=parse_nbits(nbits), num_recipes=num_recipes, min_size=min_size, seed=seed, steps=steps,
-                   resolution=resolution, batch_size=batch_size, precision=precision)
+                   resolution=resolution, batch_size=batch_size, precision=precision,
+                   strategy=parse_strategy(strategy), targets=parse_floats(targets, "--targets") if targets else (),
+                   evals=evals, anchors=parse_nbits(anchors, "--anchors") if anchors else None,
+                   curves=curves)
     if prompts is not None:
         options["prompts"] = parse_prompts_file(str(prompts))
     SearchConfig(**{k: v for k, v in options.items() if v is not None})  # fail fast, before loading a model
@@ -180,6 +194,53 @@ def resume(
     _run(storage, prepared, workers, ray_address)
 
 
+@app.command()
+@guarded
+def recipe(
+    search_id: str = typer.Argument(..., help="search id (or a unique prefix)"),
+    bits: Optional[float] = typer.Option(None, "--bits", help="average bits per weight at most this"),
+    size_mb: Optional[float] = typer.Option(None, "--size-mb", help="candidate weights at most this many MB"),
+    psnr: Optional[float] = typer.Option(None, "--psnr", help="smallest recipe predicted to keep this PSNR (dB)"),
+    db: Optional[Path] = DbOption,
+    workers: int = typer.Option(1, "--workers", "-w"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS"),
+) -> None:
+    """Build the optimal recipe for a size or PSNR target from stored measurements and measure it."""
+    from search.jobs import target_recipe
+    from search.progress import RichReporter
+
+    if sum(v is not None for v in (bits, size_mb, psnr)) != 1:
+        raise CliError("give exactly one of --bits, --size-mb, --psnr")
+    storage = open_storage(db)
+    try:
+        with RichReporter(err) as reporter:
+            r, _ = target_recipe(storage, search_id, bits=bits, size_mb=size_mb, psnr=psnr, workers=workers,
+                                 reporter=reporter, ray_address=ray_address)
+    finally:
+        _shutdown_ray()
+    table = Table(title=f"optimal recipe for {r.target}")
+    for col in ("key", "avg bits", "size MB", "predicted PSNR dB", "measured PSNR dB", "|error| dB"):
+        table.add_column(col, justify="left" if col == "key" else "right")
+    err_db = abs(r.predicted_psnr - r.psnr) if r.predicted_psnr is not None and r.psnr is not None else None
+    table.add_row(r.key, f"{r.avg_bits:.2f}", f"{r.size_mb:.2f}", _fmt(r.predicted_psnr), _fmt(r.psnr), _fmt(err_db))
+    out.print(table)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
+@app.command()
+@guarded
+def cancel(search_id: str, db: Optional[Path] = DbOption) -> None:
+    """Stop a running search; its driver stores what it has and marks it cancelled (resumable)."""
+    storage = open_storage(db)
+    s = storage.get_search(search_id)
+    if not storage.request_cancel(s.id):
+        raise CliError(f"search {s.id} is not running (status {s.effective_status(_now())})")
+    err.print(f"cancel requested for search {s.id}; its driver stops within a few seconds")
+
+
 # -- inspection --------------------------------------------------------------------------
 def _summary(storage, s) -> dict:
     counts = storage.count_measurements(s.id)
@@ -209,16 +270,16 @@ def recipe_table(storage, search) -> None:
     recipes = storage.recipes(search.id)
     baselines = storage.baselines(search.id)
     table = Table(title=f"recipes of search {search.id} ({search.model})")
-    for col in ("key", "avg bits", "size MB", "threshold dB", "measured PSNR dB"):
-        table.add_column(col, justify="right" if col != "key" else "left")
+    table.add_column("key", no_wrap=True)
+    for col in ("strategy", "avg bits", "size MB", "threshold dB", "predicted dB", "measured PSNR dB"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
     for name in ("original", "linear_8bit"):
         if name in baselines:
-            table.add_row(f"[dim]{name}", "16.00" if name == "original" else "8.00", "", "",
+            table.add_row(f"[dim]{name}", "", "16.00" if name == "original" else "8.00", "", "", "",
                           f"{baselines[name].psnr:.2f}")
-    for r in recipes:
-        table.add_row(r.key, f"{r.avg_bits:.2f}", f"{r.size_mb:.2f}",
-                      f"{r.threshold:.2f}" if r.threshold is not None else "-",
-                      f"{r.psnr:.2f}" if r.psnr is not None else "pending")
+    for r in sorted(recipes, key=lambda r: -r.avg_bits):
+        table.add_row(r.key, r.strategy, f"{r.avg_bits:.2f}", f"{r.size_mb:.2f}", _fmt(r.threshold),
+                      _fmt(r.predicted_psnr), f"{r.psnr:.2f}" if r.psnr is not None else "pending")
     out.print(table)
 
 

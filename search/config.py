@@ -9,24 +9,42 @@ from workers.palettize import SUPPORTED_NBITS
 from workers.signal import DEFAULT_PROMPTS, SignalSpec
 
 PRECISIONS = ("auto", "float16", "float32")
+STRATEGIES = ("apple", "optimal")
+EVALS = ("full", "fast")
 
 
 class ConfigError(ValueError):
     """Bad configuration value; the message is one line for the user."""
 
 
-def parse_nbits(text: str) -> tuple[int, ...]:
+def parse_nbits(text: str, option: str = "--nbits") -> tuple[int, ...]:
     """'1,2,4' -> (1, 2, 4); anything outside SUPPORTED_NBITS is an error, not a silent drop."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     if not parts:
-        raise ConfigError("--nbits is empty; choose from " + ",".join(map(str, SUPPORTED_NBITS)))
+        raise ConfigError(f"{option} is empty; choose from " + ",".join(map(str, SUPPORTED_NBITS)))
     values = []
     for p in parts:
         try:
             values.append(int(p))
         except ValueError:
-            raise ConfigError(f"--nbits: '{p}' is not an integer; choose from {','.join(map(str, SUPPORTED_NBITS))}") from None
+            raise ConfigError(f"{option}: '{p}' is not an integer; choose from {','.join(map(str, SUPPORTED_NBITS))}") from None
     return tuple(values)
+
+
+def parse_floats(text: str, option: str) -> tuple[float, ...]:
+    values = []
+    for p in (p.strip() for p in str(text).split(",")):
+        try:
+            values.append(float(p))
+        except ValueError:
+            raise ConfigError(f"{option}: '{p}' is not a number") from None
+        if values[-1] != values[-1] or values[-1] in (float("inf"), float("-inf")):
+            raise ConfigError(f"{option}: '{p}' is not a finite number")
+    return tuple(values)
+
+
+def parse_strategy(text: str) -> tuple[str, ...]:
+    return STRATEGIES if text.strip() == "both" else tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def parse_prompts_file(path: str) -> tuple[str, ...]:
@@ -56,6 +74,11 @@ class SearchConfig:
     guidance_scale: float | None = None
     batch_size: int = 0
     precision: str = "auto"
+    strategy: tuple[str, ...] = ("apple",)
+    targets: tuple[float, ...] = ()       # average bits per weight of the optimal recipes to build
+    evals: str = "full"                   # "fast": isolated impact at the anchors only, the rest predicted
+    anchors: tuple[int, ...] | None = None  # fast mode's measured depths; default: the one nearest 4
+    curves: bool | None = None            # cumulative curves; None: only when the Apple strategy needs them
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -72,6 +95,7 @@ class SearchConfig:
             raise ConfigError(f"--num-recipes must be between 1 and 100, got {self.num_recipes}")
         if not isinstance(self.min_size, int) or self.min_size < 0:
             raise ConfigError(f"--min-size must be a non-negative integer, got {self.min_size}")
+        self._check_strategy()
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         try:
@@ -79,19 +103,58 @@ class SearchConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
+    def _check_strategy(self) -> None:
+        strategy = tuple(self.strategy)
+        if not strategy or any(s not in STRATEGIES for s in strategy) or len(set(strategy)) != len(strategy):
+            raise ConfigError(f"--strategy must be apple, optimal or both, got {','.join(strategy) or '(none)'}")
+        object.__setattr__(self, "strategy", tuple(s for s in STRATEGIES if s in strategy))
+        targets = tuple(float(t) for t in self.targets)
+        bad = [t for t in targets if not 1.0 <= t <= 16.0]
+        if bad:
+            raise ConfigError(f"--targets are average bits per weight between 1 and 16, got {bad[0]:g}")
+        object.__setattr__(self, "targets", tuple(sorted(set(targets), reverse=True)))
+        if targets and "optimal" not in self.strategy:
+            raise ConfigError("--targets builds optimal recipes: add --strategy optimal (or both)")
+        if self.evals not in EVALS:
+            raise ConfigError(f"--evals must be full or fast, got '{self.evals}'")
+        if self.anchors is None:
+            object.__setattr__(self, "anchors", (min(self.nbits, key=lambda b: (abs(b - 4), -b)),))
+        anchors = tuple(sorted(set(self.anchors)))
+        if not anchors or any(a not in self.nbits for a in anchors):
+            raise ConfigError(f"--anchors must be among the searched bit depths {','.join(map(str, self.nbits))}")
+        object.__setattr__(self, "anchors", anchors)
+        if self.evals == "fast" and "apple" in self.strategy:
+            raise ConfigError("--evals fast measures too little for Apple's recipes: use it with --strategy optimal")
+        if self.curves is None:
+            object.__setattr__(self, "curves", "apple" in self.strategy)
+        elif "apple" in self.strategy and not self.curves:
+            raise ConfigError("the Apple strategy needs cumulative curves; drop --no-curves")
+
+    def optimal_targets(self) -> tuple[float, ...]:
+        """Requested targets, else num_recipes budgets spread over the searched bit depths."""
+        if self.targets:
+            return self.targets
+        hi = min(max(self.nbits), 8)
+        lo = min(self.nbits) if hi <= 2 else max(min(self.nbits), 2)
+        n = self.num_recipes
+        return tuple(round(hi - (hi - lo) * i / max(n - 1, 1), 2) for i in range(n)) if n > 1 else (float(hi),)
+
     def signal_spec(self) -> SignalSpec:
         return SignalSpec(prompts=self.prompts, seed=self.seed, steps=self.steps, resolution=self.resolution,
                           guidance_scale=self.guidance_scale, batch_size=self.batch_size)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["nbits"], d["prompts"] = list(self.nbits), list(self.prompts)
+        for key in ("nbits", "prompts", "strategy", "targets", "anchors"):
+            d[key] = list(d[key]) if d[key] is not None else None
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchConfig":
         d = dict(d)
-        d["nbits"], d["prompts"] = tuple(d["nbits"]), tuple(d["prompts"])
+        for key in ("nbits", "prompts", "strategy", "targets", "anchors"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
 
     def fingerprint(self) -> str:

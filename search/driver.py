@@ -3,7 +3,6 @@ result as it arrives. It is the only writer of the database; resuming is just ru
 since every phase skips what is already stored."""
 from __future__ import annotations
 
-import math
 import os
 import signal
 import socket
@@ -16,8 +15,8 @@ import ray
 from search.config import SearchConfig
 from search.pool import EvaluatorPool, ItemFailed, PoolError, actor_class
 from search.progress import NullReporter, Reporter
-from search.recipes import apple_recipes, thresholds
-from search.results import load_tables
+from search.results import load_tables, weight_mse
+from search.strategy import isolated_plan, plan_recipes, refinement_plan, unique_key
 from storage import Baseline, Measurement, PaletteInfo, Search, Storage, StorageError, StoredRecipe
 from storage.palette_store import PaletteStore
 from workers.items import WorkItem
@@ -75,25 +74,33 @@ class SearchDriver:
         self.actor_resources = actor_resources
         self.palette_store = PaletteStore(storage.path)
         self._stop = threading.Event()
+        self.cancelled = False
         self._last_beat = 0.0
         self.palette_refs: dict[tuple[str, int], object] = {}
         self.pool: EvaluatorPool | None = None
-        self.evaluations = 0  # pipeline runs this driver performed (resume cost accounting)
+        self.evaluations = 0  # results this driver computed and stored (resume cost accounting)
+        self.reference_runs = 0  # each evaluator's own reference output
+        self.started = time.monotonic()
+        self.first_result_s: float | None = None  # seconds from start to the first new stored result
 
     # -- lifecycle ------------------------------------------------------------------------
     def request_stop(self, *_args) -> None:
         self._stop.set()
 
     def _should_stop(self) -> bool:
+        """Heartbeat, and notice `search cancel` from any process sharing the database."""
         now = time.monotonic()
         if now - self._last_beat > HEARTBEAT_S:
             self.storage.heartbeat(self.search.id)
             self._last_beat = now
+            if self.storage.get_search(self.search.id).status == "cancelling":
+                self.cancelled = True
+                self._stop.set()
         return self._stop.is_set()
 
     def run(self) -> Search:
         sid = self.search.id
-        started = time.monotonic()
+        started = self.started = time.monotonic()
         handlers = self._install_signal_handlers()
         try:
             self._start_pool()
@@ -104,7 +111,8 @@ class SearchDriver:
             self.storage.update_search(sid, status="completed", phase="done", finished=True,
                                        add_elapsed=time.monotonic() - started)
         except SearchInterrupted:
-            self.storage.update_search(sid, status="interrupted", add_elapsed=time.monotonic() - started)
+            self.storage.update_search(sid, status="cancelled" if self.cancelled else "interrupted",
+                                       add_elapsed=time.monotonic() - started)
             raise
         except (ItemFailed, PoolError) as exc:
             self.storage.update_search(sid, status="failed", error=str(exc), add_elapsed=time.monotonic() - started)
@@ -119,6 +127,28 @@ class SearchDriver:
                 self.pool.shutdown()
             self._restore_signal_handlers(handlers)
         return self.storage.get_search(sid)
+
+    def run_recipes(self, keys: list[str]) -> None:
+        """Measure stored recipes end to end (`search recipe`), whatever the search's status."""
+        handlers = self._install_signal_handlers()
+        try:
+            self._start_pool()
+            self._load_palettes()
+            self.measure_recipes(keys)
+        finally:
+            if self.pool:
+                self.pool.shutdown()
+            self._restore_signal_handlers(handlers)
+
+    def _load_palettes(self) -> None:
+        for (layer, bits), info in self.storage.palettes(self.search.id).items():
+            path = self.palette_store.path(info.path)
+            if not path.exists():
+                raise SearchFailed(f"palette file {path} is missing; restore the {self.palette_store.root} folder")
+            palette = load_palette(path)
+            if palette.digest != info.digest:
+                raise SearchFailed(f"palette file {path} does not match the stored digest")
+            self.palette_refs[(layer, bits)] = ray.put(palette)
 
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
@@ -142,7 +172,7 @@ class SearchDriver:
         self.reporter.message(f"starting {n} evaluator(s) ({'GPU' if gpus else 'CPU'}, {threads} thread(s) each)")
         self.storage.update_search(self.search.id, phase="starting")
         infos = self.pool.start()
-        self.evaluations += len(infos)  # each computed its own reference
+        self.reference_runs += len(infos)  # each computed its own reference
         d = infos[0]
         self.reporter.message(f"evaluators ready on {d['device']} ({d['dtype']}), {d['candidates']} candidates; "
                               f"one pipeline run takes {d['reference_s']:.2f} s")
@@ -152,6 +182,8 @@ class SearchDriver:
         self.reporter.phase_start(phase, len(items))
         for item, result in self.pool.run(items, submit, self._should_stop):
             store(item, result)
+            if self.first_result_s is None and item.phase != "palette":
+                self.first_result_s = time.monotonic() - self.started
             self.reporter.advance(phase)
         self.reporter.phase_end(phase)
         if self._stop.is_set():
@@ -197,26 +229,34 @@ class SearchDriver:
 
     def _phase_isolated(self) -> None:
         sid = self.search.id
-        done = self.storage.measured_keys(sid)
-        have_baselines = self.storage.baselines(sid)
-        layers = list(load_tables(self.storage, sid).sizes)
+        tables = load_tables(self.storage, sid)
+        mse = weight_mse(self.storage, sid)
         items = [WorkItem(f"baseline/{n}", "baseline", name=n, linear8=(n == "linear_8bit"))
-                 for n in ("original", "linear_8bit") if n not in have_baselines]
-        items += [WorkItem(f"isolated/{b}/{layer}", "isolated", bits=b, layer=layer, assignment=((layer, b),))
-                  for b in self.config.nbits for layer in layers if f"isolated/{b}/{layer}" not in done]
+                 for n in ("original", "linear_8bit") if n not in tables.baselines]
+        items += self._isolated_items(isolated_plan(self.config, tables.sizes, mse))
+        self._run_items("isolated", items, self._submit_eval, self._store_isolated)
+        if self.config.evals == "fast":
+            refine = refinement_plan(self.config, load_tables(self.storage, sid), mse)
+            self.reporter.message(f"fast mode: {len(refine)} more isolated measurement(s) where a prediction "
+                                  "decides a choice")
+            self._run_items("refine", self._isolated_items(refine), self._submit_eval, self._store_isolated)
 
-        def store(item: WorkItem, r) -> None:
-            if item.phase == "baseline":
-                self.evaluations += 1
-                self.storage.add_baseline(sid, Baseline(item.name, r.psnr, r.per_prompt, r.node, r.duration_s))
-            else:
-                self._store_measurement(item, r)
+    def _isolated_items(self, pairs) -> list[WorkItem]:
+        done = self.storage.measured_keys(self.search.id)
+        return [WorkItem(f"isolated/{b}/{layer}", "isolated", bits=b, layer=layer, assignment=((layer, b),))
+                for layer, b in pairs if f"isolated/{b}/{layer}" not in done]
 
-        self._run_items("isolated", items, self._submit_eval, store)
+    def _store_isolated(self, item: WorkItem, r) -> None:
+        if item.phase == "baseline":
+            self.evaluations += 1
+            self.storage.add_baseline(self.search.id, Baseline(item.name, r.psnr, r.per_prompt, r.node, r.duration_s))
+        else:
+            self._store_measurement(item, r)
 
     def _phase_cumulative(self) -> None:
-        sid = self.search.id
-        tables = load_tables(self.storage, sid)
+        if not self.config.curves:
+            return
+        tables = load_tables(self.storage, self.search.id)
         items = []
         for b in self.config.nbits:
             order = tables.order(b)
@@ -229,39 +269,33 @@ class SearchDriver:
         items.sort(key=lambda it: -it.position)
         self._run_items("cumulative", items, self._submit_eval, self._store_measurement)
 
-    def recipe_thresholds(self, tables) -> tuple[list[float], str | None]:
-        original, linear8 = tables.baselines["original"], tables.baselines["linear_8bit"]
-        first_points = [tables.cumulative[b][1].psnr for b in self.config.nbits if 1 in tables.cumulative.get(b, {})]
-        cap = max(first_points) - 1.0 if first_points else None
-        note = None
-        if cap is not None and original - 1.0 > cap:
-            note = (f"original is {original:.1f} dB (bit-exact arithmetic); thresholds start at {cap:.2f} dB, "
-                    f"1 dB below the best single palettized layer")
-        upper = min(original - 1.0, cap) if cap is not None else original - 1.0
-        lower = linear8 + 5.0
-        if upper <= lower:
-            # The 8-bit linear baseline is within 6 dB of the top: span the measured curves instead.
-            lows = [min(m.psnr for m in tables.cumulative[b].values()) for b in self.config.nbits if tables.cumulative.get(b)]
-            lower_alt = min(lows)
-            note = (note + "; " if note else "") + (
-                f"linear_8bit + 5 dB ({lower:.2f}) is above the top threshold, so thresholds end at the lowest "
-                f"cumulative PSNR measured ({lower_alt:.2f} dB)")
-            return [float(t) for t in _linspace(upper, lower_alt, self.config.num_recipes)], note
-        return thresholds(original, linear8, self.config.num_recipes, cap=cap), note
-
     def _phase_recipes(self) -> None:
         sid = self.search.id
-        tables = load_tables(self.storage, sid)
-        ts, note = self.recipe_thresholds(tables)
-        if note:
+        planned, notes = plan_recipes(self.config, load_tables(self.storage, sid), weight_mse(self.storage, sid))
+        for note in notes:
             self.reporter.message(f"[dim]{note}")
-        cumulative = {b: tables.cumulative_by_layer(b) for b in self.config.nbits}
-        for r in apple_recipes(cumulative, tables.sizes, ts):
-            self.storage.add_recipe(sid, StoredRecipe(r.key, r.strategy, r.threshold, None, r.bits, r.avg_bits,
-                                                      r.size_mb, None, None, None, None, None))
-        items = [WorkItem(f"recipe/{r.key}", "recipe", name=r.key,
-                          assignment=tuple(sorted((l, b) for l, b in r.bits.items() if b != 16)))
-                 for r in self.storage.recipes(sid) if r.psnr is None]
+        for p in planned:
+            self.store_recipe(p)
+        self.measure_recipes([r.key for r in self.storage.recipes(sid) if r.psnr is None])
+
+    def store_recipe(self, p) -> str:
+        """Store a planned recipe under a free key; the same bit map is stored once."""
+        taken = {r.key: r.bits for r in self.storage.recipes(self.search.id)}
+        key = unique_key(p.recipe, taken)
+        if key is None:
+            return next(k for k, bits in taken.items() if bits == p.recipe.bits)
+        r = p.recipe
+        self.storage.add_recipe(self.search.id, StoredRecipe(key, r.strategy, r.threshold, p.target, r.bits,
+                                                             r.avg_bits, r.size_mb, p.predicted, None, None, None,
+                                                             None))
+        return key
+
+    def measure_recipes(self, keys: list[str]) -> None:
+        sid = self.search.id
+        by_key = {r.key: r for r in self.storage.recipes(sid)}
+        items = [WorkItem(f"recipe/{k}", "recipe", name=k,
+                          assignment=tuple(sorted((l, b) for l, b in by_key[k].bits.items() if b != 16)))
+                 for k in keys if by_key[k].psnr is None]
 
         def store(item: WorkItem, r) -> None:
             self.evaluations += 1
@@ -271,9 +305,5 @@ class SearchDriver:
         self._run_items("recipes", items, self._submit_eval, store)
 
 
-def _linspace(a: float, b: float, n: int) -> list[float]:
-    return [a] if n == 1 else [a + (b - a) * i / (n - 1) for i in range(n)]
-
-
 __all__ = ["SearchDriver", "SearchInterrupted", "SearchFailed", "ensure_ray", "plan_workers", "driver_id",
-           "StorageError", "math"]
+           "StorageError"]

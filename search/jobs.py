@@ -13,7 +13,10 @@ from workers.models import ModelError, ModelSpec, candidate_layers, load_unet, r
 
 class DuplicateSearch(RuntimeError):
     def __init__(self, existing: Search):
-        super().__init__(f"an unfinished search {existing.id} ({existing.status}) has the same model and config")
+        from datetime import datetime, timezone
+
+        status = existing.effective_status(datetime.now(timezone.utc).replace(tzinfo=None))
+        super().__init__(f"an unfinished search {existing.id} ({status}) has the same model and config")
         self.existing = existing
 
 
@@ -84,3 +87,30 @@ def run_search(storage: Storage, prepared: Prepared, *, workers: int | None = No
     driver = SearchDriver(storage, search, prepared.spec, workers=workers, reporter=reporter,
                           actor_resources=actor_resources)
     return driver.run(), driver
+
+
+def target_recipe(storage: Storage, search_id: str, *, bits: float | None = None, size_mb: float | None = None,
+                  psnr: float | None = None, workers: int | None = 1, reporter: Reporter | None = None,
+                  ray_address: str | None = None):
+    """Build an optimal recipe for one target from stored measurements, store it, measure it
+    end to end (one pipeline run per evaluator start plus one for the recipe)."""
+    from search.config import ConfigError
+    from search.results import load_tables, weight_mse
+    from search.strategy import target_recipe as plan
+
+    search = storage.get_search(search_id)
+    config = SearchConfig.from_dict(search.config)
+    tables = load_tables(storage, search.id)
+    if "original" not in tables.baselines:
+        raise ConfigError(f"search {search.id} has no baselines yet; resume it first")
+    try:
+        planned = plan(config, tables, weight_mse(storage, search.id), bits=bits, size_mb=size_mb, psnr=psnr)
+    except ValueError as exc:  # budget too small, unreachable PSNR, missing measurements
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    spec = resolve_model(search.model)
+    ensure_ray(ray_address)
+    driver = SearchDriver(storage, search, spec, workers=workers, reporter=reporter)
+    key = driver.store_recipe(planned)
+    driver.run_recipes([key])
+    stored = next(r for r in storage.recipes(search.id) if r.key == key)
+    return stored, driver

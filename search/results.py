@@ -14,6 +14,7 @@ class Tables:
     isolated: dict[int, dict[str, Measurement]]        # bits -> layer -> measurement
     cumulative: dict[int, dict[int, Measurement]]      # bits -> position (1-based) -> measurement
     baselines: dict[str, float]
+    baseline_per_prompt: dict[str, tuple[float, ...]]
 
     def isolated_psnr(self, bits: int) -> dict[str, float]:
         return {layer: m.psnr for layer, m in self.isolated.get(bits, {}).items()}
@@ -35,8 +36,16 @@ def load_tables(storage: Storage, search_id: str) -> Tables:
             isolated.setdefault(m.bits, {})[m.layer] = m
         elif m.phase == "cumulative":
             cumulative.setdefault(m.bits, {})[m.position] = m
-    baselines = {name: b.psnr for name, b in storage.baselines(search_id).items()}
-    return Tables(sizes, isolated, cumulative, baselines)
+    stored = storage.baselines(search_id)
+    baselines = {name: b.psnr for name, b in stored.items()}
+    return Tables(sizes, isolated, cumulative, baselines, {name: b.per_prompt for name, b in stored.items()})
+
+
+def weight_mse(storage: Storage, search_id: str) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    for (layer, bits), info in storage.palettes(search_id).items():
+        out.setdefault(bits, {})[layer] = info.weight_mse
+    return out
 
 
 def build_report(storage: Storage, search: Search) -> SearchReport:
@@ -45,7 +54,7 @@ def build_report(storage: Storage, search: Search) -> SearchReport:
     stored = storage.recipes(search.id)
     recipes = [(Recipe(r.key, r.bits, r.avg_bits, r.size_mb, r.threshold, r.strategy), r.psnr) for r in stored]
     baselines = dict(t.baselines)
-    order = {b: t.order(b) for b in nbits if len(t.isolated.get(b, {})) == len(t.sizes)}
+    order = {b: t.order(b) for b in nbits if t.cumulative.get(b) and len(t.isolated.get(b, {})) == len(t.sizes)}
     cumulative = {b: {m.layer: list(m.per_prompt) for _, m in sorted(t.cumulative.get(b, {}).items())}
                   for b in nbits if t.cumulative.get(b)}
     single = {b: {layer: list(m.per_prompt) for layer, m in t.isolated.get(b, {}).items()}

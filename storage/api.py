@@ -136,6 +136,13 @@ class Storage:
         with self.session_scope() as db:
             db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(**values))
 
+    def request_cancel(self, search_id: str) -> bool:
+        """Ask the driver of a running search to stop (it checks at every heartbeat)."""
+        with self.session_scope() as db:
+            res = db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id,
+                                                       s.SearchRow.status.in_(ACTIVE)).values(status="cancelling"))
+            return res.rowcount == 1
+
     def heartbeat(self, search_id: str) -> None:
         with self.session_scope() as db:
             db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(heartbeat_at=s.utcnow()))

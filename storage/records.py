@@ -1,13 +1,15 @@
 """Plain, frozen records returned by the storage API (never live ORM objects)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 
-# A running search whose driver stopped beating for this long is shown as interrupted.
-STALE_AFTER_S = 60.0
+# A running search whose driver stopped beating for this long is shown as interrupted
+# (the driver beats every 5 s). MBP_SEARCH_STALE_S shortens it, e.g. for tests.
+STALE_AFTER_S = float(os.environ.get("MBP_SEARCH_STALE_S", "60"))
 
-ACTIVE = ("pending", "running")
+ACTIVE = ("pending", "running", "cancelling")
 RESUMABLE = ("interrupted", "failed", "cancelled")
 
 

@@ -19,6 +19,10 @@ from workers.palettize import Palette, dequantize_torch, kmeans_palette, linear_
 from workers.signal import SignalRunner, SignalSpec, psnr
 
 
+# Fault injection for the failure-handling tests: work-item keys that always raise.
+_INJECTED_FAILURES = frozenset(k for k in os.environ.get("MBP_SEARCH_FAIL_KEYS", "").split(",") if k)
+
+
 def compute_dtype(device: str, precision: str) -> torch.dtype:
     """fp16 where kernels are fast and complete (cuda, mps); fp32 on CPU. Weights are always
     rounded to fp16 first, so the reference is the float16 model either way."""
@@ -120,6 +124,8 @@ class Evaluator:
                 self.modules[name].weight.data = data
 
     def evaluate(self, item: WorkItem, palettes: dict | None = None) -> EvalResult:
+        if item.key in _INJECTED_FAILURES:
+            raise RuntimeError(f"injected failure for {item.key} (MBP_SEARCH_FAIL_KEYS)")
         t0 = time.perf_counter()
         with self._patched(item, palettes or {}):
             out = self.runner.run()
@@ -129,5 +135,5 @@ class Evaluator:
         return EvalResult(item.key, tuple(float(v) for v in values), float(np.mean(values)), self.node, self.worker,
                           time.perf_counter() - t0)
 
-    def ping(self) -> str:
-        return self.worker
+    def pid(self) -> int:
+        return os.getpid()

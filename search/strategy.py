@@ -1,0 +1,126 @@
+"""From stored measurements to recipes, for both strategies. Pure: tables in, recipes out."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from search.config import SearchConfig
+from search.optimal import NoiseTable, fast_plan, optimal_for_budget, optimal_for_psnr, predict_psnr, refine_candidates
+from search.recipes import Recipe, apple_recipes, thresholds
+from search.results import Tables
+
+REFINE_MARGIN_DB = 1.0  # fast mode: measure a predicted entry if an error this large would change a choice
+
+
+@dataclass(frozen=True)
+class Planned:
+    recipe: Recipe
+    predicted: float | None
+    target: dict | None = None
+
+
+def isolated_plan(config: SearchConfig, sizes: dict[str, int], weight_mse: dict[int, dict[str, float]]) -> list[tuple[str, int]]:
+    """(layer, bits) the isolated phase measures first: everything, or fast mode's anchors."""
+    if config.evals == "full":
+        return [(l, b) for b in config.nbits for l in sizes]
+    plan = fast_plan(weight_mse, sizes, config.nbits, config.anchors)
+    return [(l, b) for b, layers in plan.items() for l in layers]
+
+
+def refinement_plan(config: SearchConfig, tables: Tables, weight_mse) -> list[tuple[str, int]]:
+    """Fast mode's second round, computed from the first round's measurements only so that a
+    resumed search plans exactly the same items."""
+    if config.evals == "full":
+        return []
+    first = set(isolated_plan(config, tables.sizes, weight_mse))
+    iso = {b: {l: m.per_prompt for l, m in per.items() if (l, b) in first} for b, per in tables.isolated.items()}
+    table = NoiseTable.from_anchors({b: v for b, v in iso.items() if v}, weight_mse, _original(tables),
+                                    list(tables.sizes), config.nbits)
+    todo = refine_candidates(table, tables.sizes, config.optimal_targets(), REFINE_MARGIN_DB)
+    return sorted(todo, key=lambda lb: (lb[1], list(tables.sizes).index(lb[0])))
+
+
+def _original(tables: Tables) -> tuple[float, ...]:
+    return tables.baseline_per_prompt["original"]
+
+
+def noise_table(config: SearchConfig, tables: Tables, weight_mse) -> NoiseTable:
+    iso = {b: {l: m.per_prompt for l, m in per.items()} for b, per in tables.isolated.items() if per}
+    if config.evals == "full":
+        return NoiseTable.from_isolated(iso, _original(tables), list(tables.sizes))
+    return NoiseTable.from_anchors(iso, weight_mse, _original(tables), list(tables.sizes), config.nbits)
+
+
+def apple_thresholds(config: SearchConfig, tables: Tables) -> tuple[list[float], str | None]:
+    """Apple's range, capped when `original` is bit-exact; widened when linear_8bit + 5 dB is
+    above the top (so the range would be empty)."""
+    original, linear8 = tables.baselines["original"], tables.baselines["linear_8bit"]
+    firsts = [tables.cumulative[b][1].psnr for b in config.nbits if 1 in tables.cumulative.get(b, {})]
+    cap = max(firsts) - 1.0 if firsts else None
+    note = None
+    if cap is not None and original - 1.0 > cap:
+        note = (f"original is {original:.1f} dB (bit-exact arithmetic); thresholds start at {cap:.2f} dB, "
+                "1 dB below the best single palettized layer")
+    upper = min(original - 1.0, cap) if cap is not None else original - 1.0
+    if upper > linear8 + 5.0:
+        return thresholds(original, linear8, config.num_recipes, cap=cap), note
+    lowest = min(m.psnr for b in config.nbits for m in tables.cumulative.get(b, {}).values())
+    note = (note + "; " if note else "") + (f"linear_8bit + 5 dB ({linear8 + 5:.2f}) is above the top threshold, so "
+                                            f"thresholds end at the lowest cumulative PSNR measured ({lowest:.2f} dB)")
+    n = config.num_recipes
+    return [upper + (lowest - upper) * i / max(n - 1, 1) for i in range(n)], note
+
+
+def plan_recipes(config: SearchConfig, tables: Tables, weight_mse) -> tuple[list[Planned], list[str]]:
+    """Every recipe the config asks for, with predicted PSNRs where the noise table exists."""
+    notes: list[str] = []
+    table = noise_table(config, tables, weight_mse)
+    out: list[Planned] = []
+    if "apple" in config.strategy:
+        ts, note = apple_thresholds(config, tables)
+        notes += [note] if note else []
+        cumulative = {b: tables.cumulative_by_layer(b) for b in config.nbits}
+        out += [Planned(r, predict_psnr(table, r.bits)) for r in apple_recipes(cumulative, tables.sizes, ts)]
+    if "optimal" in config.strategy:
+        for t in config.optimal_targets():
+            try:
+                r = optimal_for_budget(table, tables.sizes, max_avg_bits=t)
+            except ValueError as exc:
+                notes.append(f"target {t:g} bits skipped: {exc}")
+                continue
+            out.append(Planned(r, predict_psnr(table, r.bits), {"avg_bits": t}))
+    return out, notes
+
+
+def target_recipe(config: SearchConfig, tables: Tables, weight_mse, *, bits: float | None = None,
+                  size_mb: float | None = None, psnr: float | None = None) -> Planned:
+    """`search recipe`: one optimal recipe for a size or quality target."""
+    given = [(k, v) for k, v in (("avg_bits", bits), ("size_mb", size_mb), ("psnr", psnr)) if v is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of --bits, --size-mb, --psnr")
+    kind, value = given[0]
+    if not math.isfinite(value):
+        raise ValueError(f"--{kind.replace('_', '-')} must be a finite number")
+    table = noise_table(config, tables, weight_mse)
+    if kind == "avg_bits":
+        r = optimal_for_budget(table, tables.sizes, max_avg_bits=value)
+    elif kind == "size_mb":
+        r = optimal_for_budget(table, tables.sizes, max_size_mb=value)
+    else:
+        r = optimal_for_psnr(table, tables.sizes, value)
+    return Planned(r, predict_psnr(table, r.bits), {kind: value})
+
+
+def unique_key(recipe: Recipe, taken: dict[str, dict[str, int]]) -> str | None:
+    """The Apple-style key, suffixed by strategy if another recipe already holds it; None if the
+    very same bit map is already stored under some key."""
+    for key, bits in taken.items():
+        if bits == recipe.bits:
+            return None
+    key = recipe.key
+    if key in taken:
+        key = f"{recipe.key}_{recipe.strategy}"
+        n = 2
+        while key in taken:
+            key, n = f"{recipe.key}_{recipe.strategy}{n}", n + 1
+    return key
