@@ -13,7 +13,7 @@ from typing import Callable
 import ray
 
 from search.config import SearchConfig
-from search.pool import EvaluatorPool, ItemFailed, PoolError, actor_class
+from search.pool import EvaluatorPool, ItemFailed, PoolError, actor_class, can_place
 from search.progress import NullReporter, Reporter
 from search.results import load_tables, weight_mse
 from search.strategy import isolated_plan, plan_recipes, refinement_plan, unique_key
@@ -166,7 +166,9 @@ class SearchDriver:
         spec, signal_spec = self.spec, self.config.signal_spec()
         kwargs = dict(precision=self.config.precision, fingerprint=self.search.fingerprint, threads=threads,
                       min_size=self.config.min_size)
-        self.pool = EvaluatorPool(n, lambda: cls.remote(spec, signal_spec, **kwargs))
+        auto = self.requested_workers is None
+        self.pool = EvaluatorPool(n, lambda: cls.remote(spec, signal_spec, **kwargs), can_place=can_place(cpus, gpus),
+                                  target_size=(lambda: plan_workers(None)[0]) if auto else None)
         self.pool.on_actor_lost = lambda exc, lost: self.reporter.message(
             f"[yellow]an evaluator died ({type(exc).__name__}); re-queued {len(lost)} item(s) on a new one")
         self.reporter.message(f"starting {n} evaluator(s) ({'GPU' if gpus else 'CPU'}, {threads} thread(s) each)")

@@ -44,7 +44,14 @@ def _short(exc: BaseException) -> str:
 
 
 class EvaluatorPool:
-    def __init__(self, size: int, make_actor: Callable[[], object], *, max_replacements: int | None = None):
+    """`target_size()` (optional) is polled so the pool grows when the cluster does (autoscaling);
+    `can_place()` says whether a dead actor can be replaced now, else its slot is dropped (the
+    node vanished) as long as one evaluator remains."""
+
+    RESIZE_EVERY_S = 5.0
+
+    def __init__(self, size: int, make_actor: Callable[[], object], *, max_replacements: int | None = None,
+                 target_size: Callable[[], int] | None = None, can_place: Callable[[], bool] = lambda: True):
         if size < 1:
             raise PoolError("need at least one evaluator")
         self._make = make_actor
@@ -52,6 +59,9 @@ class EvaluatorPool:
         self.replacements = 0
         self.max_replacements = size * 3 if max_replacements is None else max_replacements
         self.infos: list[dict] = []
+        self._target_size, self._can_place = target_size, can_place
+        self._last_resize = time.monotonic()
+        self.grown = self.dropped = 0
 
     def start(self, timeout_s: float = 1800) -> list[dict]:
         """Wait for every actor to load the model and compute its reference output."""
@@ -70,8 +80,29 @@ class EvaluatorPool:
             ray.kill(slot.actor, no_restart=True)
         except Exception:
             pass
-        slot.actor = self._make()
         slot.in_flight = {}
+        if len(self.slots) > 1 and not self._wait_for_room():
+            self.slots.remove(slot)  # its node is gone; grow again when the cluster does
+            self.dropped += 1
+            return
+        slot.actor = self._make()
+
+    def _wait_for_room(self, timeout_s: float = 5.0) -> bool:
+        """A dead actor's resources are released a moment after its death is reported."""
+        deadline = time.monotonic() + timeout_s
+        while not self._can_place():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+    def _maybe_grow(self) -> None:
+        if self._target_size is None or time.monotonic() - self._last_resize < self.RESIZE_EVERY_S:
+            return
+        self._last_resize = time.monotonic()
+        while len(self.slots) < self._target_size() and self._can_place():
+            self.slots.append(_Slot(self._make()))
+            self.grown += 1
 
     def run(self, items: Iterable[WorkItem], submit: Callable[[object, WorkItem], object],
             should_stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[WorkItem, object]]:
@@ -81,6 +112,7 @@ class EvaluatorPool:
         while queue or any(s.in_flight for s in self.slots):
             if should_stop():
                 return
+            self._maybe_grow()
             for slot in self.slots:
                 while queue and len(slot.in_flight) < IN_FLIGHT_PER_ACTOR:
                     item = queue.popleft()
@@ -125,8 +157,17 @@ class EvaluatorPool:
 
 
 def actor_class(num_cpus: float, num_gpus: float, resources: dict | None = None):
+    """Evaluators spread over the nodes; Ray never restarts them (the pool does, re-queuing)."""
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0,
-                      resources=resources or None)(Evaluator)
+                      resources=resources or None, scheduling_strategy="SPREAD")(Evaluator)
 
 
-__all__ = ["EvaluatorPool", "ItemFailed", "PoolError", "actor_class", "MAX_ATTEMPTS", "time"]
+def can_place(num_cpus: float, num_gpus: float) -> Callable[[], bool]:
+    def check() -> bool:
+        free = ray.available_resources()
+        return free.get("CPU", 0.0) >= num_cpus and free.get("GPU", 0.0) >= num_gpus
+
+    return check
+
+
+__all__ = ["EvaluatorPool", "ItemFailed", "PoolError", "actor_class", "can_place", "MAX_ATTEMPTS"]

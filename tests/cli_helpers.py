@@ -32,8 +32,10 @@ def start_cli(*args: str, model_cache: Path, **env) -> subprocess.Popen:
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
-    """The one line a failing command prints; fails the test on a traceback."""
+    """The one error line a failing command prints (progress bars may precede it); fails the
+    test on a traceback or on an error message spread over several lines."""
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    return lines[0]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
+    return errors[0]

@@ -1,0 +1,89 @@
+"""The optimal strategy end to end: fast evaluations, targets, `search recipe`, cancel."""
+import json
+import re
+import time
+
+import pytest
+
+from search.recipes import average_bits
+from tests.cli_helpers import error_line, run_cli, start_cli
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--model", "tiny-sdxl", "--nbits", "2,4,8", "--min-size", "16384", "--strategy", "optimal", "--evals", "fast",
+        "--targets", "3,4,6", "--workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory, model_cache):
+    db = tmp_path_factory.mktemp("fast") / "s.db"
+    proc = run_cli("submit", *FAST, "--db", db, model_cache=model_cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sid = proc.stdout.split()[1]
+    status = json.loads(run_cli("status", sid, "--db", db, "--json", model_cache=model_cache).stdout)
+    return dict(db=db, id=sid, stderr=proc.stderr, status=status)
+
+
+def test_fast_mode_measures_anchors_plus_refinements_only(fast):
+    status = fast["status"]
+    n = status["candidates"]
+    refined = int(re.search(r"fast mode: (\d+) more isolated", fast["stderr"]).group(1))
+    assert status["measurements"] == {"isolated": n + refined}  # anchor 4 bits for every layer, no curves
+    assert refined < 2 * n
+    recipes = status["recipes"]
+    assert [r["strategy"] for r in recipes] == ["optimal"] * 3
+    assert status["evaluations"] == n + refined + 2 + 3  # + 2 baselines + 3 recipe runs
+
+
+def test_targets_are_met_exactly_and_predicted(fast, model_cache):
+    report = json.loads(run_cli("download", fast["id"], "-o", "-", "--db", fast["db"], model_cache=model_cache).stdout)
+    sizes = None
+    from storage import Storage
+
+    with Storage(fast["db"]) as st:
+        sizes = {l.name: l.numel for l in st.layers(fast["id"])}
+        stored = st.recipes(fast["id"])
+    assert sorted(r.target["avg_bits"] for r in stored) == [3.0, 4.0, 6.0]
+    for r in stored:
+        assert average_bits(r.bits, sizes) <= r.target["avg_bits"] + 1e-12
+        assert r.avg_bits > r.target["avg_bits"] - 0.25  # spends the budget
+        assert r.predicted_psnr is not None and r.psnr is not None
+        assert report["recipes"][r.key] == r.bits and report["baselines"][r.key] == pytest.approx(r.psnr)
+        assert set(r.bits.values()) <= {2, 4, 8, 16}
+    by_target = sorted(stored, key=lambda r: r.target["avg_bits"])
+    assert [r.psnr for r in by_target] == sorted(r.psnr for r in by_target)  # more bits, more PSNR
+
+
+def test_recipe_command_builds_and_measures_a_target(fast, model_cache):
+    proc = run_cli("recipe", fast["id"], "--bits", "5", "--db", fast["db"], model_cache=model_cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "predicted PSNR" in proc.stdout
+    status = json.loads(run_cli("status", fast["id"], "--db", fast["db"], "--json", model_cache=model_cache).stdout)
+    new = [r for r in status["recipes"] if 4.0 < r["avg_bits"] <= 5.0]
+    assert len(new) == 1 and new[0]["psnr"] is not None
+    for args, expected in ((["--bits", "0.5"], "below"), (["--psnr", "5000"], "unreachable"),
+                           (["--bits", "4", "--psnr", "40"], "exactly one")):
+        bad = run_cli("recipe", fast["id"], *args, "--db", fast["db"], model_cache=model_cache)
+        assert bad.returncode == 2 and expected in error_line(bad)
+
+
+def test_cancel_stops_a_running_search_and_it_resumes(tmp_path, model_cache):
+    db = tmp_path / "s.db"
+    proc = start_cli("submit", "--model", "tiny-sdxl", "--nbits", "2,8", "--min-size", "16384", "--db", db,
+                     model_cache=model_cache)
+    sid = proc.stdout.readline().split()[1]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        res = run_cli("cancel", sid, "--db", db, model_cache=model_cache)
+        if res.returncode == 0:
+            break
+        time.sleep(0.5)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    rows = json.loads(run_cli("list", "--json", "--db", db, model_cache=model_cache).stdout)
+    assert rows[0]["status"] == "cancelled"
+    again = run_cli("cancel", sid, "--db", db, model_cache=model_cache)
+    assert again.returncode == 2 and "not running" in error_line(again)
+    res = run_cli("resume", sid, "--db", db, model_cache=model_cache)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(run_cli("status", sid, "--db", db, "--json", model_cache=model_cache).stdout)["status"] == "completed"
