@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from search.cli import CliError, DbOption, _shutdown_ray, err, guarded, open_storage, out
@@ -40,18 +41,22 @@ def _numeric(v, measured) -> str:
 def _runtime(v) -> str:
     if v.runtime:
         return ", ".join(f"{unit} {psnr:.2f} dB" for unit, psnr in v.runtime.items())
-    return "[dim]not run[/]" if v.runtime_note.startswith("not run") else f"[red]{v.runtime_note}[/]"
+    return "[dim]not run[/]" if v.runtime_note.startswith("not run") else f"[red]{escape(v.runtime_note)}[/]"
 
 
 def _table(title: str, rows) -> Table:
     """rows: (Validation, measured PSNR or None)."""
     table = Table(title=title)
-    for col in ("recipe", "mlpackage", "size MB", "avg bits", "structural", "numeric PSNR vs measured dB",
-                "runtime (Core ML)"):
-        table.add_column(col, justify="right" if col in ("size MB", "avg bits") else "left")
+    table.add_column("recipe", overflow="fold", min_width=12)
+    table.add_column("mlpackage", overflow="fold", min_width=12)
+    table.add_column("size MB", justify="right")
+    table.add_column("avg bits", justify="right")
+    table.add_column("structural")
+    table.add_column("numeric PSNR vs measured dB")
+    table.add_column("runtime (Core ML)")
     for v, measured in rows:
-        structural = "[green]ok[/]" if v.structural_ok else f"[red]FAIL[/] {v.structural_detail}"
-        table.add_row(v.recipe_key, v.mlpackage, f"{v.size_bytes / 1e6:.2f}", f"{v.avg_bits:.2f}", structural,
+        structural = "[green]ok[/]" if v.structural_ok else f"[red]FAIL[/] {escape(v.structural_detail)}"
+        table.add_row(escape(v.recipe_key), escape(v.mlpackage), f"{v.size_bytes / 1e6:.2f}", f"{v.avg_bits:.2f}", structural,
                       _numeric(v, measured), _runtime(v))
     return table
 
@@ -68,19 +73,22 @@ def validation_table(storage, search) -> Table | None:
 
 def _report(report) -> None:
     for note in report.notes:
-        err.print(f"[yellow]note:[/] {note}", highlight=False)
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     where = f"on node {report.node}"
     if report.base_mlpackage:
         where += f"; base model {report.base_mlpackage}{' (cached)' if report.base_cached else ''}"
-    err.print(where, highlight=False)
+    err.print(escape(where), highlight=False, soft_wrap=True)
     measured = {o.key: o.measured_psnr for o in report.outcomes}
+    for v in report.validations:
+        out.print(escape(f"{v.recipe_key}: {v.mlpackage} ({v.size_bytes / 1e6:.2f} MB, {v.avg_bits:.2f} bits/weight)"),
+                  highlight=False, soft_wrap=True)
     out.print(_table(f"Core ML recipes of search {report.search_id}",
                      [(v, measured.get(v.recipe_key)) for v in report.validations]))
     notes = {v.runtime_note for v in report.validations if not v.runtime}
     for note in sorted(notes):
-        out.print(f"runtime validation {note}", highlight=False)
+        out.print(escape(f"runtime validation {note}"), highlight=False, soft_wrap=True)
     if report.failed:
-        err.print(f"[bold red]validation failed:[/] {', '.join(report.failed)}", highlight=False)
+        err.print(f"[bold red]validation failed:[/] {escape(', '.join(report.failed))}", highlight=False)
         raise typer.Exit(1)
 
 

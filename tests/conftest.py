@@ -61,3 +61,71 @@ def device(request) -> str:
     if not _available(request.param):
         pytest.skip(f"{request.param} not available")
     return request.param
+
+
+# -- a completed search to apply (Core ML stage tests) -----------------------------------
+
+@pytest.fixture(scope="session")
+def completed_tiny_search(tiny_sdxl_spec, tmp_path_factory):
+    """A `tiny-sdxl` search in its final state, built directly (no Ray): candidate layers,
+    real k-means palettes saved in the PaletteStore, two recipes whose end-to-end PSNR was
+    measured by the real Evaluator. Returns {"db", "search_id", "recipes": {key: (bits, psnr)}}.
+    Tests must not change the recipes, palettes or measurements (they may add validations)."""
+    from search.config import SearchConfig
+    from search.recipes import make_recipe
+    from storage import Layer, PaletteInfo, Storage, StoredRecipe
+    from storage.palette_store import PaletteStore
+    from workers.evaluator import Evaluator
+    from workers.items import WorkItem
+    from workers.models import candidate_layers, load_unet, unet_fingerprint
+    from workers.palettize import kmeans_palette, save_palette
+    from workers.signal import DEFAULT_PROMPTS
+
+    spec = tiny_sdxl_spec
+    unet = load_unet(spec)
+    cands = candidate_layers(unet, spec.default_min_size)
+    config = SearchConfig(nbits=(2, 4, 6, 8), num_recipes=2, min_size=spec.default_min_size,
+                          resolution=spec.default_resolution, prompts=DEFAULT_PROMPTS[:2])
+    db = tmp_path_factory.mktemp("completed-search") / "searches.db"
+    storage = Storage(db)
+    fingerprint = unet_fingerprint(unet)
+    search = storage.create_search(
+        model="tiny-sdxl", model_version="tiny-sdxl", model_location=spec.location, model_source=spec.source,
+        fingerprint=fingerprint, config=config.to_dict(), config_hash=config.fingerprint(),
+        layers=[Layer(c.name, c.numel, c.shape, c.kind) for c in cands])
+    sizes = {c.name: c.numel for c in cands}
+    # Two mixed recipes over 1-8 bits (few 6/8-bit layers: their exact k-means is the slow part).
+    cycle = (4, 16, 2, 16, 6, 16, 4, 16)
+    recipes = [make_recipe({c.name: cycle[i % len(cycle)] for i, c in enumerate(cands)}, sizes),
+               make_recipe({c.name: 8 if i < 3 else 4 if i % 2 else 16 for i, c in enumerate(cands)}, sizes)]
+    store, palettes = PaletteStore(db), {}
+    for r in recipes:
+        for layer, bits in r.bits.items():
+            if bits == 16 or (layer, bits) in palettes:
+                continue
+            pal = kmeans_palette(unet.get_submodule(layer).weight.data.numpy(), bits)
+            save_palette(store.path_for(search.id, layer, bits), pal)
+            storage.add_palette(search.id, PaletteInfo(layer, bits, pal.digest, float(pal.weight_mse),
+                                                       store.relative_path(search.id, layer, bits)))
+            palettes[(layer, bits)] = pal
+    ev = Evaluator(spec, config.signal_spec(), precision=config.precision, fingerprint=fingerprint, device="cpu",
+                   min_size=config.min_size)
+    out = {}
+    for r in recipes:
+        storage.add_recipe(search.id, StoredRecipe(r.key, r.strategy, r.threshold, None, r.bits, r.avg_bits,
+                                                   r.size_mb, None, None, None, None, None))
+        item = WorkItem(f"recipe/{r.key}", "recipe", name=r.key,
+                        assignment=tuple(sorted((l, b) for l, b in r.bits.items() if b != 16)))
+        res = ev.evaluate(item, palettes)
+        storage.set_recipe_result(search.id, r.key, psnr=res.psnr, per_prompt=res.per_prompt, node=res.node,
+                                  duration_s=res.duration_s)
+        out[r.key] = (dict(r.bits), res.psnr)
+    storage.update_search(search.id, status="completed", phase="done", finished=True)
+    storage.close()
+    return {"db": db, "search_id": search.id, "recipes": out}
+
+
+@pytest.fixture(scope="session")
+def coreml_out_dir(tmp_path_factory):
+    """One output directory for the Core ML tests: the converted base UNet is cached in it."""
+    return tmp_path_factory.mktemp("coreml-out")

@@ -200,7 +200,7 @@ def test_resume_refuses_a_changed_model(tmp_path, model_cache, tiny_sdxl_spec):
     shutil.copytree(tiny_sdxl_spec.location, model_dir)
     spec = resolve_model(str(model_dir))
     with Storage(tmp_path / "s.db") as st:
-        sid = prepare_search(st, str(model_dir), resolve_config(spec, nbits=(8,)), spec).search.id
+        sid = prepare_search(st, str(model_dir), resolve_config(spec, nbits=(8,), min_size=8192), spec).search.id
     for f in (model_dir / "unet").glob("*.safetensors"):
         tensors = load_file(f)
         name = next(k for k in tensors if k.endswith("conv_in.weight"))

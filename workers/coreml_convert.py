@@ -1,0 +1,202 @@
+"""Convert the search's diffusers UNet to a Core ML ML program (float16), cached per model.
+
+The inputs are the ones the search's pipeline call really passes to the UNet (captured with
+a forward pre-hook during one signal run): same batch (prompts x classifier-free guidance),
+same latent size, same conditioning. The UNet is traced in float32 on the CPU and converted
+with ``compute_precision=FLOAT16``, so every Core ML weight holds exactly the float16 value
+the search measured.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workers.coreml import CoreMLError, describe_program, one_line, quiet_coremltools, read_program
+
+OUTPUT_NAME = "noise_pred"
+BASE_FORMAT = "1"  # bump when the conversion changes: cached base models are rebuilt
+
+
+@dataclass(frozen=True)
+class UNetInputs:
+    """Named float32 inputs of one UNet call, in the order the Core ML model takes them."""
+
+    names: tuple[str, ...]
+    arrays: tuple[np.ndarray, ...]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(int(d) for d in a.shape) for n, a in zip(self.names, self.arrays)}
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.arrays))
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The float16 Core ML UNet that recipes are applied to, and the digests of its consts."""
+
+    path: str
+    converted: bool  # False: the user's own .mlpackage
+    cached: bool  # True: reused from an earlier conversion
+    consts: dict[str, str]  # const op name -> value digest (every const)
+    weights: dict[str, tuple[str, tuple[int, ...]]]  # float16 tensor consts -> (content digest, shape)
+    seconds: float
+
+
+def unet_call_inputs(sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None,
+                     **_ignored) -> UNetInputs:
+    """Flatten one ``unet(...)`` call into named float32 arrays (timestep expanded to the batch)."""
+    batch = sample.shape[0]
+    t = torch.as_tensor(timestep).reshape(-1).to("cpu", torch.float32)
+    names = ["sample", "timestep", "encoder_hidden_states"]
+    tensors = [sample, t.expand(batch) if t.numel() == 1 else t, encoder_hidden_states]
+    if timestep_cond is not None:
+        names.append("timestep_cond")
+        tensors.append(timestep_cond)
+    for key in ("text_embeds", "time_ids"):
+        if added_cond_kwargs and added_cond_kwargs.get(key) is not None:
+            names.append(key)
+            tensors.append(added_cond_kwargs[key])
+    arrays = tuple(np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy()) for x in tensors)
+    return UNetInputs(tuple(names), arrays)
+
+
+def capture_unet_inputs(pipe, runner) -> tuple[UNetInputs, torch.Tensor]:
+    """Run the signal once; return the first UNet call's inputs and the output latents."""
+    calls: list[UNetInputs] = []
+
+    def hook(_module, args, kwargs):
+        if not calls:
+            names = ("sample", "timestep", "encoder_hidden_states")
+            merged = dict(zip(names, args))
+            merged.update(kwargs)
+            calls.append(unet_call_inputs(**merged))
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        latents = runner.run()
+    finally:
+        handle.remove()
+    if not calls:
+        raise CoreMLError("the pipeline never called its UNet during the signal run")
+    return calls[0], latents
+
+
+class _UNetForCoreML(torch.nn.Module):
+    """Positional inputs -> ``unet(...).sample``: the signature torch.jit.trace needs."""
+
+    def __init__(self, unet, names: tuple[str, ...]):
+        super().__init__()
+        self.unet, self.names = unet, names
+
+    def forward(self, *inputs):
+        kw = dict(zip(self.names, inputs))
+        added = {k: kw.pop(k) for k in ("text_embeds", "time_ids") if k in kw}
+        return self.unet(kw.pop("sample"), kw.pop("timestep"), encoder_hidden_states=kw.pop("encoder_hidden_states"),
+                         timestep_cond=kw.pop("timestep_cond", None), added_cond_kwargs=added or None,
+                         return_dict=False)[0]
+
+
+def convert_unet(unet, inputs: UNetInputs, path: str | os.PathLike) -> None:
+    """Trace ``unet`` in float32 on the CPU and save it as a float16 ML program at ``path``."""
+    import coremltools as ct
+
+    quiet_coremltools()
+    params = list(unet.parameters())
+    if params and (params[0].device.type != "cpu" or params[0].dtype != torch.float32):
+        unet = copy.deepcopy(unet).to("cpu", torch.float32)
+    example = tuple(torch.from_numpy(a) for a in inputs.arrays)
+    wrapper = _UNetForCoreML(unet, inputs.names).eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings about shape asserts
+            traced = torch.jit.trace(wrapper, example, strict=False, check_trace=False)
+            model = ct.convert(
+                traced, convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
+                minimum_deployment_target=ct.target.macOS14, skip_model_load=True,
+                inputs=[ct.TensorType(name=n, shape=a.shape, dtype=np.float32)
+                        for n, a in zip(inputs.names, inputs.arrays)],
+                outputs=[ct.TensorType(name=OUTPUT_NAME)])
+    except Exception as exc:
+        raise CoreMLError(f"Core ML conversion of the UNet failed: {one_line(exc)}") from None
+    save_package(model, path)
+
+
+def save_package(model, path: str | os.PathLike) -> None:
+    """Save next to ``path`` then rename, so a crash never leaves a half-written package."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent))
+    try:
+        model.save(str(tmp / path.name))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cache_key(fingerprint: str, inputs: UNetInputs) -> str:
+    import coremltools as ct
+
+    text = json.dumps({"fingerprint": fingerprint, "inputs": inputs.shapes(), "coremltools": ct.__version__,
+                       "format": BASE_FORMAT}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def ensure_base_model(unet, fingerprint: str, inputs: UNetInputs, cache_dir: str | os.PathLike) -> BaseModel:
+    """The converted UNet for these weights and input shapes, converting only on a cache miss.
+
+    ``cache_dir/unet-<key>.mlpackage`` plus ``unet-<key>.json`` (written last, with the const
+    digests the structural validation compares against): a package without its sidecar is
+    an interrupted conversion and is redone.
+    """
+    t0 = time.perf_counter()
+    key = _cache_key(fingerprint, inputs)
+    path = Path(cache_dir) / f"unet-{key}.mlpackage"
+    sidecar = path.with_suffix(".json")
+    try:
+        meta = json.loads(sidecar.read_text())
+        if path.is_dir() and meta.get("key") == key:
+            weights = {k: (d, tuple(s)) for k, (d, s) in meta["weights"].items()}
+            return BaseModel(str(path), True, True, meta["consts"], weights, time.perf_counter() - t0)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    convert_unet(unet, inputs, path)
+    consts, weights = describe_program(read_program(path))
+    tmp = sidecar.with_name(sidecar.name + ".tmp")
+    tmp.write_text(json.dumps({"key": key, "fingerprint": fingerprint, "inputs": inputs.shapes(),
+                               "consts": consts, "weights": weights}))
+    os.replace(tmp, sidecar)
+    return BaseModel(str(path), True, False, consts, weights, time.perf_counter() - t0)
+
+
+def user_base_model(path: str | os.PathLike) -> BaseModel:
+    """A UNet .mlpackage the user already has (e.g. from Apple's torch2coreml)."""
+    t0 = time.perf_counter()
+    consts, weights = describe_program(read_program(path))
+    return BaseModel(str(Path(path).resolve()), False, False, consts, weights, time.perf_counter() - t0)
+
+
+def load_base_model(path: str | os.PathLike) -> BaseModel:
+    """A base package recorded in a manifest: our cached conversion (its sidecar) or the user's."""
+    sidecar = Path(path).with_suffix(".json")
+    if Path(path).is_dir() and sidecar.is_file():
+        try:
+            meta = json.loads(sidecar.read_text())
+            weights = {k: (d, tuple(s)) for k, (d, s) in meta["weights"].items()}
+            return BaseModel(str(path), True, True, meta["consts"], weights, 0.0)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return user_base_model(path)

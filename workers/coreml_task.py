@@ -1,0 +1,241 @@
+"""The Core ML worker: apply recipes to a Core ML UNet and validate them, as one Ray task.
+
+Macs join the Ray cluster with the custom resource ``coreml`` (``ray start ... --resources
+'{"coreml": 1}'``) and the task requires it; ``coreml_node="any"`` lets it run on any node,
+which then does everything except Core ML prediction (macOS only). ``run_job`` is a plain
+function (tests and the driver can call it in-process); it never touches the database and
+returns plain frozen dataclasses for the driver to store.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from workers.coreml import CoreMLError, LayerMatch, listing, match_layers, one_line, package_size, read_program
+from workers.coreml_apply import (Manifest, layer_luts, package_name, palettize, read_manifest, torch_weights,
+                                  write_manifest)
+from workers.coreml_convert import BaseModel, capture_unet_inputs, ensure_base_model, load_base_model, user_base_model
+from workers.coreml_validate import check_numeric, check_runtime, check_structure
+
+COREML_RESOURCE = "coreml"
+NODE_CHOICES = ("coreml", "any")
+BASE_DIR = ".base"  # converted base models are cached under the output directory
+
+
+@dataclass(frozen=True)
+class RecipeJob:
+    key: str
+    bits: dict[str, int] | None  # None (validate): the bits recorded in the package's manifest
+    avg_bits: float | None
+    measured_psnr: float | None  # the search's end-to-end PSNR; None for recipes made elsewhere
+    mlpackage: str | None = None  # validate: the package to check
+
+
+@dataclass(frozen=True)
+class CoreMLJob:
+    action: str  # "apply" | "validate"
+    search_id: str
+    model: str  # the torch model being compressed (a resolve_model name)
+    fingerprint: str | None  # its required UNet fingerprint (the search's), None: not checked
+    config: dict  # the search's SearchConfig: signal protocol, precision, min_size
+    recipes: tuple[RecipeJob, ...]
+    palettes: dict = field(default_factory=dict)  # {(layer, bits): Palette}, the search's exact LUTs
+    lut_source: str = "search"  # "search": palettes above; "kmeans": workers.palettize.kmeans_lut
+    out_dir: str = ""
+    mlpackage: str | None = None  # the user's float16 UNet package (None: convert the torch UNet)
+    device: str | None = None  # torch device of the numeric check (None: as the search's evaluators)
+
+
+@dataclass(frozen=True)
+class RecipeOutcome:
+    key: str
+    mlpackage: str
+    size_bytes: int
+    avg_bits: float
+    palettized_layers: int
+    lut_source: str
+    structural_ok: bool
+    structural_detail: str
+    numeric_psnr: float | None
+    measured_psnr: float | None  # what numeric_psnr was compared with
+    numeric_ok: bool | None
+    numeric_detail: str
+    runtime: dict[str, float] | None
+    runtime_note: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class JobResult:
+    node: str
+    base_mlpackage: str | None
+    base_converted: bool
+    base_cached: bool
+    outcomes: tuple[RecipeOutcome, ...]
+    seconds: float
+
+
+def _evaluator(job: CoreMLJob):
+    from search.config import SearchConfig
+    from workers.evaluator import Evaluator
+    from workers.models import resolve_model
+
+    cfg = SearchConfig.from_dict(job.config)
+    return Evaluator(resolve_model(job.model), cfg.signal_spec(), precision=cfg.precision,
+                     fingerprint=job.fingerprint, device=job.device, min_size=cfg.min_size)
+
+
+def _check(ev, package: Path, base: BaseModel, luts, recipe: RecipeJob, avg_bits: float, lut_source: str,
+           t0: float) -> RecipeOutcome:
+    program = read_program(package)
+    source = "search's" if lut_source == "search" else "k-means (kmeans_lut)"
+    structural, dense = check_structure(program, base.consts, luts, source)
+    del program
+    if len(dense) == len(luts):
+        numeric = check_numeric(ev, dense, recipe.measured_psnr)
+        n_psnr, n_ok, n_detail = numeric.psnr, numeric.ok, numeric.detail
+    else:
+        n_psnr, n_ok, n_detail = None, False, "not run: some palettized weights cannot be decompressed"
+    runtime = check_runtime(ev, str(package))
+    return RecipeOutcome(recipe.key, str(package), package_size(package), float(avg_bits), len(luts), lut_source,
+                         structural.ok, structural.detail, n_psnr, recipe.measured_psnr, n_ok, n_detail,
+                         runtime.psnr, runtime.note,
+                         time.perf_counter() - t0)
+
+
+def _average_bits(unet, bits: dict[str, int], min_size: int) -> float:
+    """Apple's average over the model's candidates (absent ones at 16) and the recipe's layers."""
+    from search.recipes import average_bits
+    from workers.models import candidate_layers
+
+    sizes = {c.name: c.numel for c in candidate_layers(unet, min_size)}
+    for layer in bits:
+        if layer not in sizes:
+            sizes[layer] = unet.get_submodule(layer).weight.numel()
+    return average_bits(bits, sizes)
+
+
+def _apply(job: CoreMLJob, ev, fingerprint: str) -> tuple[BaseModel, list[RecipeOutcome]]:
+    if job.lut_source not in ("search", "kmeans"):
+        raise CoreMLError(f"unknown LUT source {job.lut_source!r}")
+    out_dir = Path(job.out_dir)
+    unet = ev.pipe.unet
+    absent = sorted({l for r in job.recipes for l in r.bits if not _has_weight(unet, l)})
+    if absent:
+        raise CoreMLError(f"{len(absent)} recipe layers are not weight layers of the model being compressed "
+                          f"({job.model}): {listing(absent)}")
+    min_size = int(job.config.get("min_size", 0))
+    job = replace(job, recipes=tuple(r if r.avg_bits is not None else
+                                     replace(r, avg_bits=_average_bits(unet, r.bits, min_size))
+                                     for r in job.recipes))
+    wanted = {r.key: {l: b for l, b in r.bits.items() if b != 16} for r in job.recipes}
+    weights = torch_weights(unet, sorted({l for layers in wanted.values() for l in layers}))
+    if job.mlpackage:
+        base = user_base_model(job.mlpackage)
+    else:
+        inputs, _ = capture_unet_inputs(ev.pipe, ev.runner)
+        base = ensure_base_model(unet, fingerprint, inputs, out_dir / BASE_DIR)
+    matches = match_layers(weights, base.weights, where=Path(base.path).name)  # every recipe, before writing
+    palettes = job.palettes if job.lut_source == "search" else None
+    plans = [(r, layer_luts({l: weights[l] for l in wanted[r.key]}, r.bits, matches, palettes))
+             for r in job.recipes]  # all LUTs first: a missing palette fails before any output
+    outcomes = []
+    for recipe, luts in plans:
+        t0 = time.perf_counter()
+        package = out_dir / f"{package_name(recipe.key)}.mlpackage"
+        palettize(base.path, package, luts)
+        write_manifest(package, Manifest(
+            recipe.key, job.search_id, dict(recipe.bits), float(recipe.avg_bits), job.lut_source, job.model,
+            fingerprint, base.path, {e.layer: c for c, e in luts.items()},
+            {e.layer: e.palette_digest for e in luts.values() if e.palette_digest}, recipe.measured_psnr))
+        outcomes.append(_check(ev, package, base, luts, recipe, recipe.avg_bits, job.lut_source, t0))
+    return base, outcomes
+
+
+def _has_weight(unet, layer: str) -> bool:
+    try:
+        return isinstance(getattr(unet.get_submodule(layer), "weight", None), torch.Tensor)
+    except AttributeError:
+        return False
+
+
+def _validate(job: CoreMLJob, ev, fingerprint: str) -> list[RecipeOutcome]:
+    outcomes = []
+    for recipe in job.recipes:
+        t0 = time.perf_counter()
+        package = Path(recipe.mlpackage or "")
+        if not package.is_dir():
+            raise CoreMLError(f"{package} does not exist on node {socket.gethostname()}; re-apply the recipe "
+                              "or pass --dir with the folder that holds the packages")
+        m = read_manifest(package)
+        if m.fingerprint != fingerprint:
+            raise CoreMLError(f"{package.name} was applied to another UNet ({m.model}); validate it with --model "
+                              f"{m.model}")
+        if recipe.bits is not None and m.lut_source == "search" and recipe.bits != m.bits:
+            raise CoreMLError(f"{package.name} holds other bits than recipe {recipe.key} has now; re-apply it")
+        weights = torch_weights(ev.pipe.unet, sorted(m.layers))
+        matches = {l: LayerMatch(l, c, ()) for l, c in m.layers.items()}
+        palettes = job.palettes if m.lut_source == "search" else None
+        if palettes is not None:
+            stale = [l for l, d in m.palette_digests.items()
+                     if (l, m.bits[l]) in palettes and palettes[(l, m.bits[l])].digest != d]
+            if stale:
+                raise CoreMLError(f"{package.name} was made with other palettes than the search stores now: "
+                                  f"{', '.join(stale[:3])}")
+        luts = layer_luts(weights, m.bits, matches, palettes)
+        base = load_base_model(m.base_mlpackage)
+        if recipe.measured_psnr is None and m.measured_psnr is not None:
+            recipe = replace(recipe, measured_psnr=m.measured_psnr)
+        outcomes.append(_check(ev, package, base, luts, recipe, m.avg_bits, m.lut_source, t0))
+    return outcomes
+
+
+def run_job(job: CoreMLJob) -> JobResult:
+    """Apply (or re-validate) recipes; everything the driver stores comes back in the result."""
+    from workers.models import unet_fingerprint
+
+    t0 = time.perf_counter()
+    if job.action not in ("apply", "validate"):
+        raise CoreMLError(f"unknown Core ML job action {job.action!r}")
+    ev = _evaluator(job)
+    fingerprint = job.fingerprint or unet_fingerprint(ev.pipe.unet)
+    if job.action == "apply":
+        base, outcomes = _apply(job, ev, fingerprint)
+        return JobResult(socket.gethostname(), base.path, base.converted, base.cached, tuple(outcomes),
+                         time.perf_counter() - t0)
+    outcomes = _validate(job, ev, fingerprint)
+    return JobResult(socket.gethostname(), None, False, False, tuple(outcomes), time.perf_counter() - t0)
+
+
+def submit(job: CoreMLJob, coreml_node: str = "coreml"):
+    """Start ``run_job`` as a Ray task; it needs the ``coreml`` resource unless coreml_node is 'any'."""
+    import ray
+
+    if coreml_node not in NODE_CHOICES:
+        raise CoreMLError(f"--coreml-node must be one of {', '.join(NODE_CHOICES)}, got {coreml_node!r}")
+    options = dict(num_cpus=1, max_retries=0)
+    if coreml_node == "coreml":
+        options["resources"] = {COREML_RESOURCE: 1}
+    return ray.remote(run_job).options(**options).remote(job)
+
+
+def run_remote(job: CoreMLJob, coreml_node: str = "coreml") -> JobResult:
+    """``submit`` and wait; a failure in the task comes back as its own exception (one line)."""
+    import ray
+    from ray.exceptions import RayError, RayTaskError
+
+    try:
+        return ray.get(submit(job, coreml_node))
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, Exception) and not isinstance(cause, RayError):
+            if type(cause).__module__.startswith(("workers.", "search.", "storage.")):
+                raise cause from None
+            raise CoreMLError(f"the Core ML task failed: {type(cause).__name__}: {one_line(cause)}") from None
+        raise CoreMLError(f"the Core ML task failed: {one_line(exc)}") from None
+    except RayError as exc:
+        raise CoreMLError(f"the Core ML task could not run: {one_line(exc)}") from None
