@@ -19,6 +19,7 @@ from search.recipes import recipe_key
 from storage import Search, Storage, StorageError, StoredRecipe, Validation
 from storage.palette_store import PaletteStore
 from workers.coreml import CoreMLError
+from search.driver import ensure_ray
 from workers.coreml_task import COREML_RESOURCE, NODE_CHOICES, CoreMLJob, JobResult, RecipeJob, RecipeOutcome
 from workers.models import ModelError
 from workers.palettize import PaletteError, load_palette
@@ -50,21 +51,6 @@ def default_coreml_node(ray_address: str | None) -> str:
     """'any' when Ray runs embedded on a machine without Core ML; otherwise a coreml node."""
     embedded = not (ray_address or os.environ.get("RAY_ADDRESS"))
     return "any" if embedded and sys.platform != "darwin" else "coreml"
-
-
-def ensure_ray(ray_address: str | None = None) -> None:
-    """Join the cluster, or start a small local Ray; on a Mac the local node offers ``coreml``."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    else:
-        resources = {COREML_RESOURCE: 1} if sys.platform == "darwin" else None
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False, resources=resources)
 
 
 def ray_executor(ray_address: str | None = None) -> Executor:

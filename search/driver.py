@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Callable
@@ -41,15 +42,16 @@ def driver_id() -> str:
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to a cluster when given an address (or RAY_ADDRESS), else start a small local
-    instance without the dashboard."""
+    instance without the dashboard; on a Mac the local node offers the `coreml` resource."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     else:
+        resources = {"coreml": 1} if sys.platform == "darwin" else None
         ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False)
+                 log_to_driver=False, resources=resources)
 
 
 def plan_workers(requested: int | None) -> tuple[int, float, float, int]:

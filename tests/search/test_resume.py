@@ -222,3 +222,13 @@ def test_two_concurrent_searches_on_one_database(tmp_path, model_cache):
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
     for r in rows:
         assert r["measurements"] == {"isolated": 47, "cumulative": 47}
+
+
+def test_same_seed_and_config_twice_gives_identical_results(tmp_path, model_cache, reference):
+    """A second, separate, uninterrupted run reproduces every measurement and recipe exactly."""
+    db = tmp_path / "s.db"
+    proc = run_cli("submit", *SMALL, "--db", db, model_cache=model_cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = download(db, proc.stdout.split()[1], model_cache)
+    assert again["recipes"] == reference["report"]["recipes"]
+    assert comparable(again) == comparable(reference["report"])
