@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import os
 import sys
 from datetime import datetime, timezone
@@ -19,6 +20,8 @@ out = Console()
 err = Console(stderr=True)
 
 DB_ENV = "MBP_SEARCH_DB"
+SERVER_ENV = "MBP_SEARCH_SERVER"
+TOKEN_ENV = "MBP_SEARCH_TOKEN"
 
 
 def default_db() -> Path:
@@ -26,6 +29,9 @@ def default_db() -> Path:
 
 
 DbOption = typer.Option(None, "--db", envvar=DB_ENV, help=f"SQLite database [env {DB_ENV}; default: user data dir]")
+ServerOption = typer.Option(None, "--server", envvar=SERVER_ENV, help=f"URL of a search service (`search serve`) to "
+                            f"talk to instead of the local database [env {SERVER_ENV}]")
+TokenOption = typer.Option(None, "--token", envvar=TOKEN_ENV, help=f"the service's token [env {TOKEN_ENV}]")
 
 
 class CliError(Exception):
@@ -43,11 +49,18 @@ def _known_errors():
     from search.apple_json import RecipeFileError
     from search.config import ConfigError
     from search.jobs import DuplicateSearch
+    from search.remote import RemoteError
     from storage import StorageError
     from workers.models import ModelError
     from workers.palettize import PaletteError
 
-    return (ConfigError, ModelError, StorageError, RecipeFileError, PaletteError, DuplicateSearch, CliError)
+    return (ConfigError, ModelError, StorageError, RecipeFileError, PaletteError, DuplicateSearch, CliError, RemoteError)
+
+
+def _light_errors():
+    from search.remote import RemoteError
+
+    return (CliError, RemoteError)
 
 
 def guarded(fn):
@@ -60,6 +73,8 @@ def guarded(fn):
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except _light_errors() as exc:  # checked first: no heavy imports just to print a remote error
+            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, getattr(exc, "code", 2))
         except _known_errors() as exc:
             fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, getattr(exc, "code", 2))
         except KeyboardInterrupt:
@@ -118,6 +133,7 @@ def _shutdown_ray() -> None:
 @app.command()
 @guarded
 def submit(
+    ctx: typer.Context,
     model: str = typer.Option(..., "--model", "-m", help="Hub id, alias (sdxl-base-1.0, sd-1.5, sd-2.1-base), "
                               "local pipeline directory, or built-in tiny-sdxl / tiny-sd"),
     db: Optional[Path] = DbOption,
@@ -144,8 +160,11 @@ def submit(
     resume: bool = typer.Option(False, "--resume", help="if an unfinished search has this model and config, resume it"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
                                               help="join a running Ray cluster instead of starting a local one"),
+    server: Optional[str] = ServerOption,
+    token: Optional[str] = TokenOption,
+    wait: bool = typer.Option(False, "--wait", help="with --server: follow the search's progress until it ends"),
 ) -> None:
-    """Run the mixed-bit analysis of MODEL's UNet and build recipes."""
+    """Run the mixed-bit analysis of MODEL's UNet and build recipes (with --server: on the service)."""
     from search.config import SearchConfig, parse_floats, parse_nbits, parse_prompts_file, parse_strategy
     from search.jobs import DuplicateSearch, prepare_search, resolve_config
     from storage.engine import check_database_file
@@ -161,6 +180,15 @@ def submit(
     if prompts is not None:
         options["prompts"] = parse_prompts_file(str(prompts))
     SearchConfig(**{k: v for k, v in options.items() if v is not None})  # fail fast, before loading a model
+    if server:
+        _local_only(ctx, "db", "ray_address")
+        body = dict(model=model, workers=workers, nbits=nbits, num_recipes=num_recipes, min_size=min_size,
+                    prompts=list(options["prompts"]) if prompts is not None else None, seed=seed, steps=steps,
+                    resolution=resolution, batch_size=batch_size, precision=precision, strategy=strategy,
+                    targets=targets, evals=evals, anchors=anchors, curves=curves, resume=resume)
+        return _remote_submit(server, token, body, wait)
+    if wait:
+        raise CliError("--wait is for --server (a local search always runs in the foreground)")
     check_database_file(db or default_db())  # read-only: refuse a foreign file before any work
     spec = resolve_model(model)
     config = resolve_config(spec, **options)
@@ -178,13 +206,23 @@ def submit(
 @app.command()
 @guarded
 def resume(
+    ctx: typer.Context,
     search_id: str = typer.Argument(..., help="search id (or a unique prefix)"),
     db: Optional[Path] = DbOption,
     workers: Optional[int] = typer.Option(None, "--workers", "-w"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS"),
+    server: Optional[str] = ServerOption,
+    token: Optional[str] = TokenOption,
+    wait: bool = typer.Option(False, "--wait", help="with --server: follow the search's progress until it ends"),
 ) -> None:
     """Continue an interrupted or failed search; stored measurements are never recomputed."""
     from search.jobs import prepare_resume
+
+    if server:
+        _local_only(ctx, "db", "ray_address")
+        return _remote_resume(server, token, search_id, workers, wait)
+    if wait:
+        raise CliError("--wait is for --server (a local search always runs in the foreground)")
 
     storage = open_storage(db)
     prepared = prepare_resume(storage, search_id)
@@ -232,8 +270,15 @@ def _fmt(value: Optional[float]) -> str:
 
 @app.command()
 @guarded
-def cancel(search_id: str, db: Optional[Path] = DbOption) -> None:
+def cancel(ctx: typer.Context, search_id: str, db: Optional[Path] = DbOption, server: Optional[str] = ServerOption,
+           token: Optional[str] = TokenOption) -> None:
     """Stop a running search; its driver stores what it has and marks it cancelled (resumable)."""
+    if server:
+        _local_only(ctx, "db")
+        with _client(server, token) as client:
+            s = client.cancel(search_id)
+        err.print(f"cancel requested for search {s['id']}; its driver stops within a few seconds")
+        return
     storage = open_storage(db)
     s = storage.get_search(search_id)
     if not storage.request_cancel(s.id):
@@ -251,14 +296,22 @@ def _summary(storage, s) -> dict:
 
 @app.command("list")
 @guarded
-def list_(db: Optional[Path] = DbOption, as_json: bool = typer.Option(False, "--json")) -> None:
-    """List the searches in the database."""
-    storage = open_storage(db)
-    rows = [_summary(storage, s) for s in storage.list_searches()]
+def list_(ctx: typer.Context, db: Optional[Path] = DbOption, as_json: bool = typer.Option(False, "--json"),
+          server: Optional[str] = ServerOption, token: Optional[str] = TokenOption) -> None:
+    """List the searches in the database (or on the service)."""
+    if server:
+        _local_only(ctx, "db")
+        with _client(server, token) as client:
+            rows = client.list()
+        where = f"searches on {client.server}"
+    else:
+        storage = open_storage(db)
+        rows = [_summary(storage, s) for s in storage.list_searches()]
+        where = f"searches in {storage.path}"
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"searches in {storage.path}")
+    table = Table(title=where)
     for col in ("id", "model", "status", "phase", "evaluations", "created (UTC)"):
         table.add_column(col)
     for r in rows:
@@ -285,15 +338,34 @@ def recipe_table(storage, search) -> None:
 
 @app.command()
 @guarded
-def status(search_id: str, db: Optional[Path] = DbOption, as_json: bool = typer.Option(False, "--json")) -> None:
+def status(ctx: typer.Context, search_id: str, db: Optional[Path] = DbOption,
+           as_json: bool = typer.Option(False, "--json"), server: Optional[str] = ServerOption,
+           token: Optional[str] = TokenOption,
+           wait: bool = typer.Option(False, "--wait", help="with --server: follow the search's progress bars until "
+                                     "it ends")) -> None:
     """Show a search: status, phase, measurement counts, recipes."""
+    if server:
+        _local_only(ctx, "db")
+        with _client(server, token) as client:
+            info = client.get(search_id)
+            if wait:
+                return _follow(client, info["id"])
+        if as_json:
+            print(json.dumps(info, indent=2, default=str))
+            return
+        _remote_status(info)
+        return
+    if wait:
+        raise CliError("--wait is for --server (locally, the search's own command shows its progress)")
     storage = open_storage(db)
     s = storage.get_search(search_id)
     info = _summary(storage, s)
     info.update(config=s.config, fingerprint=s.fingerprint, elapsed_s=s.elapsed_s, candidates=len(storage.layers(s.id)),
                 baselines={k: b.psnr for k, b in storage.baselines(s.id).items()},
                 recipes=[{"key": r.key, "avg_bits": r.avg_bits, "size_mb": r.size_mb, "threshold": r.threshold,
-                          "psnr": r.psnr, "strategy": r.strategy} for r in storage.recipes(s.id)])
+                          "psnr": r.psnr, "predicted_psnr": r.predicted_psnr, "strategy": r.strategy,
+                          "target": r.target} for r in storage.recipes(s.id)],
+                validations={k: asdict(v) for k, v in storage.validations(s.id).items()})
     if as_json:
         print(json.dumps(info, indent=2, default=str))
         return
@@ -306,15 +378,40 @@ def status(search_id: str, db: Optional[Path] = DbOption, as_json: bool = typer.
     if s.error:
         out.print(f"[red]error:[/] {s.error}", highlight=False)
     recipe_table(storage, s)
+    from search.cli_coreml import validation_table
+
+    validations = validation_table(storage, s)
+    if validations is not None:
+        out.print(validations)
 
 
 @app.command()
 @guarded
-def download(search_id: str, output: str = typer.Option(..., "-o", "--output", help="JSON file, or - for stdout"),
-             db: Optional[Path] = DbOption) -> None:
+def download(ctx: typer.Context, search_id: str,
+             output: str = typer.Option(..., "-o", "--output", help="JSON file, or - for stdout"),
+             db: Optional[Path] = DbOption, server: Optional[str] = ServerOption,
+             token: Optional[str] = TokenOption) -> None:
     """Write the search's recipes and measurements in Apple's JSON format."""
     from search.apple_json import to_apple_json
     from search.results import build_report
+
+    if server:
+        _local_only(ctx, "db")
+        if output != "-":
+            _check_output(Path(output))
+        with _client(server, token) as client:
+            text = client.recipes_json(search_id)
+        if output == "-":
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+            return
+        _write_text(Path(output), text if text.endswith("\n") else text + "\n")
+        try:
+            extra = json.loads(text).get("mbp_search", {})
+            what = f" ({len(extra.get('recipe_details', {}))} recipes, status {extra.get('status')})"
+        except (ValueError, AttributeError):
+            what = ""
+        err.print(f"wrote {output}{what}")
+        return
 
     storage = open_storage(db)
     s = storage.get_search(search_id)
@@ -326,11 +423,15 @@ def download(search_id: str, output: str = typer.Option(..., "-o", "--output", h
     err.print(f"wrote {output} ({len(storage.recipes(s.id))} recipes, status {s.effective_status(_now())})")
 
 
-def _write_text(path: Path, text: str) -> None:
+def _check_output(path: Path) -> None:
     if path.is_dir():
         raise CliError(f"{path} is a directory; give a file name")
     if not path.parent.exists():
         raise CliError(f"directory {path.parent} does not exist")
+
+
+def _write_text(path: Path, text: str) -> None:
+    _check_output(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -338,8 +439,9 @@ def _write_text(path: Path, text: str) -> None:
 
 @app.command()
 @guarded
-def plot(search_id: str, output: Path = typer.Option(..., "-o", "--output", help="PNG file"),
-         db: Optional[Path] = DbOption) -> None:
+def plot(ctx: typer.Context, search_id: str, output: Path = typer.Option(..., "-o", "--output", help="PNG file"),
+         db: Optional[Path] = DbOption, server: Optional[str] = ServerOption,
+         token: Optional[str] = TokenOption) -> None:
     """PSNR vs model-size reduction: cumulative curves per bit depth, linear 8-bit, recipes."""
     from search.plot import plot_report
     from search.results import build_report
@@ -348,10 +450,261 @@ def plot(search_id: str, output: Path = typer.Option(..., "-o", "--output", help
         raise CliError(f"plot output must be a .png file, got {output}")
     if not output.parent.exists():
         raise CliError(f"directory {output.parent} does not exist")
+    if server:
+        _local_only(ctx, "db")
+        _check_output(output)
+        with _client(server, token) as client:
+            data = client.plot_png(search_id)
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, output)
+        err.print(f"wrote {output}")
+        return
     storage = open_storage(db)
     s = storage.get_search(search_id)
     plot_report(build_report(storage, s), output)
     err.print(f"wrote {output}")
+
+
+# -- remote mode: the same commands against `search serve` ------------------------------------
+def _local_only(ctx: typer.Context, *names: str) -> None:
+    """Refuse options that only mean something locally when they were given with --server."""
+    # typer may vendor its own click: compare the source by name, not by enum identity.
+    given = [n for n in names if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise CliError(f"{flags} only apply to local searches; with --server the service uses its own")
+
+
+def _client(server: str, token: Optional[str]):
+    from search.remote import Client
+
+    return Client(server, token)
+
+
+def _remote_submit(server: str, token: Optional[str], body: dict, wait: bool) -> None:
+    from search.remote import RemoteError
+
+    with _client(server, token) as client:
+        try:
+            info = client.submit(body)
+        except RemoteError as exc:
+            existing = exc.body.get("existing")
+            if exc.status == 409 and existing:
+                raise CliError(f"{str(exc).split(' (HTTP')[0]}; resume it with `search resume {existing} --server "
+                               f"{client.server}` or add --resume", 1) from None
+            raise
+        sid = info["id"]
+        out.print(f"search {sid}", highlight=False)
+        if not info.get("created", True):
+            err.print(f"resuming unfinished search {sid}")
+        if wait:
+            _follow(client, sid)
+        else:
+            err.print(f"submitted to {client.server}; watch it with `search status {sid} --server {client.server}`",
+                      highlight=False)
+
+
+def _remote_resume(server: str, token: Optional[str], search_id: str, workers: Optional[int], wait: bool) -> None:
+    with _client(server, token) as client:
+        info = client.resume(search_id, workers)
+        sid = info["id"]
+        out.print(f"search {sid}", highlight=False)
+        counts = info.get("measurements", {})
+        err.print(f"resuming: {sum(counts.values())} measurements already stored {dict(sorted(counts.items()))}")
+        if wait:
+            _follow(client, sid)
+
+
+FOLLOW_RECONNECT_S = 120.0
+
+
+def _follow(client, sid: str, poll_s: float = 1.0) -> None:
+    """Poll the service and draw the driver's bars with the local RichReporter until the search ends."""
+    import time
+
+    from search.progress import RichReporter
+    from storage.records import ACTIVE
+
+    from search.remote import RemoteError
+
+    run, seen, last_message = None, {}, 0
+    unreachable_since = None
+    try:
+        with RichReporter(err) as reporter:
+            while True:
+                try:
+                    info = client.get(sid)
+                    unreachable_since = None
+                except RemoteError as exc:
+                    # The service restarting (it resumes its searches) is not the end of the search.
+                    if exc.status is not None:
+                        raise
+                    unreachable_since = unreachable_since or time.monotonic()
+                    if time.monotonic() - unreachable_since > FOLLOW_RECONNECT_S:
+                        raise
+                    time.sleep(2)
+                    continue
+                progress = info.get("progress") or {}
+                if progress.get("run") != run:
+                    run, seen, last_message = progress.get("run"), {}, 0
+                for seq, text in progress.get("messages", []):
+                    if seq > last_message:
+                        reporter.message(text)
+                        last_message = seq
+                for i, entry in enumerate(progress.get("phases", [])):
+                    key = (i, entry["phase"])
+                    if key not in seen:
+                        reporter.phase_start(entry["phase"], entry["total"])
+                        seen[key] = 0
+                    if entry["done"] > seen[key]:
+                        reporter.advance(entry["phase"], entry["done"] - seen[key])
+                        seen[key] = entry["done"]
+                if info["status"] not in ACTIVE and not info.get("running_here"):
+                    break
+                time.sleep(poll_s)
+    except KeyboardInterrupt:
+        err.print(f"[yellow]stopped watching:[/] search {sid} goes on at {client.server}; cancel it with "
+                  f"`search cancel {sid} --server {client.server}`", highlight=False)
+        raise typer.Exit(130) from None
+    status = info["status"]
+    where = f" --server {client.server}"
+    if status == "failed":
+        fail(f"search {sid} failed: {info.get('error')}. Fix the cause, then: search resume {sid}{where}", 1)
+    if status != "completed":
+        err.print(f"[yellow]{status}:[/] every result received is stored. Resume with:\n  search resume {sid}{where}",
+                  highlight=False)
+        raise typer.Exit(130)
+    result = progress.get("result") or {}
+    this_run = (f"{result['evaluations']} evaluations this run (+{result['reference_runs']} reference runs)"
+                if result.get("evaluations") is not None else "")
+    first = f"; first new result after {result['first_result_s']:.1f} s" if result.get("first_result_s") is not None else ""
+    err.print(f"[green]search {sid} completed[/]: {this_run}{first}; {info['evaluations']} stored in total, "
+              f"{info['elapsed_s']:.1f} s of driver time", highlight=False)
+    _remote_recipe_table(info)
+    out.print(f"download: search download {sid} -o recipes.json{where}    plot: search plot {sid} -o psnr.png{where}",
+              highlight=False)
+
+
+def _remote_recipe_table(info: dict) -> None:
+    table = Table(title=f"recipes of search {info['id']} ({info['model']})")
+    table.add_column("key", no_wrap=True)
+    for col in ("strategy", "avg bits", "size MB", "threshold dB", "predicted dB", "measured PSNR dB"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for name in ("original", "linear_8bit"):
+        if name in info.get("baselines", {}):
+            table.add_row(f"[dim]{name}", "", "16.00" if name == "original" else "8.00", "", "", "",
+                          f"{info['baselines'][name]:.2f}")
+    for r in sorted(info.get("recipes", []), key=lambda r: -r["avg_bits"]):
+        table.add_row(r["key"], r["strategy"], f"{r['avg_bits']:.2f}", f"{r['size_mb']:.2f}", _fmt(r.get("threshold")),
+                      _fmt(r.get("predicted_psnr")), f"{r['psnr']:.2f}" if r.get("psnr") is not None else "pending")
+    out.print(table)
+
+
+def _remote_status(info: dict) -> None:
+    n, nb = info["candidates"], len(info["config"]["nbits"])
+    m = info.get("measurements", {})
+    out.print(f"search [bold]{info['id']}[/]  model {info['model']}  status [bold]{info['status']}[/]  phase "
+              f"{info['phase']}", highlight=False)
+    out.print(f"candidates {n} × bit depths {info['config']['nbits']}: isolated {m.get('isolated', 0)}/{n * nb}, "
+              f"cumulative {m.get('cumulative', 0)}/{n * nb}; pipeline runs stored {info['evaluations']}; "
+              f"driver time {info['elapsed_s']:.1f} s", highlight=False)
+    if info.get("error"):
+        out.print(f"[red]error:[/] {info['error']}", highlight=False)
+    _remote_recipe_table(info)
+
+
+# -- the service -------------------------------------------------------------------------
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command()
+@guarded
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind; anything but loopback needs --token"),
+    port: int = typer.Option(8765, "--port", help="TCP port"),
+    db: Optional[Path] = DbOption,
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="MBP_SEARCH_DATA_DIR",
+                                            help="where the service writes plots and progress [default: <db>.service/]"),
+    token: Optional[str] = typer.Option(None, "--token", envvar=TOKEN_ENV,
+                                        help=f"clients must send it as a bearer token [env {TOKEN_ENV}]"),
+    allow_model_dir: list[Path] = typer.Option([], "--allow-model-dir",
+                                               help="a directory whose pipelines remote requests may name by path "
+                                                    "(repeatable)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
+                                              help="the cluster to run drivers on [default: start a local instance]"),
+    resume_interrupted: bool = typer.Option(True, "--resume-interrupted/--no-resume-interrupted",
+                                            help="at start-up, resume searches that were interrupted"),
+    request_gpus: int = typer.Option(0, "--request-gpus", help="ask the Ray autoscaler for this many GPUs while "
+                                     "searches run, and wait for the first one (clusters whose GPU workers scale from 0)"),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
+) -> None:
+    """Run the search service: an HTTP API (OpenAPI at /docs) to submit, watch, resume, cancel and download."""
+    import socket
+
+    from storage.engine import check_database_file
+
+    if not _is_loopback(host) and not token:
+        raise CliError(f"--host {host} is reachable from other machines: set a token with --token or {TOKEN_ENV} "
+                       "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    if token is not None and len(token) < 16:
+        raise CliError("the token is too short: use at least 16 characters "
+                       "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    if not 0 <= port <= 65535:
+        raise CliError(f"--port must be between 0 and 65535, got {port}")
+    if request_gpus < 0:
+        raise CliError(f"--request-gpus must be 0 or more, got {request_gpus}")
+    for d in allow_model_dir:
+        if not d.expanduser().is_dir():
+            raise CliError(f"--allow-model-dir {d} is not a directory")
+    db_path = (db or default_db()).expanduser()
+    check_database_file(db_path)
+    data_dir = (data_dir or db_path.with_name(db_path.name + ".service")).expanduser()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise CliError(f"--data-dir {data_dir} is not a directory")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+    import uvicorn
+
+    from search.service import create_app
+
+    api = create_app(db_path, data_dir, token=token, allowed_model_dirs=allow_model_dir, ray_address=ray_address,
+                     resume_interrupted=resume_interrupted, request_gpus=request_gpus)
+    service = api.state.service
+    try:
+        service.start()  # join Ray and resume interrupted searches before taking requests
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        sock.close()
+        raise CliError(f"cannot start the Ray connection ({ray_address or 'local'}): "
+                       f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+    bound = sock.getsockname()[1]
+    err.print(f"search service on http://{host}:{bound} (OpenAPI /docs); database {db_path}; data {data_dir}; "
+              f"{service.describe_ray()}; token {'required' if token else 'not required (loopback only)'}",
+              highlight=False, soft_wrap=True)
+    config = uvicorn.Config(api, host=host, port=bound, log_level=log_level, lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _register_coreml() -> None:
+    from search.cli_coreml import apply_cmd, validate_cmd
+
+    app.command("apply")(apply_cmd)
+    app.command("validate")(validate_cmd)
 
 
 def main() -> None:  # pragma: no cover
@@ -359,4 +712,8 @@ def main() -> None:  # pragma: no cover
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    from search.cli import main as canonical_main  # `python -m search.cli`: the one module with every command
+
+    canonical_main()
+else:
+    _register_coreml()

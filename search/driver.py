@@ -172,7 +172,8 @@ class SearchDriver:
         self.pool = EvaluatorPool(n, lambda: cls.remote(spec, signal_spec, **kwargs), can_place=can_place(cpus, gpus),
                                   target_size=(lambda: plan_workers(None)[0]) if auto else None)
         self.pool.on_actor_lost = lambda exc, lost: self.reporter.message(
-            f"[yellow]an evaluator died ({type(exc).__name__}); re-queued {len(lost)} item(s) on a new one")
+            f"[yellow]an evaluator died ({type(exc).__name__}); re-queued {len(lost)} item(s); "
+            f"{len(self.pool.slots)} evaluator(s) now")
         self.reporter.message(f"starting {n} evaluator(s) ({'GPU' if gpus else 'CPU'}, {threads} thread(s) each)")
         self.storage.update_search(self.search.id, phase="starting")
         infos = self.pool.start()

@@ -21,16 +21,24 @@ class StorageError(Exception):
     """A database that cannot be used; the message is one line for the user."""
 
 
+# Databases this process holds engines on. Closing *any* descriptor of a file drops the
+# process's POSIX locks on it, so their headers are never read with a plain open() (SQLite
+# would then let another process delete the WAL under our feet).
+_LIVE: dict[str, int] = {}
+
+
 def check_database_file(path: Path) -> None:
     """Inspect an existing file read-only; raise StorageError unless it is ours (or empty)."""
+    path = Path(path).expanduser()
     if path.is_dir():
         raise StorageError(f"database path {path} is a directory, not a file")
     if not path.exists() or path.stat().st_size == 0:
         return
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-    if head != SQLITE_MAGIC:
-        raise StorageError(f"{path} is not an SQLite database; pass another --db path (the file was left unchanged)")
+    if str(path.resolve()) not in _LIVE:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+        if head != SQLITE_MAGIC:
+            raise StorageError(f"{path} is not an SQLite database; pass another --db path (the file was left unchanged)")
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
@@ -90,7 +98,17 @@ def open_engine(path: Path) -> Engine:
         if isinstance(exc, StorageError):
             raise
         raise StorageError(f"cannot open database {path}: {str(exc).splitlines()[0]}") from None
+    key = str(path.resolve())
+    _LIVE[key] = _LIVE.get(key, 0) + 1
+    event.listen(engine, "engine_disposed", lambda _e: _release(key))
     return engine
+
+
+def _release(key: str) -> None:
+    if _LIVE.get(key, 0) <= 1:
+        _LIVE.pop(key, None)
+    else:
+        _LIVE[key] -= 1
 
 
 class SessionFactory:

@@ -177,3 +177,29 @@ def test_v1_database_is_migrated_in_place(tmp_path):
     con = sqlite3.connect(path)
     assert con.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION == 2
     con.close()
+
+
+def _add_one(path, sid, key):
+    with Storage(path) as st:
+        st.add_measurement(sid, _m(key))
+
+
+def test_reopening_in_one_process_keeps_locks_while_others_write(tmp_path):
+    """Opening the same database twice in one process must not drop SQLite's POSIX locks:
+    otherwise a writer in another process deletes the WAL when it closes, and this process
+    then reads 'database disk image is malformed'."""
+    path = tmp_path / "s.db"
+    first = Storage(path)
+    sid = _new(first).id
+    first.add_measurement(sid, _m("k0"))
+    second = Storage(path)  # a long-lived process (service, benchmark) opening it again
+    ctx = mp.get_context("spawn")
+    for i in range(1, 4):
+        p = ctx.Process(target=_add_one, args=(path, sid, f"k{i}"))
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0
+        assert len(first.measurements(sid)) == i + 1
+        assert len(second.measurements(sid)) == i + 1
+    second.close()
+    first.close()
