@@ -700,13 +700,6 @@ def serve(
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def _register_coreml() -> None:
-    from search.cli_coreml import apply_cmd, validate_cmd
-
-    app.command("apply")(apply_cmd)
-    app.command("validate")(validate_cmd)
-
-
 def main() -> None:  # pragma: no cover
     app()
 
@@ -716,4 +709,4 @@ if __name__ == "__main__":  # pragma: no cover
 
     canonical_main()
 else:
-    _register_coreml()
+    import search.cli_coreml  # noqa: E402,F401  (registers `search apply` and `search validate`)

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from search.cli import CliError, DbOption, _shutdown_ray, err, guarded, open_storage, out
+from search.cli import CliError, DbOption, _shutdown_ray, app, err, guarded, open_storage, out
 
 COREML_NODE_HELP = ("where the Core ML worker runs: 'coreml' = a node started with the custom resource coreml "
                     "(a Mac), 'any' = any node (everything but Core ML prediction) "
@@ -150,3 +150,7 @@ def validate_cmd(
     report = _call(validate_recipes, storage=storage, search_id=search_id, recipe=recipe, package_dir=package_dir,
                    model=model, coreml_node=coreml_node, ray_address=ray_address)
     _report(report)
+
+
+app.command("apply")(apply_cmd)
+app.command("validate")(validate_cmd)

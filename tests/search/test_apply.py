@@ -162,16 +162,11 @@ def test_errors_are_one_line_and_store_nothing(storage, completed_tiny_search, t
 
 @pytest.mark.slow
 def test_cli_apply_and_validate_through_ray(completed_tiny_search, coreml_out_dir):
-    """The real Ray task wrapper, and the CLI commands as the lead registers them."""
+    """The real Ray task wrapper, through the `search` app's own apply/validate commands."""
     import ray
-    import typer
     from typer.testing import CliRunner
 
-    from search.cli_coreml import apply_cmd, validate_cmd
-
-    app = typer.Typer()
-    app.command("apply")(apply_cmd)
-    app.command("validate")(validate_cmd)
+    from search.cli import app
     db, sid = str(completed_tiny_search["db"]), completed_tiny_search["search_id"]
     key = next(iter(completed_tiny_search["recipes"]))
     runner = CliRunner()
