@@ -320,19 +320,23 @@ def list_(ctx: typer.Context, db: Optional[Path] = DbOption, as_json: bool = typ
 
 
 def recipe_table(storage, search) -> None:
-    recipes = storage.recipes(search.id)
+    """Recipes by falling size; the strategy column only when strategies are mixed (fits 80 columns)."""
+    recipes = sorted(storage.recipes(search.id), key=lambda r: -r.avg_bits)
     baselines = storage.baselines(search.id)
+    mixed = len({r.strategy for r in recipes}) > 1
     table = Table(title=f"recipes of search {search.id} ({search.model})")
     table.add_column("key", no_wrap=True)
-    for col in ("strategy", "avg bits", "size MB", "threshold dB", "predicted dB", "measured PSNR dB"):
-        table.add_column(col, justify="left" if col == "strategy" else "right")
+    headers = (["strategy"] if mixed else []) + ["bits", "MB", "thresh dB", "pred dB", "PSNR dB"]
+    for col in headers:
+        table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
+    pad = [""] if mixed else []
     for name in ("original", "linear_8bit"):
         if name in baselines:
-            table.add_row(f"[dim]{name}", "", "16.00" if name == "original" else "8.00", "", "", "",
+            table.add_row(f"[dim]{name}", *pad, "16.00" if name == "original" else "8.00", "", "", "",
                           f"{baselines[name].psnr:.2f}")
-    for r in sorted(recipes, key=lambda r: -r.avg_bits):
-        table.add_row(r.key, r.strategy, f"{r.avg_bits:.2f}", f"{r.size_mb:.2f}", _fmt(r.threshold),
-                      _fmt(r.predicted_psnr), f"{r.psnr:.2f}" if r.psnr is not None else "pending")
+    for r in recipes:
+        table.add_row(r.key, *([r.strategy] if mixed else []), f"{r.avg_bits:.2f}", f"{r.size_mb:.2f}",
+                      _fmt(r.threshold), _fmt(r.predicted_psnr), f"{r.psnr:.2f}" if r.psnr is not None else "pending")
     out.print(table)
 
 

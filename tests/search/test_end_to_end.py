@@ -71,7 +71,7 @@ def _check_search(run, nbits):
 
 def test_tiny_sdxl_end_to_end(sdxl, model_cache):
     _check_search(sdxl, [1, 2, 4, 6, 8])
-    assert "recipe_" in sdxl["stdout"] and "measured PSNR" in sdxl["stdout"]  # the recipe table
+    assert "recipe_" in sdxl["stdout"] and "PSNR dB" in sdxl["stdout"]  # the recipe table
     # every result says where it ran; both evaluators did work
     from storage import Storage
 
