@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from workers.tiny_models import (TINY_RESOLUTION, _build_lock, _round_to_fp16, default_cache_dir,  # noqa: E402
+from workers.tiny_models import (TINY_RESOLUTION, _build_lock, _round_to_fp16, default_cache_dir, publish_dir,  # noqa: E402
                                  ensure_tiny_model, quiet_hf)
 from workers.tiny_models import FORMAT_VERSION as TINY_FORMAT  # noqa: E402
 
@@ -114,12 +114,7 @@ def ensure_bench_model(cache_dir: Path | None = None, *, rebuild: bool = False, 
                 summary = _train_into(base, tmp, log)
             (tmp / "training.json").write_text(json.dumps(summary, indent=2))
             (tmp / MARKER).write_text(_marker_text())
-            os.chmod(tmp, 0o755)
-            if final.exists():
-                stale = Path(tempfile.mkdtemp(prefix=f".{NAME}-stale-", dir=final.parent))
-                os.replace(final, stale / NAME)
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(tmp, final)
+            publish_dir(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -290,12 +290,18 @@ def ensure_tiny_model(name: str, cache_dir: Path | None = None) -> Path:
                 if (tmp / sub).is_dir():
                     _write_vocab_files(tmp / sub)
             (tmp / MARKER).write_text(_marker_text(name))
-            os.chmod(tmp, 0o755)
-            if final.exists():  # outdated build: move aside, then delete
-                stale = Path(tempfile.mkdtemp(prefix=f".{name}-stale-", dir=root))
-                os.replace(final, stale / name)
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(tmp, final)
+            publish_dir(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Put a fully built directory in place: an outdated one is moved aside, then deleted, so
+    readers never see a half-written model."""
+    os.chmod(tmp, 0o755)
+    if final.exists():
+        stale = Path(tempfile.mkdtemp(prefix=f".{final.name}-stale-", dir=final.parent))
+        os.replace(final, stale / final.name)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(tmp, final)
