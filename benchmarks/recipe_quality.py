@@ -3,7 +3,7 @@
     python benchmarks/recipe_quality.py [--db PATH] [--quick] [--workers 2]
 
 On the bench model (``benchmarks/bench_model.py``: tiny-sdxl's UNet trained on scikit-image
-photographs, built once and cached) it runs, through the real CLI (``python -m search.cli``):
+photographs, built once and cached) it runs, through the real CLI (``python -m search.cli.app``):
 
 1. ``search submit --strategy apple`` (full analysis: isolated + cumulative + Apple's recipes);
 2. for every Apple recipe with average bits in [3, 8], ``search recipe ID --bits <its average
@@ -60,9 +60,9 @@ def log(msg: str) -> None:
 
 # -- the CLI ------------------------------------------------------------------------------
 def cli(*args: str, db: Path) -> str:
-    """Run ``python -m search.cli`` and return its stdout; on failure show everything and stop."""
+    """Run ``python -m search.cli.app`` and return its stdout; on failure show everything and stop."""
     env = dict(os.environ, COLUMNS="200", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "search.cli", *args, "--db", str(db)]
+    cmd = [sys.executable, "-m", "search.cli.app", *args, "--db", str(db)]
     started = time.monotonic()
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if p.returncode != 0:
@@ -85,7 +85,7 @@ def status(db: Path, sid: str) -> dict:
 # -- stored results (read through the storage API, same tables the CLI uses) --------------
 def load(db: Path, sid: str):
     from search.config import SearchConfig
-    from search.results import load_tables, weight_mse
+    from search.recipes.tables import load_tables, weight_mse
 
     storage = _storage(db)
     search = storage.get_search(sid)
@@ -116,10 +116,10 @@ def add_apple_recipes(db: Path, sid: str, grid, workers: int) -> list[str]:
     """Apple's rule at extra thresholds (see the module docstring); store and measure end to end."""
     import ray
 
-    from search.driver import SearchDriver, ensure_ray
-    from search.recipes import apple_recipes
-    from search.strategy import Planned, noise_table
-    from search.optimal import predict_psnr
+    from search.driver.driver import SearchDriver, ensure_ray
+    from search.recipes.apple_rule import apple_recipes
+    from search.recipes.strategy import Planned, noise_table
+    from search.recipes.optimal import predict_psnr
     from workers.models import resolve_model
 
     storage, search, config, tables, wmse = load(db, sid)
@@ -158,7 +158,7 @@ def add_apple_recipes(db: Path, sid: str, grid, workers: int) -> list[str]:
 def optimal_for(db: Path, sid: str, **target):
     """Run ``search recipe`` and return the stored recipe it built (found by its bit map, computed with
     the same pure function the command calls)."""
-    from search.strategy import target_recipe
+    from search.recipes.strategy import target_recipe
 
     flag, value = next(iter(target.items()))
     cli("recipe", sid, f"--{flag.replace('_', '-')}", repr(float(value)), "--workers", "1", db=db)
@@ -169,8 +169,8 @@ def optimal_for(db: Path, sid: str, **target):
 
 
 def fast_for(db: Path, sid: str, targets) -> dict[float, object]:
-    from search.optimal import optimal_for_budget
-    from search.strategy import noise_table
+    from search.recipes.optimal import optimal_for_budget
+    from search.recipes.strategy import noise_table
 
     storage, _, config, tables, wmse = load(db, sid)
     table = noise_table(config, tables, wmse)
@@ -180,7 +180,7 @@ def fast_for(db: Path, sid: str, targets) -> dict[float, object]:
 
 def loo(pairs: list[tuple[float, float]], i: int) -> float:
     """Leave-one-out calibrated prediction for pair i (fitted on the others)."""
-    from search.optimal import calibrate
+    from search.recipes.optimal import calibrate
 
     return calibrate([p for j, p in enumerate(pairs) if j != i]).apply(pairs[i][0])
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 
 from workers.palettize import SUPPORTED_NBITS
-from workers.signal import DEFAULT_PROMPTS, SignalSpec
+from workers.evaluation.signal import DEFAULT_PROMPTS, SignalSpec
 
 PRECISIONS = ("auto", "float16", "float32")
 STRATEGIES = ("apple", "optimal")

@@ -18,7 +18,7 @@ def cli_env(model_cache: Path, **extra: str) -> dict:
 
 
 def cli_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "search.cli", *map(str, args)]
+    return [sys.executable, "-m", "search.cli.app", *map(str, args)]
 
 
 def run_cli(*args: str, model_cache: Path, timeout: float = 600, **env) -> subprocess.CompletedProcess:

@@ -72,14 +72,14 @@ def completed_tiny_search(tiny_sdxl_spec, tmp_path_factory):
     measured by the real Evaluator. Returns {"db", "search_id", "recipes": {key: (bits, psnr)}}.
     Tests must not change the recipes, palettes or measurements (they may add validations)."""
     from search.config import SearchConfig
-    from search.recipes import make_recipe
+    from search.recipes.apple_rule import make_recipe
     from storage import Layer, PaletteInfo, Storage, StoredRecipe
     from storage.palette_store import PaletteStore
-    from workers.evaluator import Evaluator
-    from workers.items import WorkItem
+    from workers.evaluation.evaluator import Evaluator
+    from workers.evaluation.items import WorkItem
     from workers.models import candidate_layers, load_unet, unet_fingerprint
     from workers.palettize import kmeans_palette, save_palette
-    from workers.signal import DEFAULT_PROMPTS
+    from workers.evaluation.signal import DEFAULT_PROMPTS
 
     spec = tiny_sdxl_spec
     unet = load_unet(spec)

@@ -46,10 +46,10 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _known_errors():
-    from search.apple_json import RecipeFileError
+    from search.recipes.apple_json import RecipeFileError
     from search.config import ConfigError
-    from search.jobs import DuplicateSearch
-    from search.remote import RemoteError
+    from search.driver.jobs import DuplicateSearch
+    from search.service.client import RemoteError
     from storage import StorageError
     from workers.models import ModelError
     from workers.palettize import PaletteError
@@ -58,7 +58,7 @@ def _known_errors():
 
 
 def _light_errors():
-    from search.remote import RemoteError
+    from search.service.client import RemoteError
 
     return (CliError, RemoteError)
 
@@ -95,9 +95,9 @@ def _now() -> datetime:
 
 # -- submit / resume ---------------------------------------------------------------------
 def _run(storage, prepared, workers: Optional[int], ray_address: Optional[str]) -> None:
-    from search.driver import SearchFailed, SearchInterrupted
-    from search.jobs import run_search
-    from search.progress import RichReporter
+    from search.driver.driver import SearchFailed, SearchInterrupted
+    from search.driver.jobs import run_search
+    from search.driver.progress import RichReporter
 
     sid = prepared.search.id
     try:
@@ -166,7 +166,7 @@ def submit(
 ) -> None:
     """Run the mixed-bit analysis of MODEL's UNet and build recipes (with --server: on the service)."""
     from search.config import SearchConfig, parse_floats, parse_nbits, parse_prompts_file, parse_strategy
-    from search.jobs import DuplicateSearch, prepare_search, resolve_config
+    from search.driver.jobs import DuplicateSearch, prepare_search, resolve_config
     from storage.engine import check_database_file
     from workers.models import resolve_model
 
@@ -216,7 +216,7 @@ def resume(
     wait: bool = typer.Option(False, "--wait", help="with --server: follow the search's progress until it ends"),
 ) -> None:
     """Continue an interrupted or failed search; stored measurements are never recomputed."""
-    from search.jobs import prepare_resume
+    from search.driver.jobs import prepare_resume
 
     if server:
         _local_only(ctx, "db", "ray_address")
@@ -244,8 +244,8 @@ def recipe(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS"),
 ) -> None:
     """Build the optimal recipe for a size or PSNR target from stored measurements and measure it."""
-    from search.jobs import target_recipe
-    from search.progress import RichReporter
+    from search.driver.jobs import target_recipe
+    from search.driver.progress import RichReporter
 
     if sum(v is not None for v in (bits, size_mb, psnr)) != 1:
         raise CliError("give exactly one of --bits, --size-mb, --psnr")
@@ -382,7 +382,7 @@ def status(ctx: typer.Context, search_id: str, db: Optional[Path] = DbOption,
     if s.error:
         out.print(f"[red]error:[/] {s.error}", highlight=False)
     recipe_table(storage, s)
-    from search.cli_coreml import validation_table
+    from search.cli.coreml_commands import validation_table
 
     validations = validation_table(storage, s)
     if validations is not None:
@@ -396,8 +396,8 @@ def download(ctx: typer.Context, search_id: str,
              db: Optional[Path] = DbOption, server: Optional[str] = ServerOption,
              token: Optional[str] = TokenOption) -> None:
     """Write the search's recipes and measurements in Apple's JSON format."""
-    from search.apple_json import to_apple_json
-    from search.results import build_report
+    from search.recipes.apple_json import to_apple_json
+    from search.recipes.tables import build_report
 
     if server:
         _local_only(ctx, "db")
@@ -447,8 +447,8 @@ def plot(ctx: typer.Context, search_id: str, output: Path = typer.Option(..., "-
          db: Optional[Path] = DbOption, server: Optional[str] = ServerOption,
          token: Optional[str] = TokenOption) -> None:
     """PSNR vs model-size reduction: cumulative curves per bit depth, linear 8-bit, recipes."""
-    from search.plot import plot_report
-    from search.results import build_report
+    from search.recipes.plot import plot_report
+    from search.recipes.tables import build_report
 
     if output.suffix.lower() != ".png":
         raise CliError(f"plot output must be a .png file, got {output}")
@@ -481,13 +481,13 @@ def _local_only(ctx: typer.Context, *names: str) -> None:
 
 
 def _client(server: str, token: Optional[str]):
-    from search.remote import Client
+    from search.service.client import Client
 
     return Client(server, token)
 
 
 def _remote_submit(server: str, token: Optional[str], body: dict, wait: bool) -> None:
-    from search.remote import RemoteError
+    from search.service.client import RemoteError
 
     with _client(server, token) as client:
         try:
@@ -527,10 +527,10 @@ def _follow(client, sid: str, poll_s: float = 1.0) -> None:
     """Poll the service and draw the driver's bars with the local RichReporter until the search ends."""
     import time
 
-    from search.progress import RichReporter
+    from search.driver.progress import RichReporter
     from storage.records import ACTIVE
 
-    from search.remote import RemoteError
+    from search.service.client import RemoteError
 
     run, seen, last_message = None, {}, 0
     unreachable_since = None
@@ -685,7 +685,7 @@ def serve(
 
     import uvicorn
 
-    from search.service import create_app
+    from search.service.app import create_app
 
     api = create_app(db_path, data_dir, token=token, allowed_model_dirs=allow_model_dir, ray_address=ray_address,
                      resume_interrupted=resume_interrupted, request_gpus=request_gpus)
@@ -709,8 +709,8 @@ def main() -> None:  # pragma: no cover
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from search.cli import main as canonical_main  # `python -m search.cli`: the one module with every command
+    from search.cli.app import main as canonical_main  # `python -m search.cli.app`: the one module with every command
 
     canonical_main()
 else:
-    import search.cli_coreml  # noqa: E402,F401  (registers `search apply` and `search validate`)
+    import search.cli.coreml_commands  # noqa: E402,F401  (registers `search apply` and `search validate`)

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from search.cli import CliError, DbOption, _shutdown_ray, app, err, guarded, open_storage, out
+from search.cli.app import CliError, DbOption, _shutdown_ray, app, err, guarded, open_storage, out
 
 COREML_NODE_HELP = ("where the Core ML worker runs: 'coreml' = a node started with the custom resource coreml "
                     "(a Mac), 'any' = any node (everything but Core ML prediction) "
@@ -96,7 +96,7 @@ def _call(fn, **kwargs):
     """Run ``fn``; ApplyError becomes the CLI's one red line; Ray stops if this command started it."""
     import ray
 
-    from search.apply import ApplyError
+    from search.driver.coreml_jobs import ApplyError
 
     started_here = not ray.is_initialized()
     try:
@@ -123,7 +123,7 @@ def apply_cmd(
     db: Optional[Path] = DbOption,
 ) -> None:
     """Palettize a Core ML UNet with a recipe's exact LUTs, one .mlpackage per recipe, and validate it."""
-    from search.apply import apply_recipes
+    from search.driver.coreml_jobs import apply_recipes
 
     storage = open_storage(db)
     report = _call(apply_recipes, storage=storage, search_id=search_id, out_dir=output, recipe=recipe,
@@ -144,7 +144,7 @@ def validate_cmd(
     db: Optional[Path] = DbOption,
 ) -> None:
     """Validate the applied recipes again (structure, numerics, and Core ML prediction on a Mac)."""
-    from search.apply import validate_recipes
+    from search.driver.coreml_jobs import validate_recipes
 
     storage = open_storage(db)
     report = _call(validate_recipes, storage=storage, search_id=search_id, recipe=recipe, package_dir=package_dir,

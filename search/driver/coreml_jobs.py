@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from search.apple_json import UNNAMED_RECIPE, RecipeFileError, parse_recipe_file
-from search.recipes import recipe_key
+from search.recipes.apple_json import UNNAMED_RECIPE, RecipeFileError, parse_recipe_file
+from search.recipes.apple_rule import recipe_key
 from storage import Search, Storage, StorageError, StoredRecipe, Validation
 from storage.palette_store import PaletteStore
-from workers.coreml import CoreMLError
-from search.driver import ensure_ray
-from workers.coreml_task import COREML_RESOURCE, NODE_CHOICES, CoreMLJob, JobResult, RecipeJob, RecipeOutcome
+from workers.coreml.common import CoreMLError
+from search.driver.driver import ensure_ray
+from workers.coreml.task import COREML_RESOURCE, NODE_CHOICES, CoreMLJob, JobResult, RecipeJob, RecipeOutcome
 from workers.models import ModelError
 from workers.palettize import PaletteError, load_palette
 
@@ -57,7 +57,7 @@ def ray_executor(ray_address: str | None = None) -> Executor:
     def execute(job: CoreMLJob, coreml_node: str) -> JobResult:
         import ray
 
-        from workers.coreml_task import run_remote
+        from workers.coreml.task import run_remote
 
         ensure_ray(ray_address)
         if coreml_node == "coreml" and ray.cluster_resources().get(COREML_RESOURCE, 0) < 1:
@@ -125,7 +125,7 @@ def _file_recipes(path: Path, search: Search, stored: list[StoredRecipe], sizes:
         raise ApplyError(str(exc)) from None
     notes = []
     if UNNAMED_RECIPE in recipes and set(recipes[UNNAMED_RECIPE]) <= set(sizes):
-        from search.recipes import average_bits
+        from search.recipes.apple_rule import average_bits
 
         bits = recipes.pop(UNNAMED_RECIPE)
         recipes[recipe_key(average_bits(bits, sizes))] = bits

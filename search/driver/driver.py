@@ -14,13 +14,13 @@ from typing import Callable
 import ray
 
 from search.config import SearchConfig
-from search.pool import EvaluatorPool, ItemFailed, PoolError, actor_class, can_place
-from search.progress import NullReporter, Reporter
-from search.results import load_tables, weight_mse
-from search.strategy import isolated_plan, plan_recipes, refinement_plan, unique_key
+from search.driver.pool import EvaluatorPool, ItemFailed, PoolError, actor_class, can_place
+from search.driver.progress import NullReporter, Reporter
+from search.recipes.tables import load_tables, weight_mse
+from search.recipes.strategy import isolated_plan, plan_recipes, refinement_plan, unique_key
 from storage import Baseline, Measurement, PaletteInfo, Search, Storage, StorageError, StoredRecipe
 from storage.palette_store import PaletteStore
-from workers.items import WorkItem
+from workers.evaluation.items import WorkItem
 from workers.models import ModelSpec
 from workers.palettize import load_palette, save_palette
 

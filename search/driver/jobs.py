@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from search.config import SearchConfig
-from search.driver import SearchDriver, driver_id, ensure_ray
-from search.progress import Reporter
+from search.driver.driver import SearchDriver, driver_id, ensure_ray
+from search.driver.progress import Reporter
 from storage import Layer, Search, Storage, StorageError
 from storage.records import STALE_AFTER_S
 from workers.models import ModelError, ModelSpec, candidate_layers, load_unet, resolve_model, unet_fingerprint
@@ -95,8 +95,8 @@ def target_recipe(storage: Storage, search_id: str, *, bits: float | None = None
     """Build an optimal recipe for one target from stored measurements, store it, measure it
     end to end (one pipeline run per evaluator start plus one for the recipe)."""
     from search.config import ConfigError
-    from search.results import load_tables, weight_mse
-    from search.strategy import target_recipe as plan
+    from search.recipes.tables import load_tables, weight_mse
+    from search.recipes.strategy import target_recipe as plan
 
     search = storage.get_search(search_id)
     config = SearchConfig.from_dict(search.config)

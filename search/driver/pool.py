@@ -14,8 +14,8 @@ from typing import Callable, Iterable, Iterator
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from workers.evaluator import Evaluator
-from workers.items import WorkItem
+from workers.evaluation.evaluator import Evaluator
+from workers.evaluation.items import WorkItem
 
 MAX_ATTEMPTS = 3
 IN_FLIGHT_PER_ACTOR = 2

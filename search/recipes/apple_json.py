@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from search.recipes import ALLOWED_BITS, Recipe
+from search.recipes.apple_rule import ALLOWED_BITS, Recipe
 
 JSON_INF_PSNR = 1000.0
 UNNAMED_RECIPE = "recipe"  # key given to a bare {layer: bits} map (real key needs sizes)

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .recipes import FLOAT16_BITS, RECIPE_NBITS, Recipe, _check_sizes, make_recipe
+from search.recipes.apple_rule import FLOAT16_BITS, RECIPE_NBITS, Recipe, _check_sizes, make_recipe
 
 
 def _num(v: object, where: str, allow_inf: bool = False) -> float:

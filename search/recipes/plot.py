@@ -16,8 +16,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from search.apple_json import SearchReport
-from search.recipes import FLOAT16_BITS
+from search.recipes.apple_json import SearchReport
+from search.recipes.apple_rule import FLOAT16_BITS
 
 PLOT_MAX_PSNR = 150.0  # above this (bit-exact runs: ~200 dB or inf) values are clipped / not drawn
 

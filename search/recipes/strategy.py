@@ -5,9 +5,9 @@ import math
 from dataclasses import dataclass
 
 from search.config import SearchConfig
-from search.optimal import NoiseTable, fast_plan, optimal_for_budget, optimal_for_psnr, predict_psnr, refine_candidates
-from search.recipes import Recipe, apple_recipes, thresholds
-from search.results import Tables
+from search.recipes.optimal import NoiseTable, fast_plan, optimal_for_budget, optimal_for_psnr, predict_psnr, refine_candidates
+from search.recipes.apple_rule import Recipe, apple_recipes, thresholds
+from search.recipes.tables import Tables
 
 REFINE_MARGIN_DB = 1.0  # fast mode: measure a predicted entry if an error this large would change a choice
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from search.apple_json import SearchReport
-from search.recipes import Recipe, cumulative_order
+from search.recipes.apple_json import SearchReport
+from search.recipes.apple_rule import Recipe, cumulative_order
 from storage import Measurement, Search, Storage
 
 

@@ -53,7 +53,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from search.config import ConfigError, SearchConfig, parse_floats, parse_nbits, parse_strategy
-from search.driver import driver_id
+from search.driver.driver import driver_id
 from storage import Search, Storage, StorageError
 from storage.records import ACTIVE, STALE_AFTER_S
 from workers.models import ModelError
@@ -219,8 +219,8 @@ def _drive(db_path: str, progress_path: str, prepared, workers: int | None, hand
            wait_gpus_s: float) -> dict:
     """Run one search's driver (inside a Ray task on the service's node). Returns a summary;
     every failure of the search itself is recorded in the database by the driver."""
-    from search.driver import SearchFailed, SearchInterrupted
-    from search.jobs import run_search
+    from search.driver.driver import SearchFailed, SearchInterrupted
+    from search.driver.jobs import run_search
 
     sid = prepared.search.id
     storage = Storage(db_path)
@@ -301,7 +301,7 @@ class Service:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.storage = Storage(self.db_path)
-        from search.driver import ensure_ray
+        from search.driver.driver import ensure_ray
 
         ensure_ray(self.ray_address)
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -383,7 +383,7 @@ class Service:
         self.storage.update_search(sid, status="pending")
 
     def resume(self, sid: str, workers: int | None = None) -> None:
-        from search.jobs import prepare_resume
+        from search.driver.jobs import prepare_resume
 
         with self.prepare_lock:
             prepared = prepare_resume(self.storage, sid)
@@ -637,7 +637,7 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
         """Create a search (or, with ``resume``, continue the unfinished one with the same model
         and config) and start its driver. Returns as soon as the search is stored: the model's
         UNet is loaded once here to list its candidate layers and fingerprint it."""
-        from search.jobs import DuplicateSearch, prepare_search, resolve_config
+        from search.driver.jobs import DuplicateSearch, prepare_search, resolve_config
         from workers.models import resolve_model
 
         model = service.check_model(body.model)
@@ -699,8 +699,8 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
     @app.get("/searches/{search_id}/recipes.json", tags=["downloads"])
     def recipes_json(search_id: str) -> Response:
         """The recipes and measurements in Apple's JSON format (what `search download` writes)."""
-        from search.apple_json import to_apple_json
-        from search.results import build_report
+        from search.recipes.apple_json import to_apple_json
+        from search.recipes.tables import build_report
 
         s = lookup(search_id)
         text = json.dumps(to_apple_json(build_report(service.storage, s)), indent=2, allow_nan=False)
@@ -710,8 +710,8 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
     @app.get("/searches/{search_id}/plot.png", tags=["downloads"], response_class=FileResponse)
     def plot_png(search_id: str):
         """PSNR vs size reduction (what `search plot` draws), regenerated while the search changes."""
-        from search.plot import plot_report
-        from search.results import build_report
+        from search.recipes.plot import plot_report
+        from search.recipes.tables import build_report
 
         s = lookup(search_id)
         path = service.plot_path(s.id)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from search.apple_json import (
+from search.recipes.apple_json import (
     JSON_INF_PSNR,
     UNNAMED_RECIPE,
     RecipeFileError,
@@ -14,7 +14,7 @@ from search.apple_json import (
     parse_recipe_file,
     to_apple_json,
 )
-from search.recipes import apple_recipes, make_recipe
+from search.recipes.apple_rule import apple_recipes, make_recipe
 
 SIZES = {"down.0": 100, "mid.attn": 200, "up.1": 300}
 CUM = {

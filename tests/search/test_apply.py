@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from search.apply import ApplyError, apply_recipes, validate_recipes
+from search.driver.coreml_jobs import ApplyError, apply_recipes, validate_recipes
 from storage import Storage
 from storage.palette_store import PaletteStore
 from tests.workers.test_coreml import apple_like_package
-from workers.coreml import iter_ops, read_program
-from workers.coreml_apply import read_manifest
-from workers.coreml_task import run_job
+from workers.coreml.common import iter_ops, read_program
+from workers.coreml.apply import read_manifest
+from workers.coreml.task import run_job
 
 ON_MACOS = sys.platform == "darwin"
 
@@ -78,7 +78,7 @@ def test_apply_all_then_validate(storage, completed_tiny_search, coreml_out_dir)
 
     from rich.console import Console
 
-    from search.cli_coreml import validation_table
+    from search.cli.coreml_commands import validation_table
 
     console = Console(record=True, width=300)
     console.print(validation_table(storage, storage.get_search(sid)))
@@ -87,7 +87,7 @@ def test_apply_all_then_validate(storage, completed_tiny_search, coreml_out_dir)
 
 
 def test_apply_recipe_file_in_apple_format(storage, completed_tiny_search, coreml_out_dir, tmp_path):
-    from search.recipes import average_bits
+    from search.recipes.apple_rule import average_bits
     from workers.models import load_unet, resolve_model
     from workers.palettize import kmeans_lut
 
@@ -166,7 +166,7 @@ def test_cli_apply_and_validate_through_ray(completed_tiny_search, coreml_out_di
     import ray
     from typer.testing import CliRunner
 
-    from search.cli import app
+    from search.cli.app import app
     db, sid = str(completed_tiny_search["db"]), completed_tiny_search["search_id"]
     key = next(iter(completed_tiny_search["recipes"]))
     runner = CliRunner()

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from search.recipes import ALLOWED_BITS, average_bits
+from search.recipes.apple_rule import ALLOWED_BITS, average_bits
 from tests.cli_helpers import run_cli
 
 pytestmark = pytest.mark.slow

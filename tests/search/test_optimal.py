@@ -1,4 +1,4 @@
-"""search.optimal: the noise model, the knapsack against brute force, fast mode, calibration."""
+"""search.recipes.optimal: the noise model, the knapsack against brute force, fast mode, calibration."""
 
 import itertools
 import math
@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from search.optimal import (
+from search.recipes.optimal import (
     NoiseTable,
     calibrate,
     fast_plan,
@@ -17,7 +17,7 @@ from search.optimal import (
     predict_psnr,
     refine_candidates,
 )
-from search.recipes import average_bits, size_mb
+from search.recipes.apple_rule import average_bits, size_mb
 
 
 def _table(seed, n_layers, n_prompts, bits=(1, 2, 4, 8), scatter=2.0, floor_db=200.0):

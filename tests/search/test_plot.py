@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from search.apple_json import SearchReport
-from search.plot import cumulative_curve, plot_report
-from search.recipes import apple_recipes
+from search.recipes.apple_json import SearchReport
+from search.recipes.plot import cumulative_curve, plot_report
+from search.recipes.apple_rule import apple_recipes
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SIZES = {"a": 100, "b": 200, "c": 300, "d": 400}

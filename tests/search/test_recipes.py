@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from search.recipes import (
+from search.recipes.apple_rule import (
     RECIPE_NBITS,
     Recipe,
     apple_recipes,

@@ -153,9 +153,9 @@ def test_killed_evaluator_is_replaced(tmp_path, model_cache, reference):
     import ray
 
     from search.config import SearchConfig
-    from search.driver import SearchDriver
-    from search.jobs import prepare_search, resolve_config
-    from search.progress import NullReporter
+    from search.driver.driver import SearchDriver
+    from search.driver.jobs import prepare_search, resolve_config
+    from search.driver.progress import NullReporter
     from storage import Storage
     from workers.models import resolve_model
 
@@ -192,7 +192,7 @@ def test_resume_refuses_a_changed_model(tmp_path, model_cache, tiny_sdxl_spec):
 
     from safetensors.torch import load_file, save_file
 
-    from search.jobs import prepare_search, resolve_config
+    from search.driver.jobs import prepare_search, resolve_config
     from storage import Storage
     from workers.models import resolve_model
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from search.recipes import average_bits
+from search.recipes.apple_rule import average_bits
 from tests.cli_helpers import error_line, run_cli, start_cli
 
 pytestmark = pytest.mark.slow

@@ -17,12 +17,12 @@ import torch
 
 from storage import Storage
 from storage.palette_store import PaletteStore
-from workers.coreml import CoreMLError, describe_program, fp16_digest, iter_ops, match_layers, package_size, read_program
-from workers.coreml_apply import LayerLut, read_manifest
-from workers.coreml_task import CoreMLJob, RecipeJob, run_job
-from workers.coreml_validate import CoreMLUNet, check_structure, run_with_coreml_unet
+from workers.coreml.common import CoreMLError, describe_program, fp16_digest, iter_ops, match_layers, package_size, read_program
+from workers.coreml.apply import LayerLut, read_manifest
+from workers.coreml.task import CoreMLJob, RecipeJob, run_job
+from workers.coreml.validate import CoreMLUNet, check_structure, run_with_coreml_unet
 from workers.palettize import load_palette
-from workers.signal import psnr
+from workers.evaluation.signal import psnr
 
 logging.getLogger("coremltools").setLevel(logging.ERROR)
 MACOS_ONLY = pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction (MLModel.predict) needs macOS; "
@@ -161,8 +161,8 @@ def test_base_model_is_cached(completed_tiny_search, coreml_out_dir, applied):
 
 
 def test_structural_check_detects_changes(applied, tiny_unet):
-    from workers.coreml import LayerMatch
-    from workers.coreml_apply import layer_luts, torch_weights
+    from workers.coreml.common import LayerMatch
+    from workers.coreml.apply import layer_luts, torch_weights
 
     job, result = applied
     m = read_manifest(result.outcomes[0].mlpackage)
@@ -218,7 +218,7 @@ class TorchBackedModel:
     UNet: checks on Linux that CoreMLUNet feeds the pipeline's UNet calls correctly."""
 
     def __init__(self, package, unet):
-        from workers.coreml import load_mlmodel
+        from workers.coreml.common import load_mlmodel
 
         self.spec = load_mlmodel(package).get_spec()
         self.forward = type(unet).forward.__get__(unet)  # the original, not the patched one
@@ -236,7 +236,7 @@ class TorchBackedModel:
 
 
 def test_coreml_unet_adapter_feeds_the_pipeline(applied):
-    from workers.coreml_task import _evaluator
+    from workers.coreml.task import _evaluator
 
     job, result = applied
     ev = _evaluator(job)

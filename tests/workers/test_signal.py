@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from workers.models import candidate_layers, load_pipeline
-from workers.signal import DEFAULT_PROMPTS, SignalRunner, SignalSpec, psnr
+from workers.evaluation.signal import DEFAULT_PROMPTS, SignalRunner, SignalSpec, psnr
 
 PROMPTS = DEFAULT_PROMPTS[:4]
 

@@ -21,8 +21,8 @@ from typing import Mapping
 
 import numpy as np
 
-from workers.coreml import CoreMLError, LayerMatch, fp16_digest, listing, load_mlmodel, one_line, quiet_coremltools
-from workers.coreml_convert import save_package
+from workers.coreml.common import CoreMLError, LayerMatch, fp16_digest, listing, load_mlmodel, one_line, quiet_coremltools
+from workers.coreml.convert import save_package
 from workers.palettize import Palette, kmeans_lut
 
 MANIFEST_FORMAT = 1

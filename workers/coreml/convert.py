@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workers.coreml import CoreMLError, describe_program, one_line, quiet_coremltools, read_program
+from workers.coreml.common import CoreMLError, describe_program, one_line, quiet_coremltools, read_program
 
 OUTPUT_NAME = "noise_pred"
 BASE_FORMAT = "1"  # bump when the conversion changes: cached base models are rebuilt

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from workers.coreml import CoreMLError, LayerMatch, listing, match_layers, one_line, package_size, read_program
-from workers.coreml_apply import (Manifest, layer_luts, package_name, palettize, read_manifest, torch_weights,
+from workers.coreml.common import CoreMLError, LayerMatch, listing, match_layers, one_line, package_size, read_program
+from workers.coreml.apply import (Manifest, layer_luts, package_name, palettize, read_manifest, torch_weights,
                                   write_manifest)
-from workers.coreml_convert import BaseModel, capture_unet_inputs, ensure_base_model, load_base_model, user_base_model
-from workers.coreml_validate import check_numeric, check_runtime, check_structure
+from workers.coreml.convert import BaseModel, capture_unet_inputs, ensure_base_model, load_base_model, user_base_model
+from workers.coreml.validate import check_numeric, check_runtime, check_structure
 
 COREML_RESOURCE = "coreml"
 NODE_CHOICES = ("coreml", "any")
@@ -81,7 +81,7 @@ class JobResult:
 
 def _evaluator(job: CoreMLJob):
     from search.config import SearchConfig
-    from workers.evaluator import Evaluator
+    from workers.evaluation.evaluator import Evaluator
     from workers.models import resolve_model
 
     cfg = SearchConfig.from_dict(job.config)
@@ -109,7 +109,7 @@ def _check(ev, package: Path, base: BaseModel, luts, recipe: RecipeJob, avg_bits
 
 def _average_bits(unet, bits: dict[str, int], min_size: int) -> float:
     """Apple's average over the model's candidates (absent ones at 16) and the recipe's layers."""
-    from search.recipes import average_bits
+    from search.recipes.apple_rule import average_bits
     from workers.models import candidate_layers
 
     sizes = {c.name: c.numel for c in candidate_layers(unet, min_size)}

@@ -19,11 +19,11 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from workers.coreml import (LUT_OP, PALETTIZED_SUFFIX, CoreMLError, const_value, iter_ops, listing, one_line,
+from workers.coreml.common import (LUT_OP, PALETTIZED_SUFFIX, CoreMLError, const_value, iter_ops, listing, one_line,
                             value_digest)
-from workers.coreml_apply import LayerLut
-from workers.coreml_convert import unet_call_inputs
-from workers.signal import psnr
+from workers.coreml.apply import LayerLut
+from workers.coreml.convert import unet_call_inputs
+from workers.evaluation.signal import psnr
 
 COMPUTE_UNITS = ("CPU_AND_GPU", "CPU_AND_NE")
 NUMERIC_TOLERANCE_DB = 0.1

@@ -13,10 +13,10 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from workers.items import EvalResult, PaletteResult, WorkItem
+from workers.evaluation.items import EvalResult, PaletteResult, WorkItem
 from workers.models import ModelError, ModelSpec, candidate_layers, load_pipeline, pick_device, unet_fingerprint
 from workers.palettize import Palette, dequantize_torch, kmeans_palette, linear_8bit
-from workers.signal import SignalRunner, SignalSpec, psnr
+from workers.evaluation.signal import SignalRunner, SignalSpec, psnr
 
 
 # Fault injection for the failure-handling tests: work-item keys that always raise.
