@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from workers.tiny_models import (TINY_RESOLUTION, _build_lock, _round_to_fp16, default_cache_dir, publish_dir,  # noqa: E402
+from common.files import publish_dir  # noqa: E402
+from workers.tiny_models import (TINY_RESOLUTION, _build_lock, _round_to_fp16, default_cache_dir,  # noqa: E402
                                  ensure_tiny_model, quiet_hf)
 from workers.tiny_models import FORMAT_VERSION as TINY_FORMAT  # noqa: E402
 

@@ -18,7 +18,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from workers.palettize import SUPPORTED_NBITS, kmeans_lut  # noqa: E402
+from common.formats import PALETTE_NBITS  # noqa: E402
+from workers.palettize import kmeans_lut  # noqa: E402
 
 
 def make_weight(numel: int, seed: int = 0) -> np.ndarray:
@@ -48,7 +49,7 @@ def timed(fn, repeats: int):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--numel", type=int, default=14_700_000)
-    ap.add_argument("--nbits", type=int, nargs="+", default=list(SUPPORTED_NBITS))
+    ap.add_argument("--nbits", type=int, nargs="+", default=list(PALETTE_NBITS))
     ap.add_argument("--repeats", type=int, default=3, help="best-of repeats for ours (coremltools runs once)")
     args = ap.parse_args(argv)
 

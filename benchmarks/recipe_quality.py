@@ -119,7 +119,7 @@ def add_apple_recipes(db: Path, sid: str, grid, workers: int) -> list[str]:
     from search.driver.driver import SearchDriver, ensure_ray
     from search.recipes.apple_rule import apple_recipes
     from search.recipes.strategy import Planned, noise_table
-    from search.recipes.optimal import predict_psnr
+    from search.recipes.noise_model import predict_psnr
     from workers.models import resolve_model
 
     storage, search, config, tables, wmse = load(db, sid)
@@ -169,7 +169,7 @@ def optimal_for(db: Path, sid: str, **target):
 
 
 def fast_for(db: Path, sid: str, targets) -> dict[float, object]:
-    from search.recipes.optimal import optimal_for_budget
+    from search.recipes.knapsack import optimal_for_budget
     from search.recipes.strategy import noise_table
 
     storage, _, config, tables, wmse = load(db, sid)
@@ -180,7 +180,7 @@ def fast_for(db: Path, sid: str, targets) -> dict[float, object]:
 
 def loo(pairs: list[tuple[float, float]], i: int) -> float:
     """Leave-one-out calibrated prediction for pair i (fitted on the others)."""
-    from search.recipes.optimal import calibrate
+    from search.recipes.noise_model import calibrate
 
     return calibrate([p for j, p in enumerate(pairs) if j != i]).apply(pairs[i][0])
 

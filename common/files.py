@@ -1,16 +1,21 @@
-"""Atomic file writes: readers never see a half-written file, a crash leaves the old one."""
+"""Atomic file writes: readers never see a half-written file or directory, a crash leaves the old one."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write ``data`` next to ``path`` under a private name, then rename it into place."""
+    """Write ``data`` next to ``path`` under a private name, flush it to disk, then rename it into place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -18,3 +23,15 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def publish_dir(tmp: Path | str, final: Path | str) -> None:
+    """Put a fully built directory ``tmp`` in place as ``final`` (same file system): an existing
+    one is moved aside, then deleted, so readers never see a half-written directory."""
+    tmp, final = Path(tmp), Path(final)
+    os.chmod(tmp, 0o755)
+    if final.exists():
+        stale = Path(tempfile.mkdtemp(prefix=f".{final.name}-stale-", dir=final.parent))
+        os.replace(final, stale / final.name)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(tmp, final)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 
-from workers.palettize import SUPPORTED_NBITS
-from workers.evaluation.signal import DEFAULT_PROMPTS, SignalSpec
+from common.formats import FLOAT16_BITS, PALETTE_NBITS, is_palettized
+from workers.evaluation.protocol import PROTOCOLS, default_prompts
+from workers.evaluation.signal import SignalSpec
 
 PRECISIONS = ("auto", "float16", "float32")
 STRATEGIES = ("apple", "optimal")
@@ -18,16 +19,16 @@ class ConfigError(ValueError):
 
 
 def parse_nbits(text: str, option: str = "--nbits") -> tuple[int, ...]:
-    """'1,2,4' -> (1, 2, 4); anything outside SUPPORTED_NBITS is an error, not a silent drop."""
+    """'1,2,4' -> (1, 2, 4); anything outside PALETTE_NBITS is an error, not a silent drop."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     if not parts:
-        raise ConfigError(f"{option} is empty; choose from " + ",".join(map(str, SUPPORTED_NBITS)))
+        raise ConfigError(f"{option} is empty; choose from " + ",".join(map(str, PALETTE_NBITS)))
     values = []
     for p in parts:
         try:
             values.append(int(p))
         except ValueError:
-            raise ConfigError(f"{option}: '{p}' is not an integer; choose from {','.join(map(str, SUPPORTED_NBITS))}") from None
+            raise ConfigError(f"{option}: '{p}' is not an integer; choose from {','.join(map(str, PALETTE_NBITS))}") from None
     return tuple(values)
 
 
@@ -64,11 +65,11 @@ def parse_prompts_file(path: str) -> tuple[str, ...]:
 class SearchConfig:
     """Everything that determines a search's measurements (its identity for resume)."""
 
-    nbits: tuple[int, ...] = SUPPORTED_NBITS
+    nbits: tuple[int, ...] = PALETTE_NBITS
     num_recipes: int = 7
     min_size: int = 100_000
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS
-    seed: int = 0
+    prompts: tuple[str, ...] = ()          # () -> the protocol's own prompts
+    seed: int | None = None               # None -> the protocol's own noise (Apple: torch.Generator() default)
     steps: int = 1
     resolution: int = 1024
     guidance_scale: float | None = None
@@ -79,18 +80,26 @@ class SearchConfig:
     evals: str = "full"                   # "fast": isolated impact at the anchors only, the rest predicted
     anchors: tuple[int, ...] | None = None  # fast mode's measured depths; default: the one nearest 4
     curves: bool | None = None            # cumulative curves; None: only when the Apple strategy needs them
-    extra: dict = field(default_factory=dict)
+    protocol: str = "apple"               # what a PSNR means (workers.evaluation.protocol)
+    default_nbits: int = FLOAT16_BITS               # Apple's --default-nbits: every weight palettized first, fallback depth
 
     def __post_init__(self) -> None:
         nbits = tuple(self.nbits)
-        bad = [b for b in nbits if b not in SUPPORTED_NBITS]
+        bad = [b for b in nbits if b not in PALETTE_NBITS]
         if bad or not nbits:
             raise ConfigError(
-                f"unsupported bit depth(s) {','.join(map(str, bad)) or '(none)'}; choose from {','.join(map(str, SUPPORTED_NBITS))}")
+                f"unsupported bit depth(s) {','.join(map(str, bad)) or '(none)'}; choose from {','.join(map(str, PALETTE_NBITS))}")
         if len(set(nbits)) != len(nbits):
             raise ConfigError(f"--nbits lists a bit depth twice: {','.join(map(str, nbits))}")
         object.__setattr__(self, "nbits", tuple(sorted(nbits)))
-        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol '{self.protocol}'; choose from {', '.join(PROTOCOLS)}")
+        object.__setattr__(self, "prompts", tuple(self.prompts) or default_prompts(self.protocol))
+        if self.default_nbits not in PALETTE_NBITS + (FLOAT16_BITS,):
+            raise ConfigError(f"--default-nbits must be one of {','.join(map(str, PALETTE_NBITS + (FLOAT16_BITS,)))}, "
+                              f"got {self.default_nbits}")
+        if is_palettized(self.default_nbits) and self.protocol != "apple":
+            raise ConfigError("--default-nbits is part of Apple's protocol: use it with --protocol apple")
         if not isinstance(self.num_recipes, int) or not 1 <= self.num_recipes <= 100:
             raise ConfigError(f"--num-recipes must be between 1 and 100, got {self.num_recipes}")
         if not isinstance(self.min_size, int) or self.min_size < 0:
@@ -140,7 +149,8 @@ class SearchConfig:
         return tuple(round(hi - (hi - lo) * i / max(n - 1, 1), 2) for i in range(n)) if n > 1 else (float(hi),)
 
     def signal_spec(self) -> SignalSpec:
-        return SignalSpec(prompts=self.prompts, seed=self.seed, steps=self.steps, resolution=self.resolution,
+        return SignalSpec(prompts=self.prompts, seed=self.seed, protocol=self.protocol, steps=self.steps,
+                          resolution=self.resolution,
                           guidance_scale=self.guidance_scale, batch_size=self.batch_size)
 
     def to_dict(self) -> dict:
@@ -152,6 +162,8 @@ class SearchConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SearchConfig":
         d = dict(d)
+        d.pop("extra", None)  # an always-empty field of earlier releases, still in their stored configs
+        d.setdefault("protocol", "classic")  # searches stored before protocols existed measured this way
         for key in ("nbits", "prompts", "strategy", "targets", "anchors"):
             if key in d:
                 d[key] = tuple(d[key])
@@ -160,8 +172,4 @@ class SearchConfig:
     def fingerprint(self) -> str:
         """Identity of a search for duplicate detection and resume."""
         d = self.to_dict()
-        d.pop("extra")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
-
-    def with_(self, **changes) -> "SearchConfig":
-        return replace(self, **changes)

@@ -9,8 +9,10 @@ from pathlib import Path
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.sqlite import insert
 
+from common.clock import utcnow
 from storage import schema as s
-from storage.engine import SessionFactory, StorageError, open_engine
+from storage.engine import SessionFactory, open_engine
+from storage.errors import StorageError
 from storage.records import (
     ACTIVE,
     Baseline,
@@ -64,7 +66,7 @@ class Storage:
                       fingerprint: str, config: dict, config_hash: str, layers: list[Layer],
                       owner: str | None = None) -> Search:
         """Search row and its candidate layers in one transaction: all or nothing."""
-        now = s.utcnow()
+        now = utcnow()
         row = s.SearchRow(
             id=uuid.uuid4().hex[:12], model=model, model_version=model_version, model_location=model_location,
             model_source=model_source, fingerprint=fingerprint, config_json=json.dumps(config, sort_keys=True),
@@ -118,19 +120,19 @@ class Storage:
             if row.status == "completed":
                 raise StorageError(f"search {search_id} is already completed; nothing to resume")
             row.status, row.owner, row.error = "running", owner, None
-            row.heartbeat_at = row.updated_at = s.utcnow()
+            row.heartbeat_at = row.updated_at = utcnow()
             return _search(row)
 
     def update_search(self, search_id: str, *, status: str | None = None, phase: str | None = None,
                       error: str | None = None, finished: bool = False, add_elapsed: float = 0.0) -> None:
-        values: dict = {"updated_at": s.utcnow(), "heartbeat_at": s.utcnow()}
+        values: dict = {"updated_at": utcnow(), "heartbeat_at": utcnow()}
         if status is not None:
             values["status"] = status
             values["error"] = error
         if phase is not None:
             values["phase"] = phase
         if finished:
-            values["finished_at"] = s.utcnow()
+            values["finished_at"] = utcnow()
         if add_elapsed:
             values["elapsed_s"] = s.SearchRow.elapsed_s + add_elapsed
         with self.session_scope() as db:
@@ -145,7 +147,7 @@ class Storage:
 
     def heartbeat(self, search_id: str) -> None:
         with self.session_scope() as db:
-            db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(heartbeat_at=s.utcnow()))
+            db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(heartbeat_at=utcnow()))
 
     def layers(self, search_id: str) -> list[Layer]:
         with self.session_scope() as db:
@@ -170,13 +172,13 @@ class Storage:
         stmt = insert(s.MeasurementRow).values(
             search_id=search_id, key=m.key, phase=m.phase, bits=m.bits, layer=m.layer, position=m.position,
             psnr=m.psnr, per_prompt_json=json.dumps(list(m.per_prompt)), node=m.node, worker=m.worker,
-            duration_s=m.duration_s, created_at=s.utcnow(),
+            duration_s=m.duration_s, created_at=utcnow(),
         ).on_conflict_do_nothing()
         with self.session_scope() as db:
             inserted = db.execute(stmt).rowcount == 1
             if inserted:
                 db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(
-                    evaluations=s.SearchRow.evaluations + 1, heartbeat_at=s.utcnow()))
+                    evaluations=s.SearchRow.evaluations + 1, heartbeat_at=utcnow()))
             return inserted
 
     def measurements(self, search_id: str, phase: str | None = None) -> list[Measurement]:
@@ -224,7 +226,7 @@ class Storage:
             search_id=search_id, key=r.key, strategy=r.strategy, threshold=r.threshold,
             target_json=json.dumps(r.target) if r.target is not None else None,
             bits_json=json.dumps(r.bits, sort_keys=True), avg_bits=r.avg_bits, size_mb=r.size_mb,
-            predicted_psnr=r.predicted_psnr, created_at=s.utcnow(),
+            predicted_psnr=r.predicted_psnr, created_at=utcnow(),
         ).on_conflict_do_nothing()
         with self.session_scope() as db:
             return db.execute(stmt).rowcount == 1
@@ -253,7 +255,7 @@ class Storage:
                       avg_bits=v.avg_bits, structural_ok=v.structural_ok, structural_detail=v.structural_detail,
                       numeric_psnr=v.numeric_psnr, numeric_ok=v.numeric_ok,
                       runtime_json=json.dumps(v.runtime) if v.runtime is not None else None,
-                      runtime_note=v.runtime_note, node=v.node, created_at=s.utcnow())
+                      runtime_note=v.runtime_note, node=v.node, created_at=utcnow())
         stmt = insert(s.ValidationRow).values(**values)
         stmt = stmt.on_conflict_do_update(index_elements=["search_id", "recipe_key"],
                                           set_={k: stmt.excluded[k] for k in values if k not in ("search_id", "recipe_key")})

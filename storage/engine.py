@@ -10,15 +10,13 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.errors import first_line
+from storage.errors import StorageError
 from storage.migrations import LATEST_VERSION, migrate
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 APPLICATION_ID = 0x4D425053  # "MBPS": marks files this project created
 BUSY_TIMEOUT_MS = 60_000
-
-
-class StorageError(Exception):
-    """A database that cannot be used; the message is one line for the user."""
 
 
 # Databases this process holds engines on. Closing *any* descriptor of a file drops the
@@ -97,7 +95,7 @@ def open_engine(path: Path) -> Engine:
         engine.dispose()
         if isinstance(exc, StorageError):
             raise
-        raise StorageError(f"cannot open database {path}: {str(exc).splitlines()[0]}") from None
+        raise StorageError(f"cannot open database {path}: {first_line(exc)}") from None
     key = str(path.resolve())
     _LIVE[key] = _LIVE.get(key, 0) + 1
     event.listen(engine, "engine_disposed", lambda _e: _release(key))

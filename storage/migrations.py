@@ -11,6 +11,7 @@ from typing import Callable
 from sqlalchemy import Connection, text
 
 from storage import schema
+from storage.errors import StorageError
 
 
 def _v1_initial(conn: Connection) -> None:
@@ -32,8 +33,6 @@ def current_version(conn: Connection) -> int:
 def migrate(conn: Connection, application_id: int) -> int:
     version = current_version(conn)
     if version > LATEST_VERSION:  # re-checked under the write lock
-        from storage.engine import StorageError
-
         raise StorageError(f"database schema version {version} is newer than this release ({LATEST_VERSION})")
     for number in range(version + 1, LATEST_VERSION + 1):
         STEPS[number - 1](conn)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 # A running search whose driver stopped beating for this long is shown as interrupted
@@ -10,7 +10,6 @@ from datetime import datetime
 STALE_AFTER_S = float(os.environ.get("MBP_SEARCH_STALE_S", "60"))
 
 ACTIVE = ("pending", "running", "cancelling")
-RESUMABLE = ("interrupted", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,6 @@ class StoredRecipe:
     per_prompt: tuple[float, ...] | None
     node: str | None
     duration_s: float | None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,12 @@
 """SQLAlchemy 2 ORM tables. Only `storage/` imports this module."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+from common.clock import utcnow
 
 
 class Base(DeclarativeBase):

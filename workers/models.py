@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.errors import typed_line
 from workers.tiny_models import (BUILTIN_MODELS, TINY_MIN_SIZE, TINY_RESOLUTION, ensure_tiny_model,
                                  quiet_hf)
 
 REAL_MIN_SIZE = 100_000  # Apple's PALETTIZE_MIN_SIZE
+ERROR_CHARS = 240  # at most this much of a library's error message is quoted
 ALIASES = {
     "sdxl-base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",
     "stabilityai/sdxl-base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",
@@ -178,7 +180,7 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> ModelSpec:
         try:
             path = ensure_tiny_model(name, cache_dir)
         except Exception as exc:
-            raise ModelError(f"could not build built-in model '{name}': {_one_line(exc)}") from None
+            raise ModelError(f"could not build built-in model '{name}': {typed_line(exc, ERROR_CHARS)}") from None
         family = "sdxl" if name == "tiny-sdxl" else "sd"
         return ModelSpec(requested, "builtin", str(path), family, TINY_MIN_SIZE, TINY_RESOLUTION)
     path = Path(name).expanduser()
@@ -196,12 +198,6 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> ModelSpec:
     if not _REPO_ID.match(repo) or "--" in repo or ".." in repo:
         raise ModelError(f"'{requested}' is not a valid Hugging Face repo id (expected owner/name)")
     return _resolve_hub(requested, repo)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    text = text if len(text) <= 240 else text[:240] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _local_only(spec: ModelSpec) -> bool:
@@ -240,7 +236,7 @@ def _with_variant(load, spec: ModelSpec):
                 continue
             hint = " (run with network once to download it)" if spec.source == "hub" else ""
             raise ModelError(f"could not load model '{spec.requested}' from {spec.location}: "
-                             f"{_one_line(exc)}{hint}") from None
+                             f"{typed_line(exc, ERROR_CHARS)}{hint}") from None
 
 
 def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype=torch.float32):
@@ -258,7 +254,7 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype=torch.float32):
         return pipe.to(device)
     except Exception as exc:
         raise ModelError(f"could not move model '{spec.requested}' to {device}: "
-                         f"{_one_line(exc)}") from None
+                         f"{typed_line(exc, ERROR_CHARS)}") from None
 
 
 def load_unet(spec: ModelSpec):

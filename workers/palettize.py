@@ -8,15 +8,16 @@ histogram of the 65,536 fp16 bit patterns, so it never sorts the tensor; the res
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
-SUPPORTED_NBITS = (1, 2, 4, 6, 8)
+from common.files import atomic_write_bytes
+from common.formats import PALETTE_NBITS
 
 _PATTERNS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
 _VALUES = _PATTERNS.view(np.float16).astype(np.float64)  # value of every fp16 bit pattern
@@ -33,8 +34,8 @@ class PaletteError(ValueError):
 
 
 def _check_nbits(nbits) -> int:
-    if isinstance(nbits, bool) or not isinstance(nbits, (int, np.integer)) or int(nbits) not in SUPPORTED_NBITS:
-        raise PaletteError(f"nbits must be one of {SUPPORTED_NBITS}, got {nbits!r}")
+    if isinstance(nbits, bool) or not isinstance(nbits, (int, np.integer)) or int(nbits) not in PALETTE_NBITS:
+        raise PaletteError(f"nbits must be one of {PALETTE_NBITS}, got {nbits!r}")
     return int(nbits)
 
 
@@ -248,21 +249,11 @@ _KEYS = ("nbits", "lut", "code", "weight_mse", "digest")
 
 
 def save_palette(path, palette: Palette) -> None:
-    """Compressed .npz, written to a temp file then renamed so readers never see half a file."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, nbits=np.int64(palette.nbits), lut=palette.lut, code=palette.code,
-                                weight_mse=np.float64(palette.weight_mse), digest=np.str_(palette.digest))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; other workers read the store
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Compressed .npz, written atomically so readers never see half a file."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, nbits=np.int64(palette.nbits), lut=palette.lut, code=palette.code,
+                        weight_mse=np.float64(palette.weight_mse), digest=np.str_(palette.digest))
+    atomic_write_bytes(os.fspath(path), buf.getvalue())
 
 
 def load_palette(path) -> Palette:

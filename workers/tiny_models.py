@@ -18,8 +18,13 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from common.files import publish_dir
+
 BUILTIN_MODELS = ("tiny-sdxl", "tiny-sd")
-TINY_MIN_SIZE = 8192  # candidate threshold for the tiny models (Apple uses 1e5 for real ones)
+# Candidates of the tiny models have more than 10,000 elements: there coremltools (so Apple's
+# script) uses its optimal 1-D k-means, as for every real SDXL candidate (> 1e5); below it
+# switches to scikit-learn, which `kmeans_palette` does not imitate.
+TINY_MIN_SIZE = 10_000
 TINY_RESOLUTION = 64  # pixels; the VAE scale factor is 8, so latents are 8x8
 FORMAT_VERSION = "1"  # bump when the built directory changes: forces a rebuild
 MARKER = ".mbp-tiny-model"
@@ -295,13 +300,3 @@ def ensure_tiny_model(name: str, cache_dir: Path | None = None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
 
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Put a fully built directory in place: an outdated one is moved aside, then deleted, so
-    readers never see a half-written model."""
-    os.chmod(tmp, 0o755)
-    if final.exists():
-        stale = Path(tempfile.mkdtemp(prefix=f".{final.name}-stale-", dir=final.parent))
-        os.replace(final, stale / final.name)
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(tmp, final)

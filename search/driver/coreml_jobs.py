@@ -14,15 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from common.errors import first_line
+from common.formats import FLOAT16_BITS, average_bits, is_palettized
+from search.config import SearchConfig
+from search.driver.cluster import ensure_ray
+from search.driver.palettes import load_stored_palette
 from search.recipes.apple_json import UNNAMED_RECIPE, RecipeFileError, parse_recipe_file
 from search.recipes.apple_rule import recipe_key
 from storage import Search, Storage, StorageError, StoredRecipe, Validation
 from storage.palette_store import PaletteStore
 from workers.coreml.common import CoreMLError
-from search.driver.driver import ensure_ray
 from workers.coreml.task import COREML_RESOURCE, NODE_CHOICES, CoreMLJob, JobResult, RecipeJob, RecipeOutcome
+from workers.evaluation.items import EvaluatorSettings
 from workers.models import ModelError
-from workers.palettize import PaletteError, load_palette
+from workers.palettize import PaletteError
 
 Executor = Callable[[CoreMLJob, str], JobResult]
 
@@ -106,15 +111,17 @@ def _palettes(storage: Storage, search: Search, wanted: set[tuple[str, int]]) ->
         raise ApplyError(f"search {search.id} stores no palette for {len(missing)} recipe layers "
                          f"({', '.join(missing[:5])}); resume the search to fit them")
     for key in sorted(wanted):
-        info = stored[key]
         try:
-            pal = load_palette(store.path(info.path))
+            out[key] = load_stored_palette(store, stored[key])
         except PaletteError as exc:
-            raise ApplyError(f"{exc}; restore the folder {store.root}") from None
-        if pal.digest != info.digest:
-            raise ApplyError(f"palette file {store.path(info.path)} does not match its stored digest")
-        out[key] = pal
+            raise ApplyError(str(exc)) from None
     return out
+
+
+def evaluator_settings(search: Search) -> EvaluatorSettings:
+    """What the Core ML worker's evaluator needs of the search's config to measure as it did."""
+    config = SearchConfig.from_dict(search.config)
+    return EvaluatorSettings(config.signal_spec(), config.precision, config.min_size)
 
 
 def _file_recipes(path: Path, search: Search, stored: list[StoredRecipe], sizes: dict[str, int],
@@ -125,8 +132,6 @@ def _file_recipes(path: Path, search: Search, stored: list[StoredRecipe], sizes:
         raise ApplyError(str(exc)) from None
     notes = []
     if UNNAMED_RECIPE in recipes and set(recipes[UNNAMED_RECIPE]) <= set(sizes):
-        from search.recipes.apple_rule import average_bits
-
         bits = recipes.pop(UNNAMED_RECIPE)
         recipes[recipe_key(average_bits(bits, sizes))] = bits
     if model_version and model_version not in (search.model, search.model_version):
@@ -136,7 +141,7 @@ def _file_recipes(path: Path, search: Search, stored: list[StoredRecipe], sizes:
     jobs = []
     for key in _select(recipes, choice, str(path)):
         bits = recipes[key]
-        full = {l: bits.get(l, 16) for l in sizes} | bits  # absent candidates stay float16
+        full = {l: bits.get(l, FLOAT16_BITS) for l in sizes} | bits  # absent candidates stay float16
         # Same bits as a recipe the search measured: the k-means LUTs are the search's, so is the PSNR.
         jobs.append(RecipeJob(key, bits, None, measured.get(tuple(sorted(full.items())))))
     return jobs, notes
@@ -148,7 +153,7 @@ def _run(execute: Executor | None, job: CoreMLJob, node: str, ray_address: str |
     try:
         return execute(job, node)
     except (CoreMLError, ModelError, PaletteError) as exc:
-        raise ApplyError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        raise ApplyError(first_line(exc)) from None
 
 
 def _store(storage: Storage, search: Search, result: JobResult, notes=()) -> ApplyReport:
@@ -192,9 +197,9 @@ def apply_recipes(storage: Storage, search_id: str, *, out_dir: str | os.PathLik
         notes.append(f"applying to {model}, not the search's model {search.model}: LUTs are fitted to its "
                      "weights and there is no measured PSNR to compare with")
     palettes = {} if lut_source == "kmeans" else _palettes(
-        storage, search, {(l, b) for r in recipes for l, b in r.bits.items() if b != 16})
+        storage, search, {(l, b) for r in recipes for l, b in r.bits.items() if is_palettized(b)})
     job = CoreMLJob("apply", search.id, model or search.model, None if other_model else search.fingerprint,
-                    dict(search.config), tuple(recipes), palettes, lut_source, str(out),
+                    evaluator_settings(search), tuple(recipes), palettes, lut_source, str(out),
                     str(Path(mlpackage).expanduser().resolve()) if mlpackage else None)
     result = _run(execute, job, node, ray_address)
     return _store(storage, search, result, notes)
@@ -221,9 +226,9 @@ def validate_recipes(storage: Storage, search_id: str, *, recipe: str | None = N
         r = by_key.get(key)
         jobs.append(RecipeJob(key, r.bits if r else None, None, None if (other_model or not r) else r.psnr,
                               str(path)))
-    wanted = {(l, b) for k in keys if k in by_key for l, b in by_key[k].bits.items() if b != 16}
+    wanted = {(l, b) for k in keys if k in by_key for l, b in by_key[k].bits.items() if is_palettized(b)}
     palettes = {} if other_model else _palettes(storage, search, wanted)
     job = CoreMLJob("validate", search.id, model or search.model, None if other_model else search.fingerprint,
-                    dict(search.config), tuple(jobs), palettes)
+                    evaluator_settings(search), tuple(jobs), palettes)
     result = _run(execute, job, node, ray_address)
     return _store(storage, search, result)

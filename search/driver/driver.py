@@ -3,29 +3,31 @@ result as it arrives. It is the only writer of the database; resuming is just ru
 since every phase skips what is already stored."""
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import sys
 import threading
 import time
 from typing import Callable
 
 import ray
 
+from common.errors import first_line
+from common.formats import is_palettized
 from search.config import SearchConfig
+from search.driver.cluster import driver_id, ensure_ray, plan_workers  # driver_id, ensure_ray: search/service imports them here
+from search.driver.palettes import load_stored_palette
 from search.driver.pool import EvaluatorPool, ItemFailed, PoolError, actor_class, can_place
 from search.driver.progress import NullReporter, Reporter
+from search.recipes.apple_rule import unique_key
+from search.recipes.strategy import isolated_plan, plan_recipes, refinement_plan
 from search.recipes.tables import load_tables, weight_mse
-from search.recipes.strategy import isolated_plan, plan_recipes, refinement_plan, unique_key
-from storage import Baseline, Measurement, PaletteInfo, Search, Storage, StorageError, StoredRecipe
+from storage import Baseline, Measurement, PaletteInfo, Search, Storage, StoredRecipe
 from storage.palette_store import PaletteStore
 from workers.evaluation.items import WorkItem
+from workers.evaluation.protocol import LINEAR8_BASELINE
 from workers.models import ModelSpec
-from workers.palettize import load_palette, save_palette
+from workers.palettize import PaletteError, save_palette
 
 HEARTBEAT_S = 5.0
-PHASE_ORDER = ("palettes", "isolated", "cumulative", "recipes")
 
 
 class SearchInterrupted(RuntimeError):
@@ -34,36 +36,6 @@ class SearchInterrupted(RuntimeError):
 
 class SearchFailed(RuntimeError):
     pass
-
-
-def driver_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a cluster when given an address (or RAY_ADDRESS), else start a small local
-    instance without the dashboard; on a Mac the local node offers the `coreml` resource."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    else:
-        resources = {"coreml": 1} if sys.platform == "darwin" else None
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False, resources=resources)
-
-
-def plan_workers(requested: int | None) -> tuple[int, float, float, int]:
-    """(actors, cpus per actor, gpus per actor, torch threads) from the cluster's resources."""
-    res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 1))
-    if gpus:
-        n = requested or gpus
-        return n, 1.0, 1.0, max(1, int(cpus // n))
-    n = requested or 2
-    per = min(1.0, cpus / n)
-    return n, per, 0.0, max(1, int(cpus // n))
 
 
 class SearchDriver:
@@ -121,7 +93,7 @@ class SearchDriver:
             raise SearchFailed(str(exc)) from None
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            msg = None if status == "interrupted" else (str(exc).splitlines() or [type(exc).__name__])[0]
+            msg = None if status == "interrupted" else first_line(exc)
             self.storage.update_search(sid, status=status, error=msg, add_elapsed=time.monotonic() - started)
             raise
         finally:
@@ -142,15 +114,14 @@ class SearchDriver:
                 self.pool.shutdown()
             self._restore_signal_handlers(handlers)
 
-    def _load_palettes(self) -> None:
-        for (layer, bits), info in self.storage.palettes(self.search.id).items():
-            path = self.palette_store.path(info.path)
-            if not path.exists():
-                raise SearchFailed(f"palette file {path} is missing; restore the {self.palette_store.root} folder")
-            palette = load_palette(path)
-            if palette.digest != info.digest:
-                raise SearchFailed(f"palette file {path} does not match the stored digest")
-            self.palette_refs[(layer, bits)] = ray.put(palette)
+    def _load_palettes(self, wanted=None) -> None:
+        """Put the stored palettes (those in ``wanted``, else all) in Ray's object store, checked."""
+        for key, info in self.storage.palettes(self.search.id).items():
+            if wanted is None or key in wanted:
+                try:
+                    self.palette_refs[key] = ray.put(load_stored_palette(self.palette_store, info))
+                except PaletteError as exc:
+                    raise SearchFailed(str(exc)) from None
 
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
@@ -167,7 +138,7 @@ class SearchDriver:
         cls = actor_class(cpus, gpus, self.actor_resources)
         spec, signal_spec = self.spec, self.config.signal_spec()
         kwargs = dict(precision=self.config.precision, fingerprint=self.search.fingerprint, threads=threads,
-                      min_size=self.config.min_size)
+                      min_size=self.config.min_size, default_nbits=self.config.default_nbits)
         auto = self.requested_workers is None
         self.pool = EvaluatorPool(n, lambda: cls.remote(spec, signal_spec, **kwargs), can_place=can_place(cpus, gpus),
                                   target_size=(lambda: plan_workers(None)[0]) if auto else None)
@@ -197,21 +168,10 @@ class SearchDriver:
     # -- phases ---------------------------------------------------------------------------
     def _phase_palettes(self) -> None:
         sid, layers = self.search.id, list(load_tables(self.storage, self.search.id).sizes)
-        stored = self.storage.palettes(sid)
-        todo = []
-        for layer in layers:
-            for bits in self.config.nbits:
-                info = stored.get((layer, bits))
-                path = self.palette_store.path(info.path) if info else None
-                if info and path.exists():
-                    palette = load_palette(path)
-                    if palette.digest == info.digest:
-                        self.palette_refs[(layer, bits)] = ray.put(palette)
-                        continue
-                    raise SearchFailed(f"palette file {path} does not match the stored digest; restore it or start a new search")
-                if info:
-                    raise SearchFailed(f"palette file {path} is missing; restore the {self.palette_store.root} folder")
-                todo.append(WorkItem(key=f"palette/{bits}/{layer}", phase="palette", bits=bits, layer=layer))
+        wanted = {(layer, bits) for layer in layers for bits in self.config.nbits}
+        self._load_palettes(wanted)
+        todo = [WorkItem(key=f"palette/{bits}/{layer}", phase="palette", bits=bits, layer=layer)
+                for layer in layers for bits in self.config.nbits if (layer, bits) not in self.palette_refs]
 
         def store(item: WorkItem, res) -> None:
             rel = self.palette_store.relative_path(sid, item.layer, item.bits)
@@ -223,7 +183,7 @@ class SearchDriver:
         self._run_items("palettes", todo, lambda actor, it: actor.fit_palette.remote(it), store)
 
     def _submit_eval(self, actor, item: WorkItem):
-        refs = {key: self.palette_refs[key] for key in item.assignment if key[1] != 16}
+        refs = {key: self.palette_refs[key] for key in item.assignment if is_palettized(key[1])}
         return actor.evaluate.remote(item, refs)
 
     def _store_measurement(self, item: WorkItem, r) -> None:
@@ -236,8 +196,9 @@ class SearchDriver:
         sid = self.search.id
         tables = load_tables(self.storage, sid)
         mse = weight_mse(self.storage, sid)
-        items = [WorkItem(f"baseline/{n}", "baseline", name=n, linear8=(n == "linear_8bit"))
-                 for n in ("original", "linear_8bit") if n not in tables.baselines]
+        linear8 = LINEAR8_BASELINE[self.config.protocol]
+        items = [WorkItem(f"baseline/{n}", "baseline", name=n, linear8=(n == linear8))
+                 for n in ("original", linear8) if n not in tables.baselines]
         items += self._isolated_items(isolated_plan(self.config, tables.sizes, mse))
         self._run_items("isolated", items, self._submit_eval, self._store_isolated)
         if self.config.evals == "fast":
@@ -299,7 +260,7 @@ class SearchDriver:
         sid = self.search.id
         by_key = {r.key: r for r in self.storage.recipes(sid)}
         items = [WorkItem(f"recipe/{k}", "recipe", name=k,
-                          assignment=tuple(sorted((l, b) for l, b in by_key[k].bits.items() if b != 16)))
+                          assignment=tuple(sorted((l, b) for l, b in by_key[k].bits.items() if is_palettized(b))))
                  for k in keys if by_key[k].psnr is None]
 
         def store(item: WorkItem, r) -> None:
@@ -310,5 +271,4 @@ class SearchDriver:
         self._run_items("recipes", items, self._submit_eval, store)
 
 
-__all__ = ["SearchDriver", "SearchInterrupted", "SearchFailed", "ensure_ray", "plan_workers", "driver_id",
-           "StorageError"]
+__all__ = ["SearchDriver", "SearchInterrupted", "SearchFailed", "ensure_ray", "driver_id"]

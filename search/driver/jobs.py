@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.clock import utcnow
+from common.errors import first_line
 from search.config import SearchConfig
-from search.driver.driver import SearchDriver, driver_id, ensure_ray
+from workers.evaluation.protocol import APPLE_RESOLUTION
+from search.driver.cluster import driver_id, ensure_ray
+from search.driver.driver import SearchDriver
 from search.driver.progress import Reporter
 from storage import Layer, Search, Storage, StorageError
 from storage.records import STALE_AFTER_S
@@ -13,9 +17,7 @@ from workers.models import ModelError, ModelSpec, candidate_layers, load_unet, r
 
 class DuplicateSearch(RuntimeError):
     def __init__(self, existing: Search):
-        from datetime import datetime, timezone
-
-        status = existing.effective_status(datetime.now(timezone.utc).replace(tzinfo=None))
+        status = existing.effective_status(utcnow())
         super().__init__(f"an unfinished search {existing.id} ({status}) has the same model and config")
         self.existing = existing
 
@@ -28,10 +30,13 @@ class Prepared:
 
 
 def resolve_config(spec: ModelSpec, **options) -> SearchConfig:
-    """Fill model-dependent defaults (min size, resolution) and validate everything."""
+    """Fill model-dependent defaults (min size, resolution) and validate everything. Apple's
+    protocol measures every Hub / local model at 768 px (SDXL too); the built-in tiny models
+    keep their own small size."""
     options = {k: v for k, v in options.items() if v is not None}
     options.setdefault("min_size", spec.default_min_size)
-    options.setdefault("resolution", spec.default_resolution)
+    apple = options.get("protocol", "apple") == "apple" and spec.source != "builtin"
+    options.setdefault("resolution", APPLE_RESOLUTION if apple else spec.default_resolution)
     return SearchConfig(**options)
 
 
@@ -76,10 +81,8 @@ def prepare_resume(storage: Storage, search_id: str) -> Prepared:
 
 def run_search(storage: Storage, prepared: Prepared, *, workers: int | None = None, reporter: Reporter | None = None,
                ray_address: str | None = None, actor_resources: dict | None = None) -> tuple[Search, SearchDriver]:
-    from datetime import datetime, timezone
-
     def stale(s: Search) -> bool:
-        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        now = utcnow()
         return s.effective_status(now) == "interrupted" or (now - (s.heartbeat_at or s.updated_at)).total_seconds() > STALE_AFTER_S
 
     search = storage.claim(prepared.search.id, driver_id(), stale)
@@ -106,7 +109,7 @@ def target_recipe(storage: Storage, search_id: str, *, bits: float | None = None
     try:
         planned = plan(config, tables, weight_mse(storage, search.id), bits=bits, size_mb=size_mb, psnr=psnr)
     except ValueError as exc:  # budget too small, unreachable PSNR, missing measurements
-        raise ConfigError(str(exc).splitlines()[0]) from None
+        raise ConfigError(first_line(exc)) from None
     spec = resolve_model(search.model)
     ensure_ray(ray_address)
     driver = SearchDriver(storage, search, spec, workers=workers, reporter=reporter)

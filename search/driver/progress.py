@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 PHASE_LABELS = {
     "palettes": "fit palettes (k-means)",
     "isolated": "isolated impact + baselines",
+    "refine": "isolated impact, refined",
     "cumulative": "cumulative curves",
     "recipes": "measure recipes",
 }

@@ -23,11 +23,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from search.recipes.apple_rule import ALLOWED_BITS, Recipe
+from common.formats import RECIPE_BITS
+from search.recipes.apple_rule import Recipe, unique_key
+from workers.evaluation.protocol import LINEAR8_BASELINE, round_db
 
 JSON_INF_PSNR = 1000.0
 UNNAMED_RECIPE = "recipe"  # key given to a bare {layer: bits} map (real key needs sizes)
 _APPLE_TOP_KEYS = ("model_version", "baselines", "recipes", "single_layer", "cumulative")
+
+# What the numbers of a download mean, written into it (mbp_search.protocol).
+PROTOCOL_NOTES = {
+    "apple": {
+        "name": "apple",
+        "psnr": "compute_psnr(ref, test): 20*log10((max|test| + 1e-5) / (rms(ref - test) + 1e-10)), per prompt, "
+                "rounded to 0.1 dB; a measurement is the plain mean of the rounded values",
+        "original": "a fresh deep copy of the pipeline run against the reference pipeline",
+        "linear_8bit": "int8 LINEAR fake quantization (0 in range, one scale per tensor) of every UNet module "
+                       "with a weight",
+        "recipes": "baselines[recipe key] is the recipe's mean PSNR rounded once more to 0.1 dB",
+    },
+    "classic": {
+        "name": "classic",
+        "psnr": "20*log10((max|ref| + 1e-5) / (rms(ref - test) + 1e-10)) per prompt, unrounded, averaged",
+        "original": "the evaluator's reference run again",
+        "linear_8bit_per_channel": "uint8 affine per output channel of every candidate layer",
+        "recipes": "baselines[recipe key] is the recipe's mean PSNR",
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -42,6 +64,7 @@ class SearchReport:
     order: dict[int, list[str]] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    protocol: str = "classic"  # what the PSNRs mean (workers.evaluation.protocol)
 
 
 # --------------------------------------------------------------------------- writing
@@ -84,31 +107,20 @@ def _metadata(nbits: int, cumulative: bool) -> dict[str, Any]:
     return {"nbits": nbits, "out_ngroups": 1, "in_ngroups": 1, "cumulative": cumulative}
 
 
-def _unique_key(recipe: Recipe, taken: dict[str, dict[str, int]]) -> str | None:
-    """The recipe's key, or a suffixed one if another recipe already holds it; None if a duplicate."""
-    key = recipe.key
-    for suffix in ("", f"_{recipe.strategy}", *(f"_{i}" for i in range(2, 1000))):
-        candidate = key + suffix
-        if candidate not in taken:
-            return candidate
-        if taken[candidate] == recipe.bits:
-            return None
-    raise ValueError(f"too many recipes share key {key!r}")
-
-
 def to_apple_json(report: SearchReport) -> dict:
     """Apple-format dict (strict-JSON safe) from a report.
 
     Unmeasured recipes appear in ``recipes`` but not in ``baselines`` (Apple's plot expects a
     number there). Identical recipes are written once; a different recipe whose key is taken
-    gets ``_<strategy>`` (then ``_2``, ...) appended rather than overwriting it.
+    is renamed by ``apple_rule.unique_key`` (as the driver names stored recipes), never overwritten.
     Cumulative entries follow ``order[b]``; its metadata lists the full order and sizes, so for a
     complete report entries align 1:1 with ``candidates`` as Apple's plot needs.
     ``mbp_search`` holds ``recipe_info`` (key -> avg_bits, size_mb, threshold, strategy, psnr)
     plus ``report.extra``, whose keys win on a clash.
     """
+    apple = report.protocol == "apple"
     baselines: dict[str, float | None] = {}
-    for name in ("original", "linear_8bit"):
+    for name in ("original", LINEAR8_BASELINE[report.protocol]):
         if name in report.baselines:
             baselines[name] = json_psnr(report.baselines[name])
     for name, v in report.baselines.items():
@@ -117,12 +129,12 @@ def to_apple_json(report: SearchReport) -> dict:
     recipes: dict[str, dict[str, int]] = {}
     info: dict[str, dict[str, Any]] = {}
     for recipe, psnr in report.recipes:
-        key = _unique_key(recipe, recipes)
+        key = unique_key(recipe, recipes)
         if key is None:
             continue
         recipes[key] = {layer: int(b) for layer, b in recipe.bits.items()}
-        if psnr is not None:
-            baselines[key] = json_psnr(psnr)
+        if psnr is not None:  # Apple's script rounds a recipe's mean PSNR once more to 0.1 dB
+            baselines[key] = json_psnr(round_db(psnr) if apple and math.isfinite(psnr) else psnr)
         info[key] = {
             "avg_bits": recipe.avg_bits,
             "size_mb": recipe.size_mb,
@@ -133,7 +145,8 @@ def to_apple_json(report: SearchReport) -> dict:
 
     single_layer: dict[str, dict[str, Any]] = {}
     for b in sorted(report.single_layer):
-        entry: dict[str, Any] = {"metadata": _metadata(int(b), False)}
+        # Apple's final JSON has no metadata under single_layer (its sort pops it).
+        entry: dict[str, Any] = {} if apple else {"metadata": _metadata(int(b), False)}
         for layer, psnrs in report.single_layer[b].items():
             entry[layer] = [json_psnr(p) for p in psnrs]
         single_layer[str(b)] = entry
@@ -157,7 +170,7 @@ def to_apple_json(report: SearchReport) -> dict:
                 entry[layer] = [json_psnr(p) for p in measured[layer]]
         cumulative[str(b)] = entry
 
-    mbp = {"recipe_info": info}
+    mbp = {"recipe_info": info, "protocol": PROTOCOL_NOTES[report.protocol]}
     mbp.update(_json_safe(dict(report.extra)))
     return {
         "model_version": report.model_version,
@@ -210,10 +223,10 @@ def _check_recipe(key: str, recipe: Any) -> dict[str, int]:
             raise RecipeFileError(f"recipe {key!r}: layer name {layer!r} is not a string")
         if isinstance(b, float) and b.is_integer():
             b = int(b)
-        if isinstance(b, bool) or not isinstance(b, int) or b not in ALLOWED_BITS:
+        if isinstance(b, bool) or not isinstance(b, int) or b not in RECIPE_BITS:
             raise RecipeFileError(
                 f"recipe {key!r}: layer {layer!r} has bits {b!r}, expected one of "
-                f"{sorted(ALLOWED_BITS)}"
+                f"{sorted(RECIPE_BITS)}"
             )
         out[layer] = b
     return out

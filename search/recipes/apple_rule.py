@@ -1,7 +1,8 @@
-"""Mixed-bit palettization recipes: thresholds, Apple's recipe rule, size arithmetic.
+"""Mixed-bit palettization recipes: the Recipe record, its key, thresholds, Apple's recipe rule.
 
 Pure functions, no I/O, so the driver, the API and the tests can all use them on plain
-dicts. The semantics follow Apple's ``mixed_bit_compression_pre_analysis.py``:
+dicts. Bit depths and size arithmetic (``average_bits``, ``size_mb``) live in
+``common.formats``, since the Core ML worker needs them too. The semantics follow Apple's ``mixed_bit_compression_pre_analysis.py``:
 
 * thresholds are ``np.linspace(original - 1, linear_8bit + 5, n)`` (both ends included);
 * for a threshold, a layer gets the lowest bit depth whose *cumulative* mean PSNR is
@@ -19,9 +20,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-RECIPE_NBITS = (1, 2, 4, 6, 8)  # palettized depths the Neural Engine accelerates
-FLOAT16_BITS = 16  # "not palettized": the layer stays in float16
-ALLOWED_BITS = frozenset(RECIPE_NBITS + (FLOAT16_BITS,))
+from common.formats import FLOAT16_BITS, PALETTE_NBITS, RECIPE_BITS, average_bits, check_bits, check_sizes, size_mb
+
+ALLOWED_BITS = RECIPE_BITS  # the name tests/search/test_end_to_end.py imports
 
 
 @dataclass(frozen=True)
@@ -39,25 +40,6 @@ class Recipe:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_sizes(sizes: Mapping[str, int]) -> None:
-    if not sizes:
-        raise ValueError("sizes is empty: no candidate layers")
-    for layer, numel in sizes.items():
-        if not isinstance(layer, str):
-            raise ValueError(f"layer name {layer!r} is not a string")
-        if isinstance(numel, bool) or not isinstance(numel, (int, np.integer)) or numel <= 0:
-            raise ValueError(f"size of layer {layer!r} must be a positive integer, got {numel!r}")
-
-
-def _check_bits(bits: Mapping[str, int], sizes: Mapping[str, int]) -> None:
-    _check_sizes(sizes)
-    for layer, b in bits.items():
-        if layer not in sizes:
-            raise ValueError(f"layer {layer!r} in the recipe is not a candidate (not in sizes)")
-        if isinstance(b, bool) or b not in ALLOWED_BITS:
-            raise ValueError(f"layer {layer!r}: bits {b!r} not in {sorted(ALLOWED_BITS)}")
-
-
 def _psnr(value: object, where: str) -> float:
     """A PSNR as float; NaN is an error, +inf (bit-exact) is kept as a very high value."""
     if isinstance(value, bool) or not isinstance(value, Real):
@@ -68,32 +50,26 @@ def _psnr(value: object, where: str) -> float:
     return v
 
 
-# --------------------------------------------------------------------------- arithmetic
-
-
-def average_bits(bits: Mapping[str, int], sizes: Mapping[str, int]) -> float:
-    """Numel-weighted mean bits per weight over all candidates (missing layers count as 16, as Apple's apply does)."""
-    _check_bits(bits, sizes)
-    total = sum(sizes.values())
-    return sum(bits.get(layer, FLOAT16_BITS) * n for layer, n in sizes.items()) / total
-
-
-def size_mb(bits: Mapping[str, int], sizes: Mapping[str, int]) -> float:
-    """Compressed bytes of the candidates / 1e6: indices (numel*b/8) plus a float16 LUT of 2**b entries.
-
-    Apple reports ``numel*b/8`` only; the LUT is added here because it is what ships.
-    """
-    _check_bits(bits, sizes)
-    total = 0.0
-    for layer, n in sizes.items():
-        b = bits.get(layer, FLOAT16_BITS)
-        total += n * 2 if b == FLOAT16_BITS else n * b / 8 + (2**b) * 2
-    return total / 1e6
+# --------------------------------------------------------------------------- keys and recipes
 
 
 def recipe_key(avg_bits: float) -> str:
     """Apple's key: average bits per weight, 2 decimals."""
     return f"recipe_{avg_bits:.2f}_bit_mixedpalette"
+
+
+def unique_key(recipe: Recipe, taken: Mapping[str, Mapping[str, int]]) -> str | None:
+    """The one rule for naming a recipe among others (stored recipes, a JSON download): its
+    Apple key, else ``<key>_<strategy>``, then ``<key>_<strategy>2``, 3, ...; None if the very
+    same bit map is already there under some key (it is not stored or written twice)."""
+    if any(bits == recipe.bits for bits in taken.values()):
+        return None
+    key, n = recipe.key, 2
+    if key in taken:
+        key = f"{recipe.key}_{recipe.strategy}"
+        while key in taken:
+            key, n = f"{recipe.key}_{recipe.strategy}{n}", n + 1
+    return key
 
 
 def make_recipe(
@@ -103,7 +79,7 @@ def make_recipe(
     strategy: str = "apple",
 ) -> Recipe:
     """Build a Recipe over every candidate (layers absent from ``bits`` become 16)."""
-    _check_bits(bits, sizes)
+    check_bits(bits, sizes)
     full = {layer: int(bits.get(layer, FLOAT16_BITS)) for layer in sizes}
     avg = average_bits(full, sizes)
     return Recipe(recipe_key(avg), full, avg, size_mb(full, sizes), threshold, strategy)
@@ -112,16 +88,19 @@ def make_recipe(
 # --------------------------------------------------------------------------- Apple's search
 
 
-def cumulative_order(isolated: Mapping[str, float]) -> list[str]:
-    """Layers by descending isolated PSNR (least harmful first), ties broken by name.
+def cumulative_order(isolated: Mapping[str, float], candidates: Sequence[str] | None = None) -> list[str]:
+    """Layers by descending isolated PSNR (least harmful first), ties in candidate order.
 
-    Apple sorts by ``-sum(psnrs)`` with dict order as the tie-break; a name tie-break
-    makes the order reproducible whatever order the measurements arrived in.
+    Apple sorts its single-layer dict (candidates in module order) by ``-sum(psnrs)`` with
+    Python's stable sort, so equal PSNRs (common once values are rounded to 0.1 dB) keep
+    module order. ``candidates`` gives that order whatever order the measurements arrived
+    in (default: the dict's own order); layers not measured are left out.
     """
     if not isolated:
         raise ValueError("isolated is empty: no single-layer measurements")
-    scored = [(-_psnr(v, f"isolated[{k!r}]"), k) for k, v in isolated.items()]
-    return [k for _, k in sorted(scored)]
+    names = [c for c in candidates if c in isolated] if candidates is not None else list(isolated)
+    scored = {k: -_psnr(isolated[k], f"isolated[{k!r}]") for k in names}
+    return sorted(names, key=scored.__getitem__)
 
 
 def thresholds(
@@ -159,6 +138,18 @@ def thresholds(
     return [float(t) for t in np.linspace(upper, lower, int(n))]
 
 
+def apple_thresholds(original: float, linear_8bit: float, n: int) -> list[float]:
+    """Apple's thresholds exactly: ``np.linspace(original - 1, linear_8bit + 5, n)``, in that
+    order, whatever the range (the Apple protocol; `thresholds` is the checked variant)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"number of thresholds must be an integer >= 1, got {n!r}")
+    original = _psnr(original, "baseline 'original'")
+    linear_8bit = _psnr(linear_8bit, "baseline 'linear_8bit'")
+    if not (math.isfinite(original) and math.isfinite(linear_8bit)):
+        raise ValueError(f"baselines must be finite, got original {original}, linear_8bit {linear_8bit}")
+    return [float(t) for t in np.linspace(original - 1.0, linear_8bit + 5.0, int(n))]
+
+
 def _check_cumulative(
     cumulative: Mapping[int, Mapping[str, float]], sizes: Mapping[str, int]
 ) -> dict[int, dict[str, float]]:
@@ -166,8 +157,8 @@ def _check_cumulative(
         raise ValueError("cumulative is empty: no bit depth measured")
     clean: dict[int, dict[str, float]] = {}
     for b, per_layer in cumulative.items():
-        if isinstance(b, bool) or b not in RECIPE_NBITS:
-            raise ValueError(f"bit depth {b!r} not in {RECIPE_NBITS}")
+        if isinstance(b, bool) or b not in PALETTE_NBITS:
+            raise ValueError(f"bit depth {b!r} not in {PALETTE_NBITS}")
         clean[int(b)] = {}
         for layer, v in per_layer.items():
             if layer not in sizes:
@@ -182,20 +173,22 @@ def apple_recipes(
     cumulative: Mapping[int, Mapping[str, float]],
     sizes: Mapping[str, int],
     thresholds: Sequence[float],
+    default_bits: int = FLOAT16_BITS,
 ) -> list[Recipe]:
     """One recipe per threshold (in the order given) by Apple's rule.
 
     ``cumulative[b][layer]`` is the mean PSNR after palettizing, at ``b`` bits, every layer
     up to and including ``layer`` in that depth's cumulative order. A layer gets the lowest
     ``b`` with ``cumulative[b][layer] > threshold``; layers with no such depth (or not
-    measured at any depth) stay at 16. Depths may be a subset of RECIPE_NBITS.
+    measured at any depth) get ``default_bits`` (Apple's ``--default-nbits``, 16 unless
+    given). Depths may be a subset of PALETTE_NBITS.
 
     Duplicates: a threshold whose bit map equals an earlier one is dropped. Distinct maps
-    whose keys round to the same 2-decimal average keep the recipe from the *higher*
-    threshold (it is pointwise >= in bits, so expected better PSNR for < 0.01 bit/weight
-    more), in the position of the first; the other is dropped, never overwritten silently.
+    whose keys round to the same 2-decimal average behave as in Apple's script, where the
+    later recipe overwrites the earlier one under the shared key: the recipe of the *lower*
+    threshold is kept, in the position of the first.
     """
-    _check_sizes(sizes)
+    check_sizes(sizes)
     depths = _check_cumulative(cumulative, sizes)
     ts = [_psnr(t, "threshold") for t in thresholds]
     if not ts:
@@ -209,7 +202,7 @@ def apple_recipes(
     for t in ts:
         bits = {}
         for layer in sizes:
-            bits[layer] = FLOAT16_BITS
+            bits[layer] = default_bits
             for b, per_layer in depths.items():
                 v = per_layer.get(layer)
                 if v is not None and v > t:
@@ -224,6 +217,6 @@ def apple_recipes(
         if i is None:
             index_by_key[recipe.key] = len(out)
             out.append(recipe)
-        elif t > out[i].threshold:  # type: ignore[operator]
+        else:
             out[i] = recipe
     return out

@@ -17,7 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from search.recipes.apple_json import SearchReport
-from search.recipes.apple_rule import FLOAT16_BITS
+from common.formats import FLOAT16_BITS
+from workers.evaluation.protocol import LINEAR8_BASELINE
 
 PLOT_MAX_PSNR = 150.0  # above this (bit-exact runs: ~200 dB or inf) values are clipped / not drawn
 
@@ -83,7 +84,7 @@ def plot_report(
             ax.plot(xs, ys, "-", marker="." if len(xs) < 30 else None, label=f"{nbits}-bit")
             drawn = True
 
-    lin8 = _mean(report.baselines.get("linear_8bit"))
+    lin8 = _mean(report.baselines.get(LINEAR8_BASELINE[report.protocol]))
     if lin8 is not None:
         ax.plot([50.0], [lin8], "bx", markersize=8, label="8-bit (linear quant)")
         ax.axhline(lin8, color="b", linestyle=":", linewidth=0.8)

@@ -5,8 +5,12 @@ import math
 from dataclasses import dataclass
 
 from search.config import SearchConfig
-from search.recipes.optimal import NoiseTable, fast_plan, optimal_for_budget, optimal_for_psnr, predict_psnr, refine_candidates
 from search.recipes.apple_rule import Recipe, apple_recipes, thresholds
+from search.recipes.apple_rule import apple_thresholds as exact_apple_thresholds
+from workers.evaluation.protocol import LINEAR8_BASELINE
+from search.recipes.fast_plan import fast_plan, refine_candidates
+from search.recipes.knapsack import optimal_for_budget, optimal_for_psnr
+from search.recipes.noise_model import NoiseTable, predict_psnr
 from search.recipes.tables import Tables
 
 REFINE_MARGIN_DB = 1.0  # fast mode: measure a predicted entry if an error this large would change a choice
@@ -52,9 +56,16 @@ def noise_table(config: SearchConfig, tables: Tables, weight_mse) -> NoiseTable:
 
 
 def apple_thresholds(config: SearchConfig, tables: Tables) -> tuple[list[float], str | None]:
-    """Apple's range, capped when `original` is bit-exact; widened when linear_8bit + 5 dB is
+    """The thresholds of Apple's rule. Apple's protocol: exactly Apple's linspace. Classic:
+    Apple's range, capped when `original` is bit-exact; widened when linear_8bit + 5 dB is
     above the top (so the range would be empty)."""
-    original, linear8 = tables.baselines["original"], tables.baselines["linear_8bit"]
+    original, linear8 = tables.baselines["original"], tables.baselines[LINEAR8_BASELINE[config.protocol]]
+    if config.protocol == "apple":
+        note = None
+        if original > 200.0:
+            note = (f"original is {original:.1f} dB (bit-exact arithmetic): as in Apple's script, the top "
+                    "thresholds keep layers in float16 (the classic protocol caps them instead)")
+        return exact_apple_thresholds(original, linear8, config.num_recipes), note
     firsts = [tables.cumulative[b][1].psnr for b in config.nbits if 1 in tables.cumulative.get(b, {})]
     cap = max(firsts) - 1.0 if firsts else None
     note = None
@@ -80,7 +91,8 @@ def plan_recipes(config: SearchConfig, tables: Tables, weight_mse) -> tuple[list
         ts, note = apple_thresholds(config, tables)
         notes += [note] if note else []
         cumulative = {b: tables.cumulative_by_layer(b) for b in config.nbits}
-        out += [Planned(r, predict_psnr(table, r.bits)) for r in apple_recipes(cumulative, tables.sizes, ts)]
+        recipes = apple_recipes(cumulative, tables.sizes, ts, default_bits=config.default_nbits)
+        out += [Planned(r, predict_psnr(table, r.bits)) for r in recipes]
     if "optimal" in config.strategy:
         for t in config.optimal_targets():
             try:
@@ -110,17 +122,3 @@ def target_recipe(config: SearchConfig, tables: Tables, weight_mse, *, bits: flo
         r = optimal_for_psnr(table, tables.sizes, value)
     return Planned(r, predict_psnr(table, r.bits), {kind: value})
 
-
-def unique_key(recipe: Recipe, taken: dict[str, dict[str, int]]) -> str | None:
-    """The Apple-style key, suffixed by strategy if another recipe already holds it; None if the
-    very same bit map is already stored under some key."""
-    for key, bits in taken.items():
-        if bits == recipe.bits:
-            return None
-    key = recipe.key
-    if key in taken:
-        key = f"{recipe.key}_{recipe.strategy}"
-        n = 2
-        while key in taken:
-            key, n = f"{recipe.key}_{recipe.strategy}{n}", n + 1
-    return key

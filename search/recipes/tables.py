@@ -21,7 +21,7 @@ class Tables:
 
     def order(self, bits: int) -> list[str]:
         """Cumulative order: descending isolated PSNR. Needs the full isolated row."""
-        return cumulative_order(self.isolated_psnr(bits))
+        return cumulative_order(self.isolated_psnr(bits), list(self.sizes))
 
     def cumulative_by_layer(self, bits: int) -> dict[str, float]:
         return {m.layer: m.psnr for m in self.cumulative.get(bits, {}).values()}
@@ -57,8 +57,8 @@ def build_report(storage: Storage, search: Search) -> SearchReport:
     order = {b: t.order(b) for b in nbits if t.cumulative.get(b) and len(t.isolated.get(b, {})) == len(t.sizes)}
     cumulative = {b: {m.layer: list(m.per_prompt) for _, m in sorted(t.cumulative.get(b, {}).items())}
                   for b in nbits if t.cumulative.get(b)}
-    single = {b: {layer: list(m.per_prompt) for layer, m in t.isolated.get(b, {}).items()}
-              for b in nbits if t.isolated.get(b)}
+    single = {b: {layer: list(t.isolated[b][layer].per_prompt) for layer in t.sizes if layer in t.isolated[b]}
+              for b in nbits if t.isolated.get(b)}  # candidate (module) order, as Apple's single_layer
     extra = {
         "search_id": search.id,
         "model": search.model,
@@ -74,5 +74,7 @@ def build_report(storage: Storage, search: Search) -> SearchReport:
                     "finished_at": search.finished_at.isoformat() + "Z" if search.finished_at else None,
                     "elapsed_s": round(search.elapsed_s, 3), "evaluations": search.evaluations},
     }
+    protocol = search.config.get("protocol", "classic")  # stored before protocols existed: classic
     return SearchReport(model_version=search.model_version, baselines=baselines, recipes=recipes,
-                        single_layer=single, cumulative=cumulative, order=order, sizes=t.sizes, extra=extra)
+                        single_layer=single, cumulative=cumulative, order=order, sizes=t.sizes, extra=extra,
+                        protocol=protocol)

@@ -1,4 +1,4 @@
-"""search.recipes.optimal: the noise model, the knapsack against brute force, fast mode, calibration."""
+"""search.recipes.{noise_model,knapsack,fast_plan}: the noise model, the knapsack against brute force, fast mode, calibration."""
 
 import itertools
 import math
@@ -7,17 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from search.recipes.optimal import (
-    NoiseTable,
-    calibrate,
-    fast_plan,
-    frontier,
-    optimal_for_budget,
-    optimal_for_psnr,
-    predict_psnr,
-    refine_candidates,
-)
-from search.recipes.apple_rule import average_bits, size_mb
+from common.formats import average_bits, size_mb
+from search.recipes.fast_plan import fast_plan, refine_candidates
+from search.recipes.knapsack import frontier, optimal_for_budget, optimal_for_psnr
+from search.recipes.noise_model import NoiseTable, calibrate, predict_psnr
 
 
 def _table(seed, n_layers, n_prompts, bits=(1, 2, 4, 8), scatter=2.0, floor_db=200.0):

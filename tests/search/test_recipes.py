@@ -5,15 +5,15 @@ import math
 import numpy as np
 import pytest
 
+from common.formats import PALETTE_NBITS as RECIPE_NBITS
+from common.formats import average_bits, size_mb
 from search.recipes.apple_rule import (
-    RECIPE_NBITS,
     Recipe,
     apple_recipes,
-    average_bits,
+    apple_thresholds,
     cumulative_order,
     make_recipe,
     recipe_key,
-    size_mb,
     thresholds,
 )
 
@@ -71,9 +71,13 @@ def test_recipe_key_and_make_recipe():
 # ---------------------------------------------------------------- order and thresholds
 
 
-def test_cumulative_order_descending_with_name_tiebreak():
+def test_cumulative_order_descending_ties_in_candidate_order():
     iso = {"b": 40.0, "a": 30.0, "c": 40.0, "d": math.inf}
-    assert cumulative_order(iso) == ["d", "b", "c", "a"]
+    assert cumulative_order(iso) == ["d", "b", "c", "a"]  # dict order breaks the tie, as in Apple's sort
+    assert cumulative_order(iso, ["a", "c", "b", "d"]) == ["d", "c", "b", "a"]  # module order given
+    # An independent reference: Python's stable sort by -psnr over the candidate order.
+    cands = ["c", "a", "d", "b"]
+    assert cumulative_order(iso, cands) == sorted(cands, key=lambda k: -iso[k])
     with pytest.raises(ValueError, match="NaN"):
         cumulative_order({"a": float("nan")})
     with pytest.raises(ValueError, match="empty"):
@@ -152,14 +156,22 @@ def test_identical_maps_keep_first():
 
 
 @pytest.mark.parametrize("ts", [[40.0, 44.0], [44.0, 40.0]])
-def test_distinct_maps_same_key_keep_higher_threshold(ts):
+def test_distinct_maps_same_key_later_wins_like_apple(ts):
     sizes = {"x": 100_000, "y": 1}
     cum = {4: {"y": 41.0}, 8: {"x": 50.0, "y": 45.0}}
     rs = apple_recipes(cum, sizes, ts)
     # 44 -> y at 8 bits (avg 8.00); 40 -> y at 4 bits (avg 7.99996, also "8.00")
     assert len(rs) == 1
     assert rs[0].key == "recipe_8.00_bit_mixedpalette"
-    assert rs[0].threshold == 44.0 and rs[0].bits == {"x": 8, "y": 8}
+    # Apple's dict: the later threshold's recipe overwrites the earlier one under the same key.
+    assert rs[0].threshold == ts[-1] and rs[0].bits == {"x": 8, "y": 8 if ts[-1] == 44.0 else 4}
+
+
+def test_default_bits_fallback_and_apple_thresholds():
+    (r,) = apple_recipes(CUMULATIVE, SIZES, [45.0], default_bits=4)
+    assert r.bits == {"a": 4, "b": 8, "c": 8, "d": 4}  # d passes no threshold: the default depth
+    assert apple_thresholds(80.0, 60.0, 3) == np.linspace(79.0, 65.0, 3).tolist()
+    assert apple_thresholds(66.0, 64.0, 2) == [65.0, 69.0]  # Apple's linspace, even ascending
 
 
 def test_subset_of_depths_and_unmeasured_layers():

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from storage import Storage
+from search.driver.coreml_jobs import evaluator_settings
 from storage.palette_store import PaletteStore
 from workers.coreml.common import CoreMLError, describe_program, fp16_digest, iter_ops, match_layers, package_size, read_program
 from workers.coreml.apply import LayerLut, read_manifest
@@ -37,7 +38,7 @@ def make_job(info, out_dir, *, mlpackage=None, keys=None) -> CoreMLJob:
     store, stored = PaletteStore(info["db"]), storage.palettes(search.id)
     palettes = {k: load_palette(store.path(v.path)) for k, v in stored.items()}
     storage.close()
-    return CoreMLJob("apply", search.id, search.model, search.fingerprint, dict(search.config),
+    return CoreMLJob("apply", search.id, search.model, search.fingerprint, evaluator_settings(search),
                      tuple(RecipeJob(r.key, r.bits, r.avg_bits, r.psnr) for r in recipes), palettes, "search",
                      str(out_dir), str(mlpackage) if mlpackage else None)
 

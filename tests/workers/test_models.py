@@ -291,7 +291,7 @@ def test_candidate_layers(tiny_sdxl_spec, tiny_sd_spec):
         assert len(candidate_layers(unet, 0)) == len(everything)
         big = max(c.numel for c in cands)
         assert candidate_layers(unet, big) == []
-    assert counts == {"sdxl": 75, "sd": 51}
+    assert counts == {"sdxl": 67, "sd": 43}
 
 
 def test_fingerprint_changes_with_one_weight(tiny_sd_spec):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.formats import PALETTE_NBITS as SUPPORTED_NBITS
 from workers import palettize as P
 from workers.palettize import (
-    SUPPORTED_NBITS,
     Palette,
     PaletteError,
     dequantize_torch,

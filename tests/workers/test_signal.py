@@ -29,14 +29,25 @@ def pipe(request):
 def test_spec_defaults():
     spec = SignalSpec(prompts=list(PROMPTS))
     assert spec.prompts == PROMPTS and isinstance(spec.prompts, tuple)
-    assert (spec.seed, spec.steps, spec.resolution, spec.guidance_scale, spec.batch_size) == \
-        (0, 1, 0, None, 0)
+    assert (spec.seed, spec.steps, spec.resolution, spec.guidance_scale, spec.batch_size, spec.protocol) == \
+        (None, 1, 0, None, 0, "apple")
     assert len(DEFAULT_PROMPTS) == 8 and len(set(DEFAULT_PROMPTS)) == 8
     hash(spec)
 
 
+def test_spec_protocol_defaults():
+    """No prompts means the protocol's own: Apple's 8 captions, or the classic ones."""
+    from workers.evaluation.protocol import APPLE_PROMPTS, CLASSIC_PROMPTS
+
+    assert SignalSpec().prompts == APPLE_PROMPTS and len(APPLE_PROMPTS) == 8
+    assert APPLE_PROMPTS[0] == "a black and brown dog standing outside a door."
+    assert SignalSpec(protocol="classic").prompts == CLASSIC_PROMPTS == DEFAULT_PROMPTS
+    with pytest.raises(ValueError, match="unknown protocol 'mps'"):
+        SignalSpec(protocol="mps")
+
+
 @pytest.mark.parametrize("kw, word", [
-    (dict(prompts=()), "prompts"),
+    (dict(prompts=("",)), "prompts"),
     (dict(prompts=("ok", " ")), "prompts"),
     (dict(prompts="a single string"), "prompts"),
     (dict(steps=0), "steps"),

@@ -21,7 +21,10 @@ from typing import Mapping
 
 import numpy as np
 
-from workers.coreml.common import CoreMLError, LayerMatch, fp16_digest, listing, load_mlmodel, one_line, quiet_coremltools
+from common.errors import first_line
+from common.files import atomic_write_text
+from workers.coreml.common import (ERROR_CHARS, CoreMLError, LayerMatch, fp16_digest, listing, load_mlmodel,
+                                  quiet_coremltools)
 from workers.coreml.convert import save_package
 from workers.palettize import Palette, kmeans_lut
 
@@ -132,7 +135,7 @@ def palettize(base: str | os.PathLike, out: str | os.PathLike, luts: Mapping[str
     except CoreMLError:
         raise
     except Exception as exc:
-        raise CoreMLError(f"Core ML palettization failed: {one_line(exc)}") from None
+        raise CoreMLError(f"Core ML palettization failed: {first_line(exc, ERROR_CHARS)}") from None
     skipped = sorted(set(luts) - called)
     if skipped:
         raise CoreMLError(f"coremltools did not palettize {len(skipped)} weights: {listing(skipped)}")
@@ -142,9 +145,7 @@ def palettize(base: str | os.PathLike, out: str | os.PathLike, luts: Mapping[str
 def write_manifest(package: str | os.PathLike, m: Manifest) -> None:
     path = manifest_path(package)
     data = {"format": MANIFEST_FORMAT, **m.__dict__}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def read_manifest(package: str | os.PathLike) -> Manifest:
@@ -158,7 +159,7 @@ def read_manifest(package: str | os.PathLike) -> Manifest:
         raise CoreMLError(f"{path} is missing: {package} was not written by `search apply` "
                           "(or was moved without its .mbp.json)") from None
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise CoreMLError(f"unreadable manifest {path}: {one_line(exc)}") from None
+        raise CoreMLError(f"unreadable manifest {path}: {first_line(exc, ERROR_CHARS)}") from None
     if m.lut_source not in LUT_SOURCES:
         raise CoreMLError(f"unreadable manifest {path}: lut_source {m.lut_source!r}")
     return m

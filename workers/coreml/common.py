@@ -4,8 +4,8 @@ Torch layers are matched to Core ML weights by content: the sha256 of the float1
 flattened in C order. A Linear weight (out, in) that a converter turned into a 1x1
 convolution (out, in, 1, 1) has the same flattened bytes, and names never matter, so a
 package from Apple's ``torch2coreml`` (other weight names, Linear as Conv) matches as well
-as one converted here. The other stages live in ``coreml_convert`` (diffusers UNet to ML
-program), ``coreml_apply`` (palettization with exact LUTs) and ``coreml_validate``.
+as one converted here. The other stages live in ``convert`` (diffusers UNet to ML
+program), ``apply`` (palettization with exact LUTs) and ``validate``.
 Plain functions and frozen dataclasses; nothing here touches the database.
 """
 from __future__ import annotations
@@ -19,9 +19,12 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
+from common.errors import first_line
+
 LUT_OP = "constexpr_lut_to_dense"
 PALETTIZED_SUFFIX = "_palettized"  # coremltools names the op replacing const X "X_palettized"
 MAX_LISTED = 8  # names listed in one-line error messages
+ERROR_CHARS = 300  # at most this much of a library's error message is quoted
 
 
 class CoreMLError(Exception):
@@ -87,7 +90,7 @@ def load_mlmodel(path: str | os.PathLike):
     try:
         model = ct.models.MLModel(str(p), skip_model_load=True)
     except Exception as exc:
-        raise CoreMLError(f"{p} is not a readable Core ML model: {one_line(exc)}") from None
+        raise CoreMLError(f"{p} is not a readable Core ML model: {first_line(exc, ERROR_CHARS)}") from None
     if model.get_spec().WhichOneof("Type") != "mlProgram":
         raise CoreMLError(f"{p} is not an ML program (neural-network models cannot be palettized this way); "
                           "convert the UNet with convert_to='mlprogram'")
@@ -103,7 +106,7 @@ def read_program(path: str | os.PathLike):
     try:
         return milproto.load(spec, spec.specificationVersion, model.weights_dir)
     except Exception as exc:
-        raise CoreMLError(f"cannot read the ML program of {path}: {one_line(exc)}") from None
+        raise CoreMLError(f"cannot read the ML program of {path}: {first_line(exc, ERROR_CHARS)}") from None
 
 
 def iter_ops(program) -> Iterator:
@@ -172,7 +175,3 @@ def match_layers(torch_weights: Mapping[str, np.ndarray], weights: Mapping[str, 
                           f"palettized separately: {listing(ambiguous + shared)}")
     return found
 
-
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit] + "..."

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workers.coreml.common import CoreMLError, describe_program, one_line, quiet_coremltools, read_program
+from common.errors import first_line
+from common.files import atomic_write_text, publish_dir
+from workers.coreml.common import ERROR_CHARS, CoreMLError, describe_program, quiet_coremltools, read_program
 
 OUTPUT_NAME = "noise_pred"
 BASE_FORMAT = "1"  # bump when the conversion changes: cached base models are rebuilt
@@ -129,7 +131,7 @@ def convert_unet(unet, inputs: UNetInputs, path: str | os.PathLike) -> None:
                         for n, a in zip(inputs.names, inputs.arrays)],
                 outputs=[ct.TensorType(name=OUTPUT_NAME)])
     except Exception as exc:
-        raise CoreMLError(f"Core ML conversion of the UNet failed: {one_line(exc)}") from None
+        raise CoreMLError(f"Core ML conversion of the UNet failed: {first_line(exc, ERROR_CHARS)}") from None
     save_package(model, path)
 
 
@@ -140,9 +142,7 @@ def save_package(model, path: str | os.PathLike) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent))
     try:
         model.save(str(tmp / path.name))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp / path.name, path)
+        publish_dir(tmp / path.name, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -175,10 +175,8 @@ def ensure_base_model(unet, fingerprint: str, inputs: UNetInputs, cache_dir: str
         pass
     convert_unet(unet, inputs, path)
     consts, weights = describe_program(read_program(path))
-    tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(json.dumps({"key": key, "fingerprint": fingerprint, "inputs": inputs.shapes(),
-                               "consts": consts, "weights": weights}))
-    os.replace(tmp, sidecar)
+    atomic_write_text(sidecar, json.dumps({"key": key, "fingerprint": fingerprint, "inputs": inputs.shapes(),
+                                           "consts": consts, "weights": weights}))
     return BaseModel(str(path), True, False, consts, weights, time.perf_counter() - t0)
 
 

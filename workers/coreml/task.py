@@ -15,11 +15,14 @@ from pathlib import Path
 
 import torch
 
-from workers.coreml.common import CoreMLError, LayerMatch, listing, match_layers, one_line, package_size, read_program
+from common.errors import first_line, typed_line
+from common.formats import average_bits, is_palettized
+from workers.coreml.common import CoreMLError, LayerMatch, listing, match_layers, package_size, read_program
 from workers.coreml.apply import (Manifest, layer_luts, package_name, palettize, read_manifest, torch_weights,
                                   write_manifest)
 from workers.coreml.convert import BaseModel, capture_unet_inputs, ensure_base_model, load_base_model, user_base_model
 from workers.coreml.validate import check_numeric, check_runtime, check_structure
+from workers.evaluation.items import EvaluatorSettings
 
 COREML_RESOURCE = "coreml"
 NODE_CHOICES = ("coreml", "any")
@@ -41,7 +44,7 @@ class CoreMLJob:
     search_id: str
     model: str  # the torch model being compressed (a resolve_model name)
     fingerprint: str | None  # its required UNet fingerprint (the search's), None: not checked
-    config: dict  # the search's SearchConfig: signal protocol, precision, min_size
+    evaluation: EvaluatorSettings  # the search's signal protocol, precision and min_size
     recipes: tuple[RecipeJob, ...]
     palettes: dict = field(default_factory=dict)  # {(layer, bits): Palette}, the search's exact LUTs
     lut_source: str = "search"  # "search": palettes above; "kmeans": workers.palettize.kmeans_lut
@@ -80,13 +83,12 @@ class JobResult:
 
 
 def _evaluator(job: CoreMLJob):
-    from search.config import SearchConfig
     from workers.evaluation.evaluator import Evaluator
     from workers.models import resolve_model
 
-    cfg = SearchConfig.from_dict(job.config)
-    return Evaluator(resolve_model(job.model), cfg.signal_spec(), precision=cfg.precision,
-                     fingerprint=job.fingerprint, device=job.device, min_size=cfg.min_size)
+    settings = job.evaluation
+    return Evaluator(resolve_model(job.model), settings.signal, precision=settings.precision,
+                     fingerprint=job.fingerprint, device=job.device, min_size=settings.min_size)
 
 
 def _check(ev, package: Path, base: BaseModel, luts, recipe: RecipeJob, avg_bits: float, lut_source: str,
@@ -109,7 +111,6 @@ def _check(ev, package: Path, base: BaseModel, luts, recipe: RecipeJob, avg_bits
 
 def _average_bits(unet, bits: dict[str, int], min_size: int) -> float:
     """Apple's average over the model's candidates (absent ones at 16) and the recipe's layers."""
-    from search.recipes.apple_rule import average_bits
     from workers.models import candidate_layers
 
     sizes = {c.name: c.numel for c in candidate_layers(unet, min_size)}
@@ -128,11 +129,11 @@ def _apply(job: CoreMLJob, ev, fingerprint: str) -> tuple[BaseModel, list[Recipe
     if absent:
         raise CoreMLError(f"{len(absent)} recipe layers are not weight layers of the model being compressed "
                           f"({job.model}): {listing(absent)}")
-    min_size = int(job.config.get("min_size", 0))
+    min_size = job.evaluation.min_size
     job = replace(job, recipes=tuple(r if r.avg_bits is not None else
                                      replace(r, avg_bits=_average_bits(unet, r.bits, min_size))
                                      for r in job.recipes))
-    wanted = {r.key: {l: b for l, b in r.bits.items() if b != 16} for r in job.recipes}
+    wanted = {r.key: {l: b for l, b in r.bits.items() if is_palettized(b)} for r in job.recipes}
     weights = torch_weights(unet, sorted({l for layers in wanted.values() for l in layers}))
     if job.mlpackage:
         base = user_base_model(job.mlpackage)
@@ -235,7 +236,7 @@ def run_remote(job: CoreMLJob, coreml_node: str = "coreml") -> JobResult:
         if isinstance(cause, Exception) and not isinstance(cause, RayError):
             if type(cause).__module__.startswith(("workers.", "search.", "storage.")):
                 raise cause from None
-            raise CoreMLError(f"the Core ML task failed: {type(cause).__name__}: {one_line(cause)}") from None
-        raise CoreMLError(f"the Core ML task failed: {one_line(exc)}") from None
+            raise CoreMLError(f"the Core ML task failed: {typed_line(cause, 300)}") from None
+        raise CoreMLError(f"the Core ML task failed: {first_line(exc, 300)}") from None
     except RayError as exc:
-        raise CoreMLError(f"the Core ML task could not run: {one_line(exc)}") from None
+        raise CoreMLError(f"the Core ML task could not run: {first_line(exc, 300)}") from None

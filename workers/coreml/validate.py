@@ -19,11 +19,11 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from workers.coreml.common import (LUT_OP, PALETTIZED_SUFFIX, CoreMLError, const_value, iter_ops, listing, one_line,
+from common.errors import first_line
+from workers.coreml.common import (LUT_OP, PALETTIZED_SUFFIX, CoreMLError, const_value, iter_ops, listing,
                             value_digest)
 from workers.coreml.apply import LayerLut
 from workers.coreml.convert import unet_call_inputs
-from workers.evaluation.signal import psnr
 
 COMPUTE_UNITS = ("CPU_AND_GPU", "CPU_AND_NE")
 NUMERIC_TOLERANCE_DB = 0.1
@@ -129,9 +129,7 @@ def _run_with_weights(evaluator, weights: Mapping[str, np.ndarray]) -> torch.Ten
 
 def check_numeric(evaluator, weights: Mapping[str, np.ndarray], measured: float | None,
                   tolerance: float = NUMERIC_TOLERANCE_DB) -> NumericResult:
-    values = psnr(evaluator.reference, _run_with_weights(evaluator, weights))
-    value = float(np.mean(values))
-    per_prompt = tuple(float(v) for v in values)
+    per_prompt, value = evaluator.score(_run_with_weights(evaluator, weights), evaluator.pristine_reference)
     if measured is None:
         return NumericResult(value, per_prompt, None, f"{value:.2f} dB (no measured PSNR to compare with)")
     ok = bool(np.isfinite(value) and abs(value - measured) <= tolerance)
@@ -207,9 +205,9 @@ def check_runtime(evaluator, package: str, compute_units=COMPUTE_UNITS) -> Runti
         try:
             model = ct.models.MLModel(package, compute_units=getattr(ct.ComputeUnit, unit))
             out = run_with_coreml_unet(evaluator, CoreMLUNet(model))
-            results[unit] = float(np.mean(psnr(evaluator.reference, out)))
+            results[unit] = evaluator.score(out, evaluator.pristine_reference)[1]
         except Exception as exc:
-            notes.append(f"{unit} failed: {one_line(exc, 200)}")
+            notes.append(f"{unit} failed: {first_line(exc, 200)}")
     ran = ", ".join(f"{u} {p:.2f} dB" for u, p in results.items())
     note = "Core ML prediction vs torch float16 reference: " + (ran or "no compute unit ran")
     return RuntimeResult(results or None, note + ("; " + "; ".join(notes) if notes else ""))

@@ -1,10 +1,16 @@
 """The evaluator: loads the pipeline once on its device and measures work items.
 
-Runs inside a Ray actor (see `search.pool`), but is a plain class so it can be used and
+Runs inside a Ray actor (see `search.driver.pool`), but is a plain class so it can be used and
 tested directly. It never touches the database: it returns plain dataclasses.
+
+What a measurement compares follows the protocol (`workers.evaluation.protocol`). With Apple's
+``--default-nbits D`` (D < 16) the analysis runs on a pipeline whose every UNet weight is
+palettized to D bits (that is also its reference), while the baselines and recipes are measured
+on the pristine weights against the pristine reference, as Apple's script does.
 """
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import time
@@ -13,10 +19,12 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from common.formats import FLOAT16_BITS, is_palettized
 from workers.evaluation.items import EvalResult, PaletteResult, WorkItem
 from workers.models import ModelError, ModelSpec, candidate_layers, load_pipeline, pick_device, unet_fingerprint
 from workers.palettize import Palette, dequantize_torch, kmeans_palette, linear_8bit
-from workers.evaluation.signal import SignalRunner, SignalSpec, psnr
+from workers.evaluation.protocol import fake_int8_per_tensor, mean_db, psnr_per_prompt
+from workers.evaluation.signal import SignalRunner, SignalSpec
 
 
 # Fault injection for the failure-handling tests: work-item keys that always raise.
@@ -49,7 +57,7 @@ def _ray_identity() -> tuple[str, str]:
 class Evaluator:
     def __init__(self, spec: ModelSpec, signal: SignalSpec, *, precision: str = "auto",
                  fingerprint: str | None = None, device: str | None = None, threads: int | None = None,
-                 min_size: int = 0):
+                 min_size: int = 0, default_nbits: int = FLOAT16_BITS):
         if threads:
             torch.set_num_threads(threads)
         self.device = device or pick_device()
@@ -64,6 +72,7 @@ class Evaluator:
             raise ModelError(f"model '{spec.requested}' on this node differs from the one the search was started with "
                              "(UNet fingerprint mismatch)")
         self.modules = {c.name: unet.get_submodule(c.name) for c in candidate_layers(unet, min_size)}
+        self.protocol = signal.protocol
         self.runner = SignalRunner(self.pipe, signal, self.device)
         self.load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -71,6 +80,18 @@ class Evaluator:
         self.reference_s = time.perf_counter() - t0
         self.node, self.worker = _ray_identity()
         self._palettes: dict[tuple[str, int], Palette] = {}
+        # --default-nbits: keep the pristine weights and reference for baselines and recipes,
+        # then palettize every UNet weight to the default depth; that pipeline is the analysis'.
+        self.default_nbits = int(default_nbits)
+        self.pristine: dict[str, torch.Tensor] | None = None
+        self.pristine_reference = self.reference
+        self._pristine_palettes: dict[tuple[str, int], Palette] = {}
+        if is_palettized(self.default_nbits):
+            self.pristine = {name: m.weight.data for name, m in _weighted_modules(unet)}
+            with torch.no_grad():
+                for name, m in _weighted_modules(unet):
+                    m.weight.data = _palettize_like_apple(m.weight.data, self.default_nbits).to(self.dtype)
+            self.reference = self.runner.run()
 
     def info(self) -> dict:
         return {"device": self.device, "dtype": str(self.dtype).replace("torch.", ""), "node": self.node,
@@ -100,40 +121,110 @@ class Evaluator:
             self._palettes[key] = value
         return self._palettes[key]
 
+    def _pristine_palette(self, layer: str, bits: int) -> Palette:
+        """A recipe's palette when the analysis ran on default-palettized weights: fitted on the
+        pristine weight, as Apple's recipe step palettizes the pristine pipeline."""
+        key = (layer, bits)
+        if key not in self._pristine_palettes:
+            self._pristine_palettes[key] = kmeans_palette(self.pristine[layer].to(torch.float16).cpu().numpy(), bits)
+        return self._pristine_palettes[key]
+
+    def _on_pristine(self, item: WorkItem) -> bool:
+        return self.pristine is not None and item.phase in ("baseline", "recipe")
+
     @contextmanager
     def _patched(self, item: WorkItem, palettes: dict):
         """Swap in the modified weights for one run and always put the originals back."""
         originals = {}
+        modules = dict(_weighted_modules(self.pipe.unet))
+
+        def swap(name: str, data: torch.Tensor) -> None:
+            originals.setdefault(name, modules[name].weight.data)
+            modules[name].weight.data = data
+
         try:
             with torch.no_grad():
+                if self._on_pristine(item):
+                    for name, data in self.pristine.items():
+                        swap(name, data)
                 if item.linear8:
-                    for name, module in self.modules.items():
-                        w16 = module.weight.data.to(torch.float16).cpu().numpy()
-                        originals[name] = module.weight.data
-                        module.weight.data = torch.from_numpy(linear_8bit(w16)).to(self.device, self.dtype)
+                    self._swap_linear8(swap, modules)
                 for layer, bits in item.assignment:
-                    if bits == 16:
+                    if not is_palettized(bits):
                         continue
-                    module = self.modules[layer]
-                    pal = self._palette(layer, bits, palettes)
-                    originals[layer] = module.weight.data
-                    module.weight.data = dequantize_torch(module.weight.data.to(torch.float16), pal).to(self.dtype)
+                    weight = modules[layer].weight.data
+                    pal = (self._pristine_palette(layer, bits) if self._on_pristine(item)
+                           else self._palette(layer, bits, palettes))
+                    swap(layer, dequantize_torch(weight.to(torch.float16), pal).to(self.dtype))
             yield
         finally:
             for name, data in originals.items():
-                self.modules[name].weight.data = data
+                modules[name].weight.data = data
+
+    def _swap_linear8(self, swap, modules) -> None:
+        if self.protocol == "apple":  # every UNet weight, per tensor int8 (Apple's fake_int8_quantize)
+            for name, module in modules.items():
+                w16 = module.weight.data.to(torch.float16).cpu().numpy()
+                swap(name, torch.from_numpy(fake_int8_per_tensor(w16)).to(self.device, self.dtype))
+        else:  # classic: the candidates, per output channel uint8
+            for name, module in self.modules.items():
+                w16 = module.weight.data.to(torch.float16).cpu().numpy()
+                swap(name, torch.from_numpy(linear_8bit(w16)).to(self.device, self.dtype))
+
+    def _fresh_copy_run(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apple's "original": a deep copy of the pipeline run against a new run of the reference
+        pipeline (on MPS this is the device's run-to-run floor; bit-exact devices give ~210 dB)."""
+        twin = copy.deepcopy(self.pipe)
+        try:
+            test = SignalRunner(twin, self.runner.spec, self.device).run()
+        finally:
+            del twin
+        return self.runner.run(), test
 
     def evaluate(self, item: WorkItem, palettes: dict | None = None) -> EvalResult:
         if item.key in _INJECTED_FAILURES:
             raise RuntimeError(f"injected failure for {item.key} (MBP_SEARCH_FAIL_KEYS)")
         t0 = time.perf_counter()
-        with self._patched(item, palettes or {}):
-            out = self.runner.run()
-        values = psnr(self.reference, out)
+        reference = self.pristine_reference if self._on_pristine(item) else self.reference
+        if item.phase == "baseline" and item.name == "original" and self.protocol == "apple":
+            with self._patched(item, {}):
+                reference, out = self._fresh_copy_run()
+        else:
+            with self._patched(item, palettes or {}):
+                out = self.runner.run()
+        values, mean = self.score(out, reference)
         if not np.all(np.isfinite(values)):
             raise FloatingPointError(f"non-finite output for {item.key} (the pipeline produced NaN/inf)")
-        return EvalResult(item.key, tuple(float(v) for v in values), float(np.mean(values)), self.node, self.worker,
-                          time.perf_counter() - t0)
+        return EvalResult(item.key, values, mean, self.node, self.worker, time.perf_counter() - t0)
+
+    def score(self, out, reference=None) -> tuple[tuple[float, ...], float]:
+        """Per-prompt PSNRs of ``out`` against the reference, and their mean, as the protocol
+        defines them (the Core ML validation scores its outputs with this too)."""
+        values = psnr_per_prompt(self.reference if reference is None else reference, out, self.protocol)
+        return values, (mean_db(values) if self.protocol == "apple" else float(np.mean(values)))
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def _weighted_modules(unet):
+    """Every UNet module with a weight tensor, in `named_modules` order (what Apple's
+    fake_int8_quantize and --default-nbits walk over: norms and small layers too)."""
+    for name, module in unet.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            yield name, module
+
+
+def _palettize_like_apple(weight: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Apple's fake_palettize of one weight for --default-nbits: coremltools' k-means on the
+    fp16 values (its optimal 1-D k-means from 10,000 elements on, which `kmeans_palette`
+    reproduces exactly and much faster; scikit-learn's below that, so coremltools' own call)."""
+    w16 = weight.to(torch.float16).cpu().numpy()
+    if w16.size >= 10_000:
+        return dequantize_torch(weight.to(torch.float16), kmeans_palette(w16, nbits))
+    from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
+
+    lut, idx = _get_kmeans_lookup_table_and_weight(nbits, w16)
+    dense = lut.astype(np.float16)[np.asarray(idx, dtype=np.int64)].reshape(w16.shape)
+    return torch.from_numpy(dense).to(weight.device)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from workers.evaluation.signal import SignalSpec
+
 PHASES = ("palette", "isolated", "cumulative", "baseline", "recipe")
 
 
@@ -23,6 +25,16 @@ class WorkItem:
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
             raise ValueError(f"unknown phase {self.phase!r}")
+
+
+@dataclass(frozen=True)
+class EvaluatorSettings:
+    """How an evaluator outside the search's pool (the Core ML worker's) measures, as the
+    search's own evaluators do: its signal protocol, compute precision and candidate threshold."""
+
+    signal: SignalSpec
+    precision: str = "auto"
+    min_size: int = 0
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@
 The text encoders never change during a search (only UNet weights are palettized), so their
 embeddings are computed once and every run goes through the pipeline's own ``__call__`` with
 ``prompt_embeds``: the UNet and scheduler run exactly as the pipeline runs them, and nothing
-else is recomputed. Initial latents are drawn on the CPU from the seed, so every device starts
-from the same noise.
+else is recomputed. Initial latents are drawn once on the CPU, so every device starts from the
+same noise: under Apple's protocol exactly as the pipeline draws them from Apple's generator
+(``torch.Generator()`` with its default seed, in the embeddings' dtype), under the classic one
+from ``--seed``.
 """
 
 from __future__ import annotations
@@ -15,24 +17,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-DEFAULT_PROMPTS: tuple[str, ...] = (
-    "a golden retriever puppy running across a wet beach at sunset, photograph",
-    "an old fisherman mending nets in a small harbour, black and white portrait",
-    "a watercolor illustration of a fox reading a book under a tree",
-    "a busy night market street in the rain with neon signs, 35mm photo",
-    "a bowl of ramen on a wooden table, top-down food photography",
-    "a snowy mountain range above a frozen lake, early morning light",
-    "a cartoon robot watering flowers on a balcony, flat vector art",
-    "the interior of a sunlit library with tall shelves and a spiral staircase",
-)
+from workers.evaluation.protocol import CLASSIC_PROMPTS, check_protocol, default_prompts
+
+DEFAULT_PROMPTS = CLASSIC_PROMPTS  # the classic protocol's prompts (tests and examples use them)
 
 
 @dataclass(frozen=True)
 class SignalSpec:
-    """What one measurement is: Apple's protocol with the resolution and batch left open."""
+    """What one measurement is: the protocol (see `workers.evaluation.protocol`), prompts,
+    noise, steps and size. Empty prompts / no seed mean the protocol's own."""
 
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS
-    seed: int = 0
+    prompts: tuple[str, ...] = ()
+    seed: int | None = None  # apple: None -> torch.Generator()'s default seed; classic: None -> 0
+    protocol: str = "apple"
     steps: int = 1
     resolution: int = 0  # pixels, square; 0 -> the pipeline's default size
     guidance_scale: float | None = None  # None -> the pipeline's __call__ default
@@ -42,11 +39,12 @@ class SignalSpec:
         prompts = self.prompts
         if isinstance(prompts, str):
             raise ValueError("SignalSpec.prompts must be a sequence of strings, not one string")
-        prompts = tuple(prompts)
+        check_protocol(self.protocol)
+        prompts = tuple(prompts) or default_prompts(self.protocol)
         object.__setattr__(self, "prompts", prompts)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ValueError("SignalSpec.prompts must be one or more non-empty strings")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"SignalSpec.seed must be a non-negative integer, got {self.seed!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"SignalSpec.steps must be an integer >= 1, got {self.steps!r}")
@@ -91,11 +89,22 @@ class SignalRunner:
         self.sdxl = "pooled_prompt_embeds" in inspect.signature(pipe.__call__).parameters
         n = len(spec.prompts)
         self.batch = spec.batch_size or n
-        gen = torch.Generator("cpu").manual_seed(spec.seed)
-        shape = (n, pipe.unet.config.in_channels, res // scale, res // scale)
-        self.latents = torch.randn(shape, generator=gen, dtype=torch.float32)
         with torch.no_grad():
             self.embeds = self._encode(list(spec.prompts))
+        shape = (n, pipe.unet.config.in_channels, res // scale, res // scale)
+        gen = torch.Generator("cpu")
+        if spec.protocol == "apple":
+            # What the pipeline does with Apple's generator: one randn of the whole batch on the
+            # CPU in the prompt embeddings' dtype. The generator's state after that draw is what
+            # the scheduler would see next, so every run gets a generator restored to it.
+            if spec.seed is not None:
+                gen.manual_seed(spec.seed)
+            dtype = self.embeds["prompt_embeds"].dtype
+        else:
+            gen.manual_seed(spec.seed or 0)
+            dtype = torch.float32
+        self.latents = torch.randn(shape, generator=gen, dtype=dtype)
+        self._gen_state = gen.get_state()
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         negative = [""] * len(prompts)  # Apple's protocol: explicit empty negative prompts
@@ -115,9 +124,20 @@ class SignalRunner:
         return dict(
             num_inference_steps=self.spec.steps, guidance_scale=self.guidance_scale,
             height=self.resolution, width=self.resolution, output_type="latent",
-            latents=self.latents[start:stop].to(self.device, self.pipe.unet.dtype),
-            generator=torch.Generator("cpu").manual_seed(self.spec.seed),
+            latents=self.latents[start:stop].to(self.device, self._latent_dtype()),
+            generator=self._generator(),
         )
+
+    def _latent_dtype(self) -> torch.dtype:
+        return self.latents.dtype if self.spec.protocol == "apple" else self.pipe.unet.dtype
+
+    def _generator(self) -> torch.Generator:
+        gen = torch.Generator("cpu")
+        if self.spec.protocol == "apple":
+            gen.set_state(self._gen_state)
+        else:
+            gen.manual_seed(self.spec.seed or 0)
+        return gen
 
     @torch.no_grad()
     def run(self) -> torch.Tensor:

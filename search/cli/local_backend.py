@@ -1,0 +1,141 @@
+"""The local database as the commands' backend: searches run in this process, on a local Ray
+instance or the cluster at --ray-address (the interface is described in search.cli.backend)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from common.clock import utcnow
+from search.cli.console import CliError, duplicate_error, err
+from search.cli.options import DB_ENV, default_db
+from search import read_models
+from search.read_models import search_detail, search_summary
+from search.submit_options import parse_search_options
+from storage import Storage
+
+
+def shutdown_ray() -> None:
+    """Leave Ray if this process joined it."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        pass
+
+
+class LocalBackend:
+    runs_here = True
+    where = ""
+
+    def __init__(self, db: Optional[Path]):
+        self.db_path = db or default_db()
+        self._storage: Storage | None = None
+        self._prepared: dict = {}  # search id -> Prepared, from submit/resume for run
+
+    def __enter__(self) -> "LocalBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._storage is not None:
+            self._storage.close()
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            self._storage = Storage(self.db_path)
+        return self._storage
+
+    @property
+    def place(self) -> str:
+        return f"in {self.storage.path}"
+
+    @property
+    def resume_where(self) -> str:
+        return f" --db {self.storage.path}" if os.environ.get(DB_ENV) is None else ""
+
+    # -- reading ----------------------------------------------------------------------------
+    def list(self) -> list[dict]:
+        now = utcnow()
+        return [search_summary(self.storage, s, now) for s in self.storage.list_searches()]
+
+    def detail(self, search_id: str) -> dict:
+        return search_detail(self.storage, self.storage.get_search(search_id))
+
+    def recipes_json(self, search_id: str) -> tuple[str, dict]:
+        s = self.storage.get_search(search_id)
+        return read_models.recipes_json(self.storage, s), {"recipes": len(self.storage.recipes(s.id)),
+                                               "status": s.effective_status(utcnow())}
+
+    def plot_png(self, search_id: str) -> bytes:
+        return read_models.plot_png(self.storage, self.storage.get_search(search_id))
+
+    # -- changing ---------------------------------------------------------------------------
+    def cancel(self, search_id: str) -> dict:
+        s = self.storage.get_search(search_id)
+        if not self.storage.request_cancel(s.id):
+            raise CliError(f"search {s.id} is not running (status {s.effective_status(utcnow())})")
+        return search_summary(self.storage, s)
+
+    def submit(self, request: dict) -> dict:
+        """Load the model's UNet, list its candidates and store the search (or find the unfinished
+        one with the same model and config, with ``resume``). Bad input never touches the database."""
+        from search.driver.jobs import DuplicateSearch, prepare_search, resolve_config
+        from storage.engine import check_database_file
+        from workers.models import resolve_model
+
+        options = parse_search_options(request)
+        check_database_file(self.db_path)  # read-only: refuse a foreign file before any work
+        spec = resolve_model(request["model"])
+        config = resolve_config(spec, **options)
+        try:
+            prepared = prepare_search(self.storage, request["model"], config, spec,
+                                      resume_duplicate=bool(request.get("resume")))
+        except DuplicateSearch as exc:
+            raise duplicate_error(str(exc), exc.existing.id, self.where) from None
+        self._prepared[prepared.search.id] = prepared
+        return {**search_summary(self.storage, prepared.search), "created": prepared.created}
+
+    def resume(self, search_id: str, workers: Optional[int] = None) -> dict:
+        from search.driver.jobs import prepare_resume
+
+        prepared = prepare_resume(self.storage, search_id)
+        self._prepared[prepared.search.id] = prepared
+        return search_summary(self.storage, prepared.search)
+
+    def run(self, search_id: str, workers: Optional[int] = None, ray_address: Optional[str] = None):
+        """Run the submitted or resumed search here, with the driver's progress bars."""
+        from search.driver.driver import SearchFailed, SearchInterrupted
+        from search.driver.jobs import run_search
+        from search.driver.progress import RichReporter
+
+        prepared = self._prepared.pop(search_id)
+        try:
+            with RichReporter(err) as reporter:
+                _, driver = run_search(self.storage, prepared, workers=workers, reporter=reporter,
+                                       ray_address=ray_address)
+            ended = {"status": "completed", "evaluations": driver.evaluations,
+                     "reference_runs": driver.reference_runs, "first_result_s": driver.first_result_s}
+        except SearchInterrupted:
+            ended = {"status": "interrupted"}
+        except SearchFailed as exc:
+            ended = {"status": "failed", "error": str(exc)}
+        finally:
+            shutdown_ray()
+        return self.detail(search_id), ended
+
+    def target_recipe(self, search_id: str, *, bits, size_mb, psnr, workers: int, ray_address: Optional[str]) -> dict:
+        """Build, store and measure the optimal recipe for one target (local only)."""
+        from search.driver.jobs import target_recipe
+        from search.driver.progress import RichReporter
+
+        try:
+            with RichReporter(err) as reporter:
+                r, _ = target_recipe(self.storage, search_id, bits=bits, size_mb=size_mb, psnr=psnr, workers=workers,
+                                     reporter=reporter, ray_address=ray_address)
+        finally:
+            shutdown_ray()
+        return {"key": r.key, "target": r.target, "avg_bits": r.avg_bits, "size_mb": r.size_mb,
+                "predicted_psnr": r.predicted_psnr, "psnr": r.psnr}

@@ -1,0 +1,115 @@
+"""`search submit`, `resume`, `recipe` and `cancel`: the commands that start or stop work. One code
+path each over a backend (search.cli.backend): the local database, or the service with --server."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from search.cli import views
+from search.cli.backend import Backend, open_backend
+from search.cli.console import CliError, err, guarded, out
+from search.cli.options import (DbOption, RayOption, SearchIdArgument, ServerOption, TokenOption, WaitOption,
+                                search_flags)
+from search.submit_options import RESUME_HELP, WORKERS_HELP, parse_search_options
+
+MODEL_HELP = "Hub id, alias (sdxl-base-1.0, sd-1.5, sd-2.1-base), local pipeline directory, or built-in tiny-sdxl / tiny-sd"
+WorkersOption = typer.Option(None, "--workers", "-w", help=WORKERS_HELP)
+
+
+def _run_to_end(backend: Backend, sid: str, workers: Optional[int], ray_address: Optional[str]) -> None:
+    """Run the search here (local) or follow it on the service, then say how it ended."""
+    info, ended = backend.run(sid, workers=workers, ray_address=ray_address)
+    views.run_ended(info, ended, backend.where, backend.resume_where)
+
+
+@search_flags(after="workers")
+@guarded
+def submit(
+    ctx: typer.Context,
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    db: Optional[Path] = DbOption,
+    workers: Optional[int] = WorkersOption,
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+    ray_address: Optional[str] = RayOption,
+    server: Optional[str] = ServerOption,
+    token: Optional[str] = TokenOption,
+    wait: bool = WaitOption,
+    **flags,
+) -> None:
+    """Run the mixed-bit analysis of MODEL's UNet and build recipes (with --server: on the service)."""
+    from search.config import parse_prompts_file
+
+    if workers is not None and workers < 1:
+        raise CliError(f"--workers must be at least 1, got {workers}")
+    request = {"model": model, "workers": workers, **flags, "resume": resume}
+    if flags["prompts"] is not None:
+        request["prompts"] = list(parse_prompts_file(str(flags["prompts"])))
+    parse_search_options(request)  # fail fast, before loading a model or asking the service
+    with open_backend(ctx, db, server, token, local=("db", "ray_address")) as backend:
+        if wait and backend.runs_here:
+            raise CliError("--wait is for --server (a local search always runs in the foreground)")
+        info = backend.submit(request)
+        sid = info["id"]
+        out.print(f"search {sid}", highlight=False)
+        if not info.get("created", True):
+            err.print(f"resuming unfinished search {sid}")
+        if backend.runs_here or wait:
+            _run_to_end(backend, sid, workers, ray_address)
+        else:
+            err.print(f"submitted to {backend.server}; watch it with `search status {sid}{backend.where}`",
+                      highlight=False)
+
+
+@guarded
+def resume(
+    ctx: typer.Context,
+    search_id: str = SearchIdArgument,
+    db: Optional[Path] = DbOption,
+    workers: Optional[int] = WorkersOption,
+    ray_address: Optional[str] = RayOption,
+    server: Optional[str] = ServerOption,
+    token: Optional[str] = TokenOption,
+    wait: bool = WaitOption,
+) -> None:
+    """Continue an interrupted or failed search; stored measurements are never recomputed."""
+    with open_backend(ctx, db, server, token, local=("db", "ray_address")) as backend:
+        if wait and backend.runs_here:
+            raise CliError("--wait is for --server (a local search always runs in the foreground)")
+        info = backend.resume(search_id, workers)
+        out.print(f"search {info['id']}", highlight=False)
+        counts = info.get("measurements", {})
+        err.print(f"resuming: {sum(counts.values())} measurements already stored {dict(sorted(counts.items()))}")
+        if backend.runs_here or wait:
+            _run_to_end(backend, info["id"], workers, ray_address)
+
+
+@guarded
+def recipe(
+    search_id: str = SearchIdArgument,
+    bits: Optional[float] = typer.Option(None, "--bits", help="average bits per weight at most this"),
+    size_mb: Optional[float] = typer.Option(None, "--size-mb", help="candidate weights at most this many MB"),
+    psnr: Optional[float] = typer.Option(None, "--psnr", help="smallest recipe predicted to keep this PSNR (dB)"),
+    db: Optional[Path] = DbOption,
+    workers: int = typer.Option(1, "--workers", "-w"),
+    ray_address: Optional[str] = RayOption,
+) -> None:
+    """Build the optimal recipe for a size or PSNR target from stored measurements and measure it."""
+    from search.cli.local_backend import LocalBackend
+
+    if sum(v is not None for v in (bits, size_mb, psnr)) != 1:
+        raise CliError("give exactly one of --bits, --size-mb, --psnr")
+    with LocalBackend(db) as backend:
+        r = backend.target_recipe(search_id, bits=bits, size_mb=size_mb, psnr=psnr, workers=workers,
+                                  ray_address=ray_address)
+    out.print(views.target_recipe_table(r))
+
+
+@guarded
+def cancel(ctx: typer.Context, search_id: str = SearchIdArgument, db: Optional[Path] = DbOption,
+           server: Optional[str] = ServerOption, token: Optional[str] = TokenOption) -> None:
+    """Stop a running search; its driver stores what it has and marks it cancelled (resumable)."""
+    with open_backend(ctx, db, server, token) as backend:
+        info = backend.cancel(search_id)
+    err.print(f"cancel requested for search {info['id']}; its driver stops within a few seconds")

@@ -1,0 +1,86 @@
+"""`search list`, `status`, `download` and `plot`: the commands that read searches. One code path
+each over a backend (search.cli.backend): the local database, or the service with --server."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from common.files import atomic_write_bytes, atomic_write_text
+from search.cli import views
+from search.cli.backend import open_backend
+from search.cli.console import CliError, err, guarded, out
+from search.cli.options import DbOption, SearchIdArgument, ServerOption, TokenOption
+
+JsonOption = typer.Option(False, "--json")
+
+
+def _check_output(path: Path) -> None:
+    if path.is_dir():
+        raise CliError(f"{path} is a directory; give a file name")
+    if not path.parent.exists():
+        raise CliError(f"directory {path.parent} does not exist")
+
+
+@guarded
+def list_(ctx: typer.Context, db: Optional[Path] = DbOption, as_json: bool = JsonOption,
+          server: Optional[str] = ServerOption, token: Optional[str] = TokenOption) -> None:
+    """List the searches in the database (or on the service)."""
+    with open_backend(ctx, db, server, token) as backend:
+        rows, place = backend.list(), backend.place
+    if as_json:
+        return views.print_json(rows)
+    out.print(views.searches_table(rows, place))
+
+
+@guarded
+def status(ctx: typer.Context, search_id: str = SearchIdArgument, db: Optional[Path] = DbOption,
+           as_json: bool = JsonOption, server: Optional[str] = ServerOption, token: Optional[str] = TokenOption,
+           wait: bool = typer.Option(False, "--wait", help="with --server: follow the search's progress bars until "
+                                     "it ends")) -> None:
+    """Show a search: status, phase, measurement counts, recipes."""
+    with open_backend(ctx, db, server, token) as backend:
+        if wait and backend.runs_here:
+            raise CliError("--wait is for --server (locally, the search's own command shows its progress)")
+        info = backend.detail(search_id)
+        if wait:
+            info, ended = backend.run(info["id"])
+            return views.run_ended(info, ended, backend.where, backend.resume_where)
+    if as_json:
+        return views.print_json(info)
+    views.status(info)
+
+
+@guarded
+def download(ctx: typer.Context, search_id: str = SearchIdArgument,
+             output: str = typer.Option(..., "-o", "--output", help="JSON file, or - for stdout"),
+             db: Optional[Path] = DbOption, server: Optional[str] = ServerOption,
+             token: Optional[str] = TokenOption) -> None:
+    """Write the search's recipes and measurements in Apple's JSON format."""
+    with open_backend(ctx, db, server, token) as backend:
+        if output != "-":
+            _check_output(Path(output))
+        text, facts = backend.recipes_json(search_id)
+    if output == "-":
+        sys.stdout.write(text)
+        return
+    atomic_write_text(output, text)
+    err.print(f"wrote {output}" + (f" ({facts['recipes']} recipes, status {facts['status']})" if facts else ""))
+
+
+@guarded
+def plot(ctx: typer.Context, search_id: str = SearchIdArgument,
+         output: Path = typer.Option(..., "-o", "--output", help="PNG file"), db: Optional[Path] = DbOption,
+         server: Optional[str] = ServerOption, token: Optional[str] = TokenOption) -> None:
+    """PSNR vs model-size reduction: cumulative curves per bit depth, linear 8-bit, recipes."""
+    if output.suffix.lower() != ".png":
+        raise CliError(f"plot output must be a .png file, got {output}")
+    if not output.parent.exists():
+        raise CliError(f"directory {output.parent} does not exist")
+    with open_backend(ctx, db, server, token) as backend:
+        _check_output(output)
+        data = backend.plot_png(search_id)
+    atomic_write_bytes(output, data)
+    err.print(f"wrote {output}")

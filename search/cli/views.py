@@ -1,0 +1,143 @@
+"""Everything the command line shows about searches, each view rendered by one function from the
+plain dicts of search.read_models (which the service returns too): local and remote mode
+print the same thing."""
+from __future__ import annotations
+
+import json
+from typing import Iterable, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from search.cli.console import err, fail, out
+
+
+def fmt(value: Optional[float]) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
+def print_json(data) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def searches_table(rows: list[dict], place: str) -> Table:
+    table = Table(title=f"searches {place}")
+    for col in ("id", "model", "status", "phase", "evaluations", "created (UTC)"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["id"], r["model"], r["status"], r["phase"], str(r["evaluations"]), r["created_at"][:19])
+    return table
+
+
+def recipe_table(info: dict) -> Table:
+    """Recipes by falling size; the strategy column only when strategies are mixed (fits 80 columns)."""
+    recipes = sorted(info.get("recipes", []), key=lambda r: -r["avg_bits"])
+    baselines = info.get("baselines", {})
+    mixed = len({r["strategy"] for r in recipes}) > 1
+    table = Table(title=f"recipes of search {info['id']} ({info['model']})")
+    table.add_column("key", no_wrap=True)
+    headers = (["strategy"] if mixed else []) + ["bits", "MB", "thresh dB", "pred dB", "PSNR dB"]
+    for col in headers:
+        table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
+    pad = [""] if mixed else []
+    for name in ("original", "linear_8bit"):
+        if name in baselines:
+            table.add_row(f"[dim]{name}", *pad, "16.00" if name == "original" else "8.00", "", "", "",
+                          f"{baselines[name]:.2f}")
+    for r in recipes:
+        table.add_row(r["key"], *([r["strategy"]] if mixed else []), f"{r['avg_bits']:.2f}", f"{r['size_mb']:.2f}",
+                      fmt(r.get("threshold")), fmt(r.get("predicted_psnr")),
+                      f"{r['psnr']:.2f}" if r.get("psnr") is not None else "pending")
+    return table
+
+
+def status(info: dict) -> None:
+    """`search status`: header, counts, error, recipes, Core ML validations."""
+    n, nb = info["candidates"], len(info["config"]["nbits"])
+    m = info.get("measurements", {})
+    out.print(f"search [bold]{info['id']}[/]  model {info['model']}  status [bold]{info['status']}[/]  phase "
+              f"{info['phase']}", highlight=False)
+    out.print(f"candidates {n} × bit depths {info['config']['nbits']}: isolated {m.get('isolated', 0)}/{n * nb}, "
+              f"cumulative {m.get('cumulative', 0)}/{n * nb}; pipeline runs stored {info['evaluations']}; "
+              f"driver time {info['elapsed_s']:.1f} s", highlight=False)
+    if info.get("error"):
+        out.print(f"[red]error:[/] {info['error']}", highlight=False)
+    out.print(recipe_table(info))
+    validations = search_validations(info)
+    if validations is not None:
+        out.print(validations)
+
+
+def run_ended(info: dict, ended: dict, where: str, resume_where: str) -> None:
+    """How a search run (or the run it followed) ended: failed -> one red line and exit 1;
+    stopped -> how to resume and exit 130; completed -> counts, the recipe table, what next.
+    ``ended``: status, error, and this run's evaluations, reference_runs, first_result_s (when known)."""
+    sid = info["id"]
+    if ended["status"] == "failed":
+        fail(f"search {sid} failed: {ended.get('error')}. Fix the cause, then: search resume {sid}{where}", 1)
+    if ended["status"] != "completed":
+        err.print(f"[yellow]{ended['status']}:[/] every result received is stored. Resume with:\n"
+                  f"  search resume {sid}{resume_where}", highlight=False)
+        raise typer.Exit(130)
+    this_run = (f"{ended['evaluations']} evaluations this run (+{ended['reference_runs']} reference runs)"
+                if ended.get("evaluations") is not None else "")
+    first = f"; first new result after {ended['first_result_s']:.1f} s" if ended.get("first_result_s") is not None else ""
+    err.print(f"[green]search {sid} completed[/]: {this_run}{first}; {info['evaluations']} stored in total, "
+              f"{info['elapsed_s']:.1f} s of driver time", highlight=False)
+    out.print(recipe_table(info))
+    out.print(f"download: search download {sid} -o recipes.json{where}    plot: search plot {sid} -o psnr.png{where}",
+              highlight=False)
+
+
+def target_recipe_table(r: dict) -> Table:
+    """`search recipe`: the optimal recipe for one target, predicted against measured."""
+    table = Table(title=f"optimal recipe for {r['target']}")
+    for col in ("key", "avg bits", "size MB", "predicted PSNR dB", "measured PSNR dB", "|error| dB"):
+        table.add_column(col, justify="left" if col == "key" else "right")
+    predicted, measured = r.get("predicted_psnr"), r.get("psnr")
+    error = abs(predicted - measured) if predicted is not None and measured is not None else None
+    table.add_row(r["key"], f"{r['avg_bits']:.2f}", f"{r['size_mb']:.2f}", fmt(predicted), fmt(measured), fmt(error))
+    return table
+
+
+# -- Core ML validations -----------------------------------------------------------------------
+def _numeric(v: dict, measured) -> str:
+    if v["numeric_psnr"] is None:
+        return "[red]not run[/]" if v["numeric_ok"] is False else "-"
+    mark = {True: "[green]ok[/]", False: "[red]FAIL[/]", None: "[dim]no measured PSNR[/]"}[v["numeric_ok"]]
+    vs = f" vs {fmt(measured)}" if measured is not None else ""
+    return f"{v['numeric_psnr']:.2f}{vs} {mark}"
+
+
+def _runtime(v: dict) -> str:
+    if v["runtime"]:
+        return ", ".join(f"{unit} {psnr:.2f} dB" for unit, psnr in v["runtime"].items())
+    return "[dim]not run[/]" if v["runtime_note"].startswith("not run") else f"[red]{escape(v['runtime_note'])}[/]"
+
+
+def validation_table(title: str, rows: Iterable[tuple[dict, Optional[float]]]) -> Table:
+    """rows: (a stored Validation as a dict, the recipe's measured PSNR or None)."""
+    table = Table(title=title)
+    table.add_column("recipe", overflow="fold", min_width=12)
+    table.add_column("mlpackage", overflow="fold", min_width=12)
+    table.add_column("size MB", justify="right")
+    table.add_column("avg bits", justify="right")
+    table.add_column("structural")
+    table.add_column("numeric PSNR vs measured dB")
+    table.add_column("runtime (Core ML)")
+    for v, measured in rows:
+        structural = "[green]ok[/]" if v["structural_ok"] else f"[red]FAIL[/] {escape(v['structural_detail'])}"
+        table.add_row(escape(v["recipe_key"]), escape(v["mlpackage"]), f"{v['size_bytes'] / 1e6:.2f}",
+                      f"{v['avg_bits']:.2f}", structural, _numeric(v, measured), _runtime(v))
+    return table
+
+
+def search_validations(info: dict) -> Table | None:
+    """The stored Core ML validations of a search (detail dict); None when nothing was applied."""
+    validations = info.get("validations") or {}
+    if not validations:
+        return None
+    measured = {r["key"]: r.get("psnr") for r in info.get("recipes", [])}
+    return validation_table(f"Core ML validations of search {info['id']}",
+                            [(v, measured.get(v["recipe_key"])) for v in validations.values()])

@@ -1,0 +1,79 @@
+"""A stored search, read back as what users see: plain JSON-ready dicts (a list row, the status
+detail) and the two downloads (Apple's JSON, the PSNR plot). One definition for the service's
+responses and for the command line's local mode, so both show the same thing.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+from common.clock import utcnow
+from storage import Search, Storage
+
+
+def iso(t: datetime | None) -> str | None:
+    """A stored (naive UTC) time as ISO 8601 with a Z."""
+    return t.isoformat() + "Z" if t else None
+
+
+def search_summary(storage: Storage, s: Search, now: datetime | None = None) -> dict:
+    """A row of `search list` / ``GET /searches``."""
+    return {"id": s.id, "model": s.model, "model_version": s.model_version,
+            "status": s.effective_status(now or utcnow()), "phase": s.phase, "created_at": iso(s.created_at),
+            "evaluations": s.evaluations, "measurements": storage.count_measurements(s.id), "error": s.error}
+
+
+def phase_counts(storage: Storage, s: Search, candidates: int) -> dict:
+    """Absolute per-phase progress from the database (for searches without a progress file)."""
+    counts = storage.count_measurements(s.id)
+    nb = len(s.config.get("nbits", ()))
+    recipes = storage.recipes(s.id)
+    baselines = len(storage.baselines(s.id))
+    full = s.config.get("evals", "full") == "full"
+    return {
+        "palettes": {"done": len(storage.palettes(s.id)), "total": candidates * nb},
+        "isolated": {"done": counts.get("isolated", 0) + baselines, "total": candidates * nb + 2 if full else None},
+        "cumulative": {"done": counts.get("cumulative", 0), "total": candidates * nb if s.config.get("curves") else 0},
+        "recipes": {"done": sum(1 for r in recipes if r.psnr is not None), "total": len(recipes)},
+    }
+
+
+def search_detail(storage: Storage, s: Search, now: datetime | None = None) -> dict:
+    """`search status` / ``GET /searches/{id}``: the summary plus config, baselines, recipes,
+    Core ML validations and per-phase counts."""
+    info = search_summary(storage, s, now)
+    candidates = len(storage.layers(s.id))
+    info.update(
+        config=s.config, fingerprint=s.fingerprint, elapsed_s=s.elapsed_s, candidates=candidates,
+        updated_at=iso(s.updated_at), finished_at=iso(s.finished_at),
+        baselines={k: b.psnr for k, b in storage.baselines(s.id).items()},
+        recipes=[{"key": r.key, "strategy": r.strategy, "avg_bits": r.avg_bits, "size_mb": r.size_mb,
+                  "threshold": r.threshold, "predicted_psnr": r.predicted_psnr, "psnr": r.psnr, "target": r.target}
+                 for r in storage.recipes(s.id)],
+        validations={k: asdict(v) for k, v in storage.validations(s.id).items()},
+        counts=phase_counts(storage, s, candidates),
+    )
+    return info
+
+
+def recipes_json(storage: Storage, s: Search) -> str:
+    """The recipes and measurements in Apple's JSON format (strict JSON, one trailing newline)."""
+    from search.recipes.apple_json import to_apple_json
+    from search.recipes.tables import build_report
+
+    return json.dumps(to_apple_json(build_report(storage, s)), indent=2, allow_nan=False) + "\n"
+
+
+def plot_png(storage: Storage, s: Search) -> bytes:
+    """PSNR vs model-size reduction as PNG bytes."""
+    from search.recipes.plot import plot_report
+    from search.recipes.tables import build_report
+
+    with tempfile.TemporaryDirectory(prefix="mbp-plot-") as tmp:
+        return plot_report(build_report(storage, s), Path(tmp) / "psnr.png").read_bytes()
+
+
+__all__ = ["iso", "search_summary", "search_detail", "phase_counts", "recipes_json", "plot_png"]

@@ -1,0 +1,158 @@
+"""The ``optimal`` strategy's noise model: what palettizing a set of layers does to the output.
+
+Apple's thresholds on cumulative curves cost 2 x depths x layers pipeline runs and cannot
+answer "best recipe at 4.0 bits" or "smallest recipe that keeps 70 dB". Here each layer's
+palettization error is independent noise on the output; its power relative to the prompt's
+peak is ``n = 10**(-psnr/10)`` from the isolated PSNR. A recipe's prediction for prompt i is
+``-10*log10(floor_i + sum_l n[l, b_l, i])``, averaged over prompts like the measured PSNR.
+``knapsack`` chooses recipes on this model, ``fast_plan`` decides what to measure for it;
+``calibrate`` fits the prediction to end-to-end measurements.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from common.formats import FLOAT16_BITS, PALETTE_NBITS
+
+
+def check_number(v: object, where: str, allow_inf: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (Real, np.floating, np.integer)):
+        raise ValueError(f"{where}: {v!r} is not a number")
+    f = float(v)
+    if math.isnan(f) or (math.isinf(f) and not (allow_inf and f > 0)):
+        raise ValueError(f"{where}: {f} is not finite")
+    return f
+
+
+def check_nbits(b: object) -> int:
+    if isinstance(b, bool) or b not in PALETTE_NBITS:
+        raise ValueError(f"unknown bit depth {b!r}; palettized depths are {PALETTE_NBITS}")
+    return int(b)  # type: ignore[arg-type]
+
+
+def _noises(isolated, layers, n_prompts: int) -> dict[tuple[str, int], np.ndarray]:
+    """{(layer, bits): per-prompt noise}; +inf PSNR (bit-exact) is zero noise."""
+    out = {}
+    for b, per in isolated.items():
+        for l, ps in per.items():
+            if l not in layers:
+                raise ValueError(f"isolated[{b}] has layer {l!r} that is not in the table")
+            if isinstance(ps, (str, bytes)) or len(ps) != n_prompts:
+                raise ValueError(f"isolated[{b}][{l!r}]: expected {n_prompts} per-prompt PSNRs, got {ps!r}")
+            out[l, check_nbits(b)] = 10.0 ** (-np.array([check_number(p, f"isolated[{b}][{l!r}]", True) for p in ps]) / 10)
+    return out
+
+
+def _floor(original_per_prompt, layers) -> np.ndarray:
+    if not len(layers) or not len(original_per_prompt):
+        raise ValueError("need at least one layer and one prompt")
+    return 10.0 ** (-np.array([check_number(p, "original", True) for p in original_per_prompt]) / 10)
+
+
+@dataclass(frozen=True, eq=False)
+class NoiseTable:
+    """Relative noise power per (layer, bits) per prompt; ``predicted`` marks fast-mode entries."""
+
+    layers: tuple[str, ...]
+    bits: tuple[int, ...]
+    noise: dict[int, np.ndarray]  # bits -> (n_layers, n_prompts)
+    floor: np.ndarray  # (n_prompts,): the unmodified pipeline run again
+    predicted: frozenset = field(default_factory=frozenset)  # {(layer, bits)} not measured
+
+    @classmethod
+    def from_isolated(cls, isolated, original_per_prompt, layers) -> "NoiseTable":
+        layers, floor = tuple(layers), _floor(original_per_prompt, layers)
+        got, bits = _noises(isolated, set(layers), len(floor)), tuple(sorted(check_nbits(b) for b in isolated))
+        if not bits:
+            raise ValueError("isolated is empty: no bit depth measured")
+        for b in bits:
+            missing = [l for l in layers if (l, b) not in got]
+            if missing:
+                raise ValueError(f"isolated[{b}] misses {len(missing)} layers, e.g. {missing[0]!r}")
+        return cls(layers, bits, {b: np.stack([got[l, b] for l in layers]) for b in bits}, floor)
+
+    @classmethod
+    def from_anchors(cls, isolated_at_anchors, weight_mse, original_per_prompt, layers,
+                     bits: Sequence[int] = PALETTE_NBITS) -> "NoiseTable":
+        """Fast mode: ``noise(l,b) = noise(l,a) * mse(l,b) / mse(l,a)``, ``a`` the depth measured
+        for that layer nearest to ``b`` (ties: the higher, less saturated one) with ``mse > 0``.
+        Measured entries are used as they are; ``mse(l,b) == 0`` (exact palette) is no noise."""
+        layers, floor = tuple(layers), _floor(original_per_prompt, layers)
+        got, bits = _noises(isolated_at_anchors, set(layers), len(floor)), sorted({check_nbits(b) for b in bits})
+        if not bits:
+            raise ValueError("bits is empty")
+        mse = {}
+        for b in set(bits) | {a for _, a in got}:
+            for l in layers:
+                if l not in weight_mse.get(b, {}):
+                    raise ValueError(f"weight_mse misses layer {l!r} at {b} bits")
+                mse[l, b] = check_number(weight_mse[b][l], f"weight_mse[{b}][{l!r}]")
+                if mse[l, b] < 0:
+                    raise ValueError(f"weight_mse[{b}][{l!r}] is negative")
+        noise, predicted = {b: np.empty((len(layers), len(floor))) for b in bits}, set()
+        for i, l in enumerate(layers):
+            anchors = [a for (m, a) in got if m == l and mse[l, a] > 0]
+            for b in bits:
+                if (l, b) in got:
+                    noise[b][i] = got[l, b]
+                    continue
+                predicted.add((l, b))
+                if mse[l, b] > 0 and not anchors:
+                    raise ValueError(f"layer {l!r}: no measured depth with weight MSE > 0 to predict {b} bits")
+                a = min(anchors, key=lambda a: (abs(a - b), -a)) if anchors else None
+                noise[b][i] = got[l, a] * (mse[l, b] / mse[l, a]) if mse[l, b] > 0 else 0.0
+        return cls(layers, tuple(bits), noise, floor, frozenset(predicted))
+
+
+def psnr_of_noise(total: np.ndarray) -> np.ndarray:
+    """Mean over the last axis (prompts) of -10*log10(noise); zero noise is +inf."""
+    with np.errstate(divide="ignore"):
+        return np.mean(-10.0 * np.log10(total), axis=-1)
+
+
+def predict_psnr(table: NoiseTable, bits: Mapping[str, int]) -> float:
+    """Predicted mean PSNR of a recipe; layers of the table absent from ``bits`` count as 16."""
+    index, total = {l: i for i, l in enumerate(table.layers)}, table.floor.copy()
+    for l, b in bits.items():
+        if l not in index:
+            raise ValueError(f"layer {l!r} is not in the noise table")
+        if b != FLOAT16_BITS:
+            if isinstance(b, bool) or b not in table.noise:
+                raise ValueError(f"layer {l!r}: bits {b!r} not in the table's {table.bits} (or 16)")
+            total += table.noise[b][index[l]]
+    return float(psnr_of_noise(total))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """measured ~= a + b * predicted (dB) from end-to-end recipe runs; identity below 2 points."""
+
+    a: float = 0.0
+    b: float = 1.0
+    residuals: tuple[float, ...] = ()  # measured - corrected prediction, per pair
+
+    @property
+    def rms(self) -> float:
+        return float(np.sqrt(np.mean(np.square(self.residuals)))) if self.residuals else 0.0
+
+    def apply(self, predicted: float) -> float:
+        return self.a + self.b * float(predicted)
+
+
+def calibrate(pairs: Iterable[tuple[float, float]]) -> Calibration:
+    """Least squares on (predicted, measured) dB; a slope <= 0 (or equal predictions) falls back to
+    an offset only, so a correction never inverts the order of recipes."""
+    pts = [(check_number(p, "predicted"), check_number(m, "measured")) for p, m in pairs]
+    if len(pts) < 2:
+        return Calibration(residuals=tuple(m - p for p, m in pts))
+    x, y = np.array(pts).T
+    b = float(np.polyfit(x, y, 1)[0]) if np.ptp(x) > 0 else 0.0
+    b = b if b > 0 else 1.0
+    a = float(np.mean(y - b * x))
+    return Calibration(a, b, tuple(float(r) for r in y - (a + b * x)))

@@ -1,0 +1,140 @@
+"""The options of a search submission, declared once: the flags of `search submit` and the
+fields of the service's ``POST /searches`` body are both built from ``SEARCH_OPTIONS``, and both
+are parsed by ``parse_search_options`` (the same functions, the same messages).
+
+Light on purpose (no torch, no pydantic, no typer): the command line builds its help from this
+table without loading a model stack. A default of None means "decided by `SearchConfig` or by
+the model" (min size, resolution, anchors, curves); the other defaults are what SearchConfig
+uses too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Callable, Mapping, Optional, Union
+
+from annotated_types import Len
+
+from common.formats import PALETTE_NBITS
+
+WORKERS_HELP = "evaluator actors [default: GPUs, else 2]"
+RESUME_HELP = "if an unfinished search has this model and config, resume it"
+
+
+@dataclass(frozen=True)
+class SearchOption:
+    """One option of a search: its flag(s), the type the flag takes, the type a JSON body may give
+    (wider: lists for the CLI's comma strings), its default and help, and how its value is parsed."""
+
+    name: str
+    flags: tuple[str, ...]
+    cli_type: Any
+    default: Any = None
+    help: Optional[str] = None
+    json_type: Any = None                  # default: cli_type
+    json_field: dict = field(default_factory=dict)  # constraints of the JSON field (pydantic Field arguments)
+    parse: Optional[Callable[[Any], Any]] = None   # raw value -> SearchConfig value (None: as is)
+
+
+def _text(value) -> str:
+    """A JSON list (or number) as the CLI's comma string."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _given(value) -> bool:
+    return value not in (None, "", [])
+
+
+def _nbits(value):
+    from search.config import parse_nbits
+
+    return parse_nbits(_text(value))
+
+
+def _strategy(value):
+    from search.config import parse_strategy
+
+    return parse_strategy(value)
+
+
+def _targets(value):
+    from search.config import parse_floats
+
+    return parse_floats(_text(value), "--targets") if _given(value) else ()
+
+
+def _anchors(value):
+    from search.config import parse_nbits
+
+    return parse_nbits(_text(value), "--anchors") if _given(value) else None
+
+
+def _prompts(value):
+    """The prompts themselves (the CLI reads them from its --prompts file first)."""
+    from search.config import ConfigError
+
+    if value is None:
+        return None
+    prompts = tuple(p.strip() for p in value if p.strip())
+    if not prompts:
+        raise ConfigError("prompts are all blank")
+    return prompts
+
+
+SEARCH_OPTIONS: tuple[SearchOption, ...] = (
+    SearchOption("nbits", ("--nbits",), str, ",".join(map(str, PALETTE_NBITS)),
+                 "bit depths to analyse, from " + ",".join(map(str, PALETTE_NBITS)),
+                 json_type=Union[str, int, list[int]], parse=_nbits),
+    SearchOption("num_recipes", ("--num-recipes",), int, 7, "PSNR thresholds, one recipe each"),
+    SearchOption("min_size", ("--min-size",), Optional[int], None, "candidate weights have more elements than this "
+                 "[default: 100000; tiny models: smaller]"),
+    SearchOption("prompts", ("--prompts",), Optional[Path], None, "calibration prompts file, one per line",
+                 json_type=Optional[list[Annotated[str, Len(1, 2000)]]],
+                 json_field=dict(min_length=1, max_length=1024,
+                                 description="calibration prompts (the CLI sends the lines of --prompts)"),
+                 parse=_prompts),
+    SearchOption("protocol", ("--protocol",), str, "apple", "what a PSNR means: apple (Apple's pre-analysis "
+                 "exactly: its 8 prompts and generator, 768 px for Hub/local models, peak of the test output, "
+                 "0.1 dB rounding, per-tensor int8 baseline of every weight; built-in tiny models keep their "
+                 "64 px) or classic (own prompts, --seed latents, unrounded, per-channel 8-bit baseline)"),
+    SearchOption("default_nbits", ("--default-nbits",), int, 16, "Apple's --default-nbits: palettize every UNet "
+                 "weight to this depth before the analysis; layers that pass no threshold fall back to it "
+                 "(1,2,4,6,8; 16: off)"),
+    SearchOption("seed", ("--seed",), Optional[int], None, "noise seed (default: the protocol's own: Apple's "
+                 "is torch.Generator()'s default seed, classic's 0)"),
+    SearchOption("steps", ("--steps",), int, 1, "denoising steps per pipeline run"),
+    SearchOption("resolution", ("--resolution",), Optional[int], None, "image size in pixels (default: 768 under the apple "
+                 "protocol, the tiny models' own 64; classic: the model's default)"),
+    SearchOption("batch_size", ("--batch-size",), int, 0, "prompts per pipeline call [0: all]"),
+    SearchOption("precision", ("--precision",), str, "auto", "auto (fp16 on GPU, fp32 on CPU), float16, float32"),
+    SearchOption("strategy", ("--strategy",), str, "apple", "apple (Apple's thresholds), optimal (knapsack on "
+                 "predicted PSNR), or both", parse=_strategy),
+    SearchOption("targets", ("--targets",), Optional[str], None, "average bits of the optimal recipes, e.g. 3,4,5,6",
+                 json_type=Union[str, float, list[float], None], parse=_targets),
+    SearchOption("evals", ("--evals",), str, "full", "full, or fast: isolated impact at the anchor bit depths only "
+                 "(optimal strategy)"),
+    SearchOption("anchors", ("--anchors",), Optional[str], None, "anchor bit depths measured by --evals fast "
+                 "[default: the searched depth nearest 4]", json_type=Union[str, int, list[int], None],
+                 parse=_anchors),
+    SearchOption("curves", ("--curves/--no-curves",), Optional[bool], None, "cumulative curves [default: only for "
+                 "the apple strategy]"),
+)
+
+
+def parse_search_options(values: Mapping[str, Any]) -> dict:
+    """`SearchConfig` keyword arguments from raw option values (the CLI's flags, with the prompts
+    file already read into a list, or the service's JSON body), validated: a bad value raises
+    ConfigError before any model is loaded. None means "SearchConfig's or the model's default"."""
+    from search.config import SearchConfig
+
+    options = {}
+    for o in SEARCH_OPTIONS:
+        value = values.get(o.name, o.default)
+        options[o.name] = o.parse(value) if o.parse else value
+    if options["prompts"] is None:
+        del options["prompts"]
+    SearchConfig(**{k: v for k, v in options.items() if v is not None})
+    return options
+
+
+__all__ = ["SEARCH_OPTIONS", "SearchOption", "parse_search_options", "WORKERS_HELP", "RESUME_HELP"]
