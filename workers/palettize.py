@@ -1,6 +1,6 @@
 """Palettization primitives: exact fp16 k-means LUTs, 65,536-entry index tables, linear 8-bit.
 
-`kmeans_palette` solves the problem coremltools' ``mode="kmeans"`` solves for fp16 tensors
+`kmeans_palette` computes what coremltools' ``mode="kmeans"`` computes for fp16 tensors
 (optimal weighted 1-D k-means over the distinct values, weights = counts) but works on a
 histogram of the 65,536 fp16 bit patterns, so it never sorts the tensor; the resulting
 `Palette.code` table turns dequantization into a single gather on any device.
@@ -101,91 +101,17 @@ class Palette:
         return self.table[_bits(weights)]
 
 
-def _layer(A, S1, S2, W, jlo, jhi, ilo, floor, D, opt):
-    """One DP layer: D[j] = min_i A[i] + S2[j] - (S1[j]-S1[i])^2/(W[j]-W[i]), jlo <= j <= jhi.
-
-    i ranges over [max(ilo, floor[j]), j-1]; floor is the previous layer's argmin (the
-    Knuth bound opt[m-1][j] <= opt[m][j]). Divide and conquer on the monotone argmin with all
-    segments of a recursion level done at once, so a layer is O(log n) numpy calls.
-    Ties go to the smallest i (deterministic, and what keeps the argmin monotone).
-    """
-    a, b = np.array([jlo]), np.array([jhi])
-    lo, hi = np.array([ilo]), np.array([jhi - 1])
-    while a.size:
-        mid = (a + b) >> 1
-        h = np.minimum(hi, mid - 1)
-        l = np.minimum(np.maximum(lo, floor[mid]), h)  # clamp: rounding must never empty a range
-        if a.size <= 4:  # few long segments: slices beat gathers
-            arg, best = np.empty_like(mid), np.empty(mid.size)
-            for s, (j, p, q) in enumerate(zip(mid, l, h + 1)):
-                d = S1[j] - S1[p:q]
-                val = A[p:q] - d * d / (W[j] - W[p:q])
-                t = int(np.argmin(val))
-                arg[s], best[s] = p + t, val[t]
-        else:
-            cnt = h - l + 1
-            ends = np.cumsum(cnt)
-            starts = ends - cnt
-            i = np.arange(ends[-1])
-            i += np.repeat(l - starts, cnt)
-            d = np.repeat(S1[mid], cnt)
-            d -= S1.take(i)
-            d *= d
-            d /= np.repeat(W[mid], cnt) - W.take(i)
-            val = A.take(i)
-            val -= d
-            best = np.minimum.reduceat(val, starts)
-            pos = np.flatnonzero(val == np.repeat(best, cnt))
-            arg = i[pos[np.searchsorted(pos, starts)]]  # first minimum of each segment
-        D[mid] = best + S2[mid]
-        opt[mid] = arg
-        # children, kept in ascending order: [a, mid-1] over [lo, arg]; [mid+1, b] over [arg, hi]
-        a, b = np.stack([a, mid + 1], 1).ravel(), np.stack([mid - 1, b], 1).ravel()
-        lo, hi = np.stack([lo, arg], 1).ravel(), np.stack([arg, hi], 1).ravel()
-        keep = a <= b
-        a, b, lo, hi = a[keep], b[keep], lo[keep], hi[keep]
-
-
-def _anchored_cumsum(v: np.ndarray, p: int) -> np.ndarray:
-    """Prefix sums S[i] = sum(v[:i]) - sum(v[:p]), accumulated outward from p.
-
-    Range sums S[j] - S[i] near the bulk of the data then never carry the huge partial sums
-    of far outliers, whose rounding error would otherwise swamp the tiny costs of 8-bit clusters.
-    """
-    S = np.zeros(v.size + 1)
-    S[p + 1 :] = np.cumsum(v[p:])
-    S[:p] = -np.cumsum(v[:p][::-1])[::-1]
-    return S
-
-
-def _kmeans_1d(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
-    """Globally optimal weighted 1-D k-means of sorted distinct x; returns each cluster's start index."""
-    n = x.size
-    if k >= n:
-        return np.arange(n)
-    W = np.concatenate(([0.0], np.cumsum(w)))  # integer counts: exact
-    p = int(np.searchsorted(W[1:], W[-1] / 2))  # weighted median
-    xc = x - x[p]
-    S1, S2 = _anchored_cumsum(w * xc, p), _anchored_cumsum(w * xc * xc, p)
-    D = np.full(n + 1, np.inf)
-    D[1:] = (S2[1:] - S2[0]) - (S1[1:] - S1[0]) ** 2 / W[1:]  # one cluster over the first j values
-    opt = np.zeros((k, n + 1), dtype=np.uint16)  # n <= 63,487 finite fp16 values
-    for m in range(2, k):  # D becomes: m clusters over the first j values, m <= j <= n-k+m
-        nxt = np.full(n + 1, np.inf)
-        _layer(D - S2, S1, S2, W, m, n - k + m, m - 1, opt[m - 1], nxt, opt[m])
-        D = nxt
-    i = np.arange(k - 1, n)  # last cluster is [i, n)
-    d = S1[n] - S1[i]
-    starts = np.empty(k, dtype=np.int64)
-    starts[0] = 0
-    starts[k - 1] = i[np.argmin(D[i] - S2[i] - d * d / (W[n] - W[i]))]
-    for m in range(k - 1, 1, -1):
-        starts[m - 1] = opt[m][starts[m]]
-    return starts
-
-
 def kmeans_palette(weights: np.ndarray, nbits: int) -> Palette:
-    """Optimal k-means palette of an fp16 tensor, from the histogram of its bit patterns."""
+    """coremltools' k-means palette of an fp16 tensor (what Apple's script and Core ML compute),
+    from the histogram of its bit patterns.
+
+    coremltools sorts the tensor (``np.unique``) and hands the distinct values with their
+    counts to its vendored ``kmeans1d`` (optimal weighted 1-D k-means). The histogram gives the
+    same distinct values and counts without sorting, and the same ``kmeans1d`` call then gives
+    the same clusters and centroids, so LUT and indices equal coremltools' element for element,
+    ties included (they also avoid numpy's float16 sort, which mis-sorts large arrays with many
+    duplicates on some AVX-512 CPUs).
+    """
     bits = _bits(weights)
     nbits = _check_nbits(nbits)
     counts = np.bincount(bits.ravel(), minlength=1 << 16)
@@ -196,17 +122,33 @@ def kmeans_palette(weights: np.ndarray, nbits: int) -> Palette:
     c = counts[_SORTED]
     nz = c > 0
     x, w = _SORTED_VALUES[nz], c[nz].astype(np.float64)
-    starts = _kmeans_1d(x, w, min(1 << nbits, x.size))
-    cent = (np.add.reduceat(w * x, starts) / np.add.reduceat(w, starts)).astype(np.float16)
+    k = min(1 << nbits, x.size)
+    fit = _kmeans1d().cluster(x, k, weights=w)
+    cent = np.asarray(fit.centroids, dtype=np.float64).astype(np.float16)
+    members = np.asarray(fit.clusters, dtype=np.int64)
     lut = np.full(1 << nbits, cent[-1], dtype=np.float16)  # unused tail repeats the last centroid
     lut[: cent.size] = cent
+    if (np.diff(lut.astype(np.float64)) < 0).any():
+        raise PaletteError("k-means centroids came back unordered")
+    # Values present: their cluster (not always the nearest fp16-rounded centroid at a
+    # boundary, and that ~1 weight in 10^5 moves a PSNR by up to 0.3 dB). Absent patterns
+    # (never looked up for this tensor): the nearest entry, exact midpoints lower; NaN -> 0.
     c64 = cent.astype(np.float64)
-    # nearest used entry for every pattern; exact midpoints go to the lower entry; NaN -> 0
     code = np.searchsorted((c64[:-1] + c64[1:]) / 2, _VALUES, side="left")
     code[np.isnan(_VALUES)] = 0
+    code[_SORTED[nz]] = members
+    code[0x8000] = code[0]  # -0.0 was counted as +0.0
     code = code.astype(np.uint8)
     mse = float(np.dot(counts, (_VALUES0 - lut.astype(np.float64)[code]) ** 2) / bits.size)
     return Palette(nbits, lut, code, mse)
+
+
+def _kmeans1d():
+    from coremltools._deps import _HAS_KMEANS1D, _kmeans1d
+
+    if not _HAS_KMEANS1D:
+        raise PaletteError("coremltools' kmeans1d extension is missing from this coremltools install")
+    return _kmeans1d
 
 
 def kmeans_lut(weights: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
