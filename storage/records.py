@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 
+from common.processes import process_gone
+
 # A running search whose driver stopped beating for this long is shown as interrupted
 # (the driver beats every 5 s). MBP_SEARCH_STALE_S shortens it, e.g. for tests.
 STALE_AFTER_S = float(os.environ.get("MBP_SEARCH_STALE_S", "60"))
@@ -34,12 +36,17 @@ class Search:
     elapsed_s: float
 
     def effective_status(self, now: datetime) -> str:
-        """'running' with a stale heartbeat means the driver died (SIGKILL, power loss)."""
-        if self.status in ACTIVE:
-            beat = self.heartbeat_at or self.updated_at
-            if (now - beat).total_seconds() > STALE_AFTER_S:
-                return "interrupted"
-        return self.status
+        """'running' whose driver died (SIGKILL, crash, power loss) is 'interrupted': at once when
+        the driver ran on this host and its process is gone (pid and start time), else once its
+        heartbeat is STALE_AFTER_S old."""
+        return "interrupted" if self.driver_gone(now) else self.status
+
+    def driver_gone(self, now: datetime) -> bool:
+        """An active search whose recorded driver can no longer be running (another may take it)."""
+        if self.status not in ACTIVE:
+            return False
+        beat = self.heartbeat_at or self.updated_at
+        return (now - beat).total_seconds() > STALE_AFTER_S or process_gone(self.owner)
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ def recipe(
     with LocalBackend(db) as backend:
         r = backend.target_recipe(search_id, bits=bits, size_mb=size_mb, psnr=psnr, workers=workers,
                                   ray_address=ray_address)
-    out.print(views.target_recipe_table(r))
+    views.print_uncut(views.target_recipe_table(r))
 
 
 @guarded

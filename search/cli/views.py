@@ -8,6 +8,7 @@ from typing import Iterable, Optional
 
 import typer
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from search.cli.console import err, fail, out
@@ -37,11 +38,11 @@ def recipe_table(info: dict) -> Table:
     mixed = len({r["strategy"] for r in recipes}) > 1
     table = Table(title=f"recipes of search {info['id']} ({info['model']})")
     table.add_column("key", no_wrap=True)
-    headers = (["strategy"] if mixed else []) + ["bits", "MB", "thresh dB", "pred dB", "PSNR dB"]
+    headers = (["strategy"] if mixed else []) + ["bits", "MB", "thr dB", "pred dB", "PSNR dB"]
     for col in headers:
         table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
     pad = [""] if mixed else []
-    for name in ("original", "linear_8bit"):
+    for name in ("original", "linear_8bit", "linear_8bit_per_channel"):
         if name in baselines:
             table.add_row(f"[dim]{name}", *pad, "16.00" if name == "original" else "8.00", "", "", "",
                           f"{baselines[name]:.2f}")
@@ -49,7 +50,21 @@ def recipe_table(info: dict) -> Table:
         table.add_row(r["key"], *([r["strategy"]] if mixed else []), f"{r['avg_bits']:.2f}", f"{r['size_mb']:.2f}",
                       fmt(r.get("threshold")), fmt(r.get("predicted_psnr")),
                       f"{r['psnr']:.2f}" if r.get("psnr") is not None else "pending")
+    return _never_cut(table)
+
+
+def _never_cut(table: Table) -> Table:
+    """Users copy recipe keys into `search apply --recipe`: a table wider than the terminal is
+    drawn at its natural width (print it with `print_uncut`) instead of being cut to fit."""
+    natural = Measurement.get(out, out.options.update_width(10_000), table).maximum
+    if natural > out.width:
+        table.width = natural
     return table
+
+
+def print_uncut(table: Table) -> None:
+    """Print without cropping lines at the terminal width (the terminal wraps them instead)."""
+    out.print(table, crop=False)
 
 
 def status(info: dict) -> None:
@@ -63,7 +78,7 @@ def status(info: dict) -> None:
               f"driver time {info['elapsed_s']:.1f} s", highlight=False)
     if info.get("error"):
         out.print(f"[red]error:[/] {info['error']}", highlight=False)
-    out.print(recipe_table(info))
+    print_uncut(recipe_table(info))
     validations = search_validations(info)
     if validations is not None:
         out.print(validations)
@@ -85,7 +100,7 @@ def run_ended(info: dict, ended: dict, where: str, resume_where: str) -> None:
     first = f"; first new result after {ended['first_result_s']:.1f} s" if ended.get("first_result_s") is not None else ""
     err.print(f"[green]search {sid} completed[/]: {this_run}{first}; {info['evaluations']} stored in total, "
               f"{info['elapsed_s']:.1f} s of driver time", highlight=False)
-    out.print(recipe_table(info))
+    print_uncut(recipe_table(info))
     out.print(f"download: search download {sid} -o recipes.json{where}    plot: search plot {sid} -o psnr.png{where}",
               highlight=False)
 
@@ -98,7 +113,7 @@ def target_recipe_table(r: dict) -> Table:
     predicted, measured = r.get("predicted_psnr"), r.get("psnr")
     error = abs(predicted - measured) if predicted is not None and measured is not None else None
     table.add_row(r["key"], f"{r['avg_bits']:.2f}", f"{r['size_mb']:.2f}", fmt(predicted), fmt(measured), fmt(error))
-    return table
+    return _never_cut(table)
 
 
 # -- Core ML validations -----------------------------------------------------------------------

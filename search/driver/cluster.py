@@ -3,14 +3,16 @@ from its resources, and naming this driver process (the owner recorded on a sear
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import ray
 
+from common.processes import process_token
+
 
 def driver_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process as a search's owner: host, pid and start time (see common.processes)."""
+    return process_token()
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:

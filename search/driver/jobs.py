@@ -11,7 +11,6 @@ from search.driver.cluster import driver_id, ensure_ray
 from search.driver.driver import SearchDriver
 from search.driver.progress import Reporter
 from storage import Layer, Search, Storage, StorageError
-from storage.records import STALE_AFTER_S
 from workers.models import ModelError, ModelSpec, candidate_layers, load_unet, resolve_model, unet_fingerprint
 
 
@@ -81,11 +80,7 @@ def prepare_resume(storage: Storage, search_id: str) -> Prepared:
 
 def run_search(storage: Storage, prepared: Prepared, *, workers: int | None = None, reporter: Reporter | None = None,
                ray_address: str | None = None, actor_resources: dict | None = None) -> tuple[Search, SearchDriver]:
-    def stale(s: Search) -> bool:
-        now = utcnow()
-        return s.effective_status(now) == "interrupted" or (now - (s.heartbeat_at or s.updated_at)).total_seconds() > STALE_AFTER_S
-
-    search = storage.claim(prepared.search.id, driver_id(), stale)
+    search = storage.claim(prepared.search.id, driver_id(), lambda s: s.driver_gone(utcnow()))
     ensure_ray(ray_address)
     driver = SearchDriver(storage, search, prepared.spec, workers=workers, reporter=reporter,
                           actor_resources=actor_resources)

@@ -27,13 +27,12 @@ from common.errors import first_line
 from search.driver.driver import driver_id
 from search.service.progress_file import ProgressFile
 from storage import Search, Storage, StorageError
-from storage.records import ACTIVE, STALE_AFTER_S
+from storage.records import ACTIVE
 
 
 def stale(s: Search) -> bool:
-    """Its driver is gone: shown as interrupted, or no heartbeat for STALE_AFTER_S."""
-    now = utcnow()
-    return s.effective_status(now) == "interrupted" or (now - (s.heartbeat_at or s.updated_at)).total_seconds() > STALE_AFTER_S
+    """Its driver is gone (see `Search.driver_gone`)."""
+    return s.driver_gone(utcnow())
 
 
 def _wait_for_gpus(timeout_s: float) -> None:

@@ -5,6 +5,7 @@ import pytest
 
 from search.recipes.apple_rule import ALLOWED_BITS, average_bits
 from tests.cli_helpers import run_cli
+from tests.reference.json_checks import check_apple_recipes_from_json
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +47,9 @@ def _check_search(run, nbits):
         meta = report["cumulative"][b]["metadata"]
         layers = [k for k in report["cumulative"][b] if k != "metadata"]
         assert layers == meta["candidates"] and len(layers) == n
-        iso = {k: sum(v) / len(v) for k, v in report["single_layer"][b].items() if k != "metadata"}
-        assert meta["candidates"] == sorted(iso, key=lambda k: (-iso[k], k))  # least harmful first
+        iso = {k: sum(v) for k, v in report["single_layer"][b].items() if k != "metadata"}
+        # least harmful first; ties keep the single_layer (module) order, as Apple's stable sort
+        assert meta["candidates"] == sorted(iso, key=lambda k: -iso[k])
         sizes = dict(zip(meta["candidates"], meta["sizes"]))
         assert all(len(v) == len(status["config"]["prompts"]) for k, v in report["single_layer"][b].items()
                    if k != "metadata")
@@ -67,6 +69,10 @@ def _check_search(run, nbits):
         avgs.append(avg)
     assert avgs == sorted(avgs, reverse=True) and avgs[0] > avgs[-1]  # bits fall as thresholds fall
     json.dumps(report, allow_nan=False)  # strict JSON
+    # Re-derived from the JSON alone with the serial reference's Apple rule: thresholds,
+    # recipes, average bits and keys.
+    assert check_apple_recipes_from_json(report) == len(recipes)
+
 
 
 def test_tiny_sdxl_end_to_end(sdxl, model_cache):

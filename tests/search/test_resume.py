@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.cli_helpers import error_line, run_cli, start_cli
+from tests.reference.json_checks import check_apple_recipes_from_json
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +62,9 @@ def reference(tmp_path_factory, model_cache):
     c = counts(db)
     total = c["isolated"] + c["cumulative"] + c["baseline"] + c["recipes"]
     assert c["evaluations"] == total == evaluations_this_run(proc.stderr)
-    return dict(report=download(db, sid, model_cache), counts=c, total=total)
+    report = download(db, sid, model_cache)
+    assert check_apple_recipes_from_json(report) == len(report["recipes"])
+    return dict(report=report, counts=c, total=total)
 
 
 def start_and_wait(db, model_cache, condition, timeout=300, **env):
@@ -114,6 +117,22 @@ def test_sigkill_then_resume_recomputes_only_missing(tmp_path, model_cache, refe
     m = re.search(r"first new result after ([\d.]+) s", res.stderr)
     print(f"\n[{phase}] stored before resume {stored_before}, recomputed {reference['total'] - stored_before}, "
           f"first new result {m.group(1) if m else '-'} s after resume start")
+    assert comparable(download(db, sid, model_cache)) == comparable(reference["report"])
+
+
+def test_sigkill_then_immediate_resume_takes_over(tmp_path, model_cache, reference):
+    """As a new user would: `kill -9` the submit, then `search resume ID` at once, with the
+    default 60 s heartbeat timeout. The driver ran on this host and its process is gone, so the
+    search is interrupted now and the resume takes over instead of saying "already running"."""
+    db = tmp_path / "s.db"
+    proc, sid = start_and_wait(db, model_cache, lambda c: c.get("isolated", 0) >= 5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    rows = json.loads(run_cli("list", "--json", "--db", db, model_cache=model_cache).stdout)
+    assert rows[0]["status"] == "interrupted"
+    res = run_cli("resume", sid, "--workers", "2", "--db", db, model_cache=model_cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert counts(db)["evaluations"] == reference["total"]
     assert comparable(download(db, sid, model_cache)) == comparable(reference["report"])
 
 

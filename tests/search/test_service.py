@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from tests.cli_helpers import ROOT, cli_cmd, cli_env, error_line, run_cli
+from tests.reference.json_checks import check_apple_recipes_from_json
 
 TINY = dict(model="tiny-sdxl", nbits="8", min_size=16384)        # 47 candidates
 TINY_ARGS = ["--model", "tiny-sdxl", "--nbits", "8", "--min-size", "16384"]
@@ -369,6 +370,7 @@ def test_cli_submit_wait_then_download(server, tmp_path):
     report = r.json()
     assert {"model_version", "baselines", "recipes", "single_layer", "cumulative", "mbp_search"} <= set(report)
     assert report["mbp_search"]["search_id"] == sid and len(report["recipes"]) == 3
+    assert check_apple_recipes_from_json(report) == 3  # re-derived from the JSON alone
     png = c.get(f"/searches/{sid}/plot.png")
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert png.content.startswith(b"\x89PNG\r\n\x1a\n") and len(png.content) > 10_000

@@ -7,6 +7,7 @@ import pytest
 
 from common.formats import average_bits
 from tests.cli_helpers import error_line, run_cli, start_cli
+from tests.reference.json_checks import check_apple_recipes_from_json
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +38,7 @@ def test_fast_mode_measures_anchors_plus_refinements_only(fast):
 
 def test_targets_are_met_exactly_and_predicted(fast, model_cache):
     report = json.loads(run_cli("download", fast["id"], "-o", "-", "--db", fast["db"], model_cache=model_cache).stdout)
+    assert check_apple_recipes_from_json(report) == 0  # optimal recipes only: keys and average bits checked
     sizes = None
     from storage import Storage
 
