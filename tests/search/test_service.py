@@ -394,7 +394,7 @@ def test_cli_submit_wait_then_download(server, tmp_path):
     proc = remote(server, "submit", *TINY_ARGS, "--num-recipes", "3", "--wait")
     assert proc.returncode == 0, proc.stderr[-3000:]
     sid = proc.stdout.splitlines()[0].split()[1]
-    for label in ("fit palettes (k-means)", "isolated impact + baselines", "cumulative curves", "measure recipes",
+    for label in ("fetch model weights (MB)", "fit palettes (k-means)", "isolated impact + baselines", "cumulative curves", "measure recipes",
                   f"search {sid} completed", "evaluations this run"):
         assert label in proc.stderr, label
     assert "recipes of search" in proc.stdout and "--server" in proc.stdout
@@ -405,7 +405,8 @@ def test_cli_submit_wait_then_download(server, tmp_path):
     n = info["candidates"]
     assert n == 47 and info["measurements"] == {"isolated": n, "cumulative": n}
     assert info["counts"]["recipes"] == {"done": 3, "total": 3}
-    assert [p["phase"] for p in info["progress"]["phases"]] == ["palettes", "isolated", "cumulative", "recipes"]
+    assert [p["phase"] for p in info["progress"]["phases"]] == ["preparing", "palettes", "isolated", "cumulative",
+                                                                 "recipes"]
     assert all(p["done"] == p["total"] for p in info["progress"]["phases"])
     assert sid in [row["id"] for row in c.get("/searches").json()]
 
