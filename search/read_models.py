@@ -23,7 +23,15 @@ def search_summary(storage: Storage, s: Search, now: datetime | None = None) -> 
     """A row of `search list` / ``GET /searches``."""
     return {"id": s.id, "model": s.model, "model_version": s.model_version,
             "status": s.effective_status(now or utcnow()), "phase": s.phase, "created_at": iso(s.created_at),
-            "evaluations": s.evaluations, "measurements": storage.count_measurements(s.id), "error": s.error}
+            "evaluations": s.evaluations, "measurements": storage.count_measurements(s.id), "error": s.error,
+            "preparing": preparing(s)}
+
+
+def preparing(s: Search) -> dict | None:
+    """While a search's model is being fetched: bytes fetched and in all (total 0: not known yet)."""
+    if s.prepared:
+        return None
+    return {"done_bytes": s.prepare_done or 0, "total_bytes": s.prepare_total or 0}
 
 
 def phase_counts(storage: Storage, s: Search, candidates: int) -> dict:
@@ -76,4 +84,4 @@ def plot_png(storage: Storage, s: Search) -> bytes:
         return plot_report(build_report(storage, s), Path(tmp) / "psnr.png").read_bytes()
 
 
-__all__ = ["iso", "search_summary", "search_detail", "phase_counts", "recipes_json", "plot_png"]
+__all__ = ["iso", "search_summary", "preparing", "search_detail", "phase_counts", "recipes_json", "plot_png"]

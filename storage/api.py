@@ -32,6 +32,7 @@ def _search(row: s.SearchRow) -> Search:
         config_hash=row.config_hash, status=row.status, phase=row.phase, error=row.error, owner=row.owner,
         created_at=row.created_at, updated_at=row.updated_at, heartbeat_at=row.heartbeat_at,
         finished_at=row.finished_at, evaluations=row.evaluations, elapsed_s=row.elapsed_s,
+        request_hash=row.request_hash, prepare_done=row.prepare_done, prepare_total=row.prepare_total,
     )
 
 
@@ -44,6 +45,11 @@ def _recipe(row: s.RecipeRow) -> StoredRecipe:
         per_prompt=tuple(json.loads(row.per_prompt_json)) if row.per_prompt_json else None,
         node=row.node, duration_s=row.duration_s,
     )
+
+
+def _layer_rows(search_id: str, layers: list[Layer]) -> list[s.LayerRow]:
+    return [s.LayerRow(search_id=search_id, ordinal=i, name=l.name, kind=l.kind, numel=l.numel,
+                       shape_json=json.dumps(list(l.shape))) for i, l in enumerate(layers)]
 
 
 class Storage:
@@ -64,23 +70,20 @@ class Storage:
     # -- searches -------------------------------------------------------------------------
     def create_search(self, *, model: str, model_version: str, model_location: str, model_source: str,
                       fingerprint: str, config: dict, config_hash: str, layers: list[Layer],
-                      owner: str | None = None) -> Search:
-        """Search row and its candidate layers in one transaction: all or nothing."""
+                      owner: str | None = None, request_hash: str | None = None, phase: str = "setup") -> Search:
+        """Search row and its candidate layers in one transaction: all or nothing. A search still
+        to be prepared has fingerprint "" and no layers (phase "preparing"; see `set_prepared`)."""
         now = utcnow()
         row = s.SearchRow(
             id=uuid.uuid4().hex[:12], model=model, model_version=model_version, model_location=model_location,
             model_source=model_source, fingerprint=fingerprint, config_json=json.dumps(config, sort_keys=True),
-            config_hash=config_hash, status="pending", phase="setup", owner=owner, created_at=now,
-            updated_at=now, heartbeat_at=now, evaluations=0, elapsed_s=0.0,
+            config_hash=config_hash, status="pending", phase=phase, owner=owner, created_at=now,
+            updated_at=now, heartbeat_at=now, evaluations=0, elapsed_s=0.0, request_hash=request_hash,
         )
         with self.session_scope() as db:
             db.add(row)
             db.flush()
-            db.add_all(
-                s.LayerRow(search_id=row.id, ordinal=i, name=l.name, kind=l.kind, numel=l.numel,
-                           shape_json=json.dumps(list(l.shape)))
-                for i, l in enumerate(layers)
-            )
+            db.add_all(_layer_rows(row.id, layers))
             return _search(row)
 
     def get_search(self, search_id: str) -> Search:
@@ -106,6 +109,34 @@ class Storage:
                 s.SearchRow.model_location == model_location, s.SearchRow.config_hash == config_hash,
                 s.SearchRow.status != "completed"))
             return [_search(r) for r in rows]
+
+    def find_unfinished_request(self, request_hash: str) -> list[Search]:
+        """Unfinished searches submitted with the same model and options (prepared or not)."""
+        with self.session_scope() as db:
+            rows = db.scalars(select(s.SearchRow).where(s.SearchRow.request_hash == request_hash,
+                                                        s.SearchRow.status != "completed"))
+            return [_search(r) for r in rows]
+
+    def set_prepared(self, search_id: str, *, model_version: str, model_location: str, model_source: str,
+                     fingerprint: str, config: dict, config_hash: str, layers: list[Layer]) -> Search:
+        """A preparing search's model facts, once its weights are fetched: all or nothing."""
+        with self.session_scope() as db:
+            row = db.get(s.SearchRow, search_id)
+            if row is None:
+                raise StorageError(f"no search '{search_id}'")
+            if row.fingerprint:
+                raise StorageError(f"search {search_id} is already prepared")
+            row.model_version, row.model_location, row.model_source = model_version, model_location, model_source
+            row.fingerprint, row.config_json = fingerprint, json.dumps(config, sort_keys=True)
+            row.config_hash, row.updated_at = config_hash, utcnow()
+            db.add_all(_layer_rows(row.id, layers))
+            return _search(row)
+
+    def set_prepare_progress(self, search_id: str, done: int, total: int) -> None:
+        """Bytes of weights fetched so far (also a heartbeat)."""
+        with self.session_scope() as db:
+            db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(
+                prepare_done=int(done), prepare_total=int(total), heartbeat_at=utcnow()))
 
     def claim(self, search_id: str, owner: str, now_is_stale) -> Search:
         """Take ownership of a search for a driver; refuse if another live driver holds it.

@@ -22,7 +22,19 @@ def _v2_validations(conn: Connection) -> None:
     schema.Base.metadata.create_all(conn, tables=[t.__table__ for t in schema.V2_TABLES])
 
 
-STEPS: list[Callable[[Connection], None]] = [_v1_initial, _v2_validations]
+def _v3_preparing(conn: Connection) -> None:
+    """Searches that exist before their model is fetched: the submitted request's hash (duplicates
+    while preparing) and the bytes of weights fetched so far. A database created by this release
+    already has the columns (v1 creates the current table), so only missing ones are added."""
+    have = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(searches)")}
+    for name, sql_type in (("request_hash", "VARCHAR(64)"), ("prepare_done", "INTEGER"),
+                           ("prepare_total", "INTEGER")):
+        if name not in have:
+            conn.exec_driver_sql(f"ALTER TABLE searches ADD COLUMN {name} {sql_type}")
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_searches_request_hash ON searches (request_hash)")
+
+
+STEPS: list[Callable[[Connection], None]] = [_v1_initial, _v2_validations, _v3_preparing]
 LATEST_VERSION = len(STEPS)
 
 

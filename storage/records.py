@@ -34,6 +34,14 @@ class Search:
     finished_at: datetime | None
     evaluations: int
     elapsed_s: float
+    request_hash: str | None = None   # model + options as submitted (duplicates while preparing)
+    prepare_done: int | None = None   # bytes of weights fetched while preparing
+    prepare_total: int | None = None  # bytes to fetch (0: not known yet)
+
+    @property
+    def prepared(self) -> bool:
+        """Its model was fetched, fingerprinted and its candidate layers stored."""
+        return bool(self.fingerprint)
 
     def effective_status(self, now: datetime) -> str:
         """'running' whose driver died (SIGKILL, crash, power loss) is 'interrupted': at once when

@@ -33,6 +33,10 @@ class SearchRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     evaluations: Mapped[int] = mapped_column(Integer, default=0)   # pipeline runs performed
     elapsed_s: Mapped[float] = mapped_column(Float, default=0.0)    # driver wall time, all attempts
+    # schema v3: a search exists before its model is fetched (phase "preparing", fingerprint "")
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # model + options
+    prepare_done: Mapped[int | None] = mapped_column(Integer, nullable=True)   # bytes of weights fetched
+    prepare_total: Mapped[int | None] = mapped_column(Integer, nullable=True)  # bytes to fetch (0: unknown)
 
 
 class LayerRow(Base):

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from common.errors import typed_line
+from workers.hub import hub_offline, resolve_hub
+from workers.model_spec import REAL_MIN_SIZE, Candidate, ModelError, ModelSpec, describe, read_json
 from workers.tiny_models import (BUILTIN_MODELS, TINY_MIN_SIZE, TINY_RESOLUTION, ensure_tiny_model,
                                  quiet_hf)
 
-REAL_MIN_SIZE = 100_000  # Apple's PALETTIZE_MIN_SIZE
 ERROR_CHARS = 240  # at most this much of a library's error message is quoted
 ALIASES = {
     "sdxl-base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",
@@ -40,63 +41,6 @@ except ImportError:  # pragma: no cover - older diffusers
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
-class ModelError(Exception):
-    """A model cannot be used; the one-line message names the model and what to do."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    requested: str  # what the user typed
-    source: str  # "builtin" | "local" | "hub"
-    location: str  # local directory, or Hub repo id
-    family: str  # "sdxl" | "sd"
-    default_min_size: int
-    default_resolution: int  # pixels
-
-
-@dataclass(frozen=True)
-class Candidate:
-    name: str
-    numel: int
-    shape: tuple[int, ...]
-    kind: str  # "linear" | "conv"
-
-
-def hub_offline() -> bool:
-    """Read HF_HUB_OFFLINE at call time (huggingface_hub only reads it at import)."""
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return env in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
-
-
-def _read_json(path: Path | str | None) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text()) if path else None
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def _describe(index: dict | None, unet_cfg: dict | None, vae_cfg: dict | None, name: str,
-              hint: str = "") -> tuple[str, int]:
-    """Family and default resolution from model_index.json and the unet/vae configs."""
-    if index is not None and "unet" not in index:
-        raise ModelError(f"model '{name}' ({index.get('_class_name', '?')}) has no UNet: "
-                         "only UNet-based SD/SDXL pipelines can be searched")
-    cls = str((index or {}).get("_class_name", ""))
-    sdxl = "XL" in cls or (unet_cfg or {}).get("addition_embed_type") == "text_time"
-    family = "sdxl" if sdxl else "sd"
-    sample = (unet_cfg or {}).get("sample_size")
-    blocks = (vae_cfg or {}).get("block_out_channels")
-    scale = 2 ** (len(blocks) - 1) if blocks else 8
-    if isinstance(sample, int) and sample > 0:
-        return family, sample * scale
-    if family == "sdxl":
-        return family, 1024
-    sd2_768 = re.search(r"2-[01]$", hint) is not None  # stable-diffusion-2(-1) without -base
-    return family, 768 if sd2_768 else 512
-
-
 def _looks_like_path(name: str) -> bool:
     return (name.startswith((".", "~", "/")) or (os.sep != "/" and os.sep in name)
             or name.count("/") > 1 or name.endswith("/"))
@@ -108,84 +52,23 @@ def _resolve_local(requested: str, path: Path) -> ModelSpec:
     if not (path / "unet").is_dir():
         raise ModelError(f"'{requested}' has no unet/ folder: only UNet-based SD/SDXL pipelines "
                          "can be searched")
-    family, res = _describe(_read_json(path / "model_index.json"),
-                            _read_json(path / "unet" / "config.json"),
-                            _read_json(path / "vae" / "config.json"), requested)
+    family, res = describe(read_json(path / "model_index.json"),
+                            read_json(path / "unet" / "config.json"),
+                            read_json(path / "vae" / "config.json"), requested)
     return ModelSpec(requested, "local", str(path.resolve()), family, REAL_MIN_SIZE, res)
 
 
-def _cached_or_download(repo: str, filename: str, offline: bool) -> str | None:
-    """Path of a small file of ``repo``: from the cache, else downloaded when online."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    cached = try_to_load_from_cache(repo, filename)
-    if isinstance(cached, str) or offline:
-        return cached if isinstance(cached, str) else None
-    try:
-        return hf_hub_download(repo, filename, etag_timeout=10)
-    except Exception:
-        return None
-
-
-def _fetch_model_index(repo: str) -> str:
-    """Download model_index.json, turning Hub failures into one-line ModelErrors."""
-    import huggingface_hub
-    from huggingface_hub import errors
-
-    unreachable = ModelError(f"model '{repo}' is not in the local Hugging Face cache and the Hub "
-                             "is unreachable: run with network once, or pass a local pipeline "
-                             "directory")
-    try:  # one quick request first: hf_hub_download retries for ~20 s when offline
-        huggingface_hub.model_info(repo, timeout=10)
-        return huggingface_hub.hf_hub_download(repo, "model_index.json", etag_timeout=10)
-    except errors.GatedRepoError:
-        raise ModelError(f"model '{repo}' is gated: accept its licence on huggingface.co and "
-                         "log in (hf auth login), or pass a local pipeline directory") from None
-    except errors.RepositoryNotFoundError:
-        raise ModelError(f"model '{repo}' does not exist on the Hugging Face Hub (or is private: "
-                         "log in with hf auth login)") from None
-    except errors.LocalEntryNotFoundError:
-        raise unreachable from None
-    except errors.EntryNotFoundError:
-        raise ModelError(f"'{repo}' is not a diffusers pipeline repository (no model_index.json)"
-                         ) from None
-    except Exception:  # DNS, proxy, timeouts, HTTP 5xx: all mean "cannot use the Hub now"
-        raise unreachable from None
-
-
-def _resolve_hub(requested: str, repo: str) -> ModelSpec:
-    index_path = _cached_or_download(repo, "model_index.json", offline=True)
-    reached_hub = False  # only download the small configs when the Hub just answered
-    if index_path is None:
-        if hub_offline():
-            raise ModelError(f"model '{repo}' is not in the local Hugging Face cache and "
-                             "HF_HUB_OFFLINE is set: run with network once, or pass a local "
-                             "pipeline directory")
-        index_path, reached_hub = _fetch_model_index(repo), True
-    unet_cfg, vae_cfg = (
-        _read_json(_cached_or_download(repo, f"{sub}/config.json", offline=not reached_hub))
-        for sub in ("unet", "vae"))
-    family, res = _describe(_read_json(index_path), unet_cfg, vae_cfg, repo, hint=repo)
-    return ModelSpec(requested, "hub", repo, family, REAL_MIN_SIZE, res)
-
-
-def resolve_model(name: str, cache_dir: Path | None = None) -> ModelSpec:
-    """Map a built-in name, alias, local directory or Hub id to a checked ``ModelSpec``."""
-    requested = name
-    name = (name or "").strip()
+def _classify(name: str, requested: str) -> tuple[str, str]:
+    """("builtin" | "local" | "hub", the name, directory or repo id): the checks that need neither
+    the network nor any weights (a local directory's structure is checked by `_resolve_local`)."""
     if not name:
         raise ModelError("no model given: pass a built-in name (tiny-sdxl, tiny-sd), a Hub id "
                          "(owner/name) or a local pipeline directory")
     if name in BUILTIN_MODELS:
-        try:
-            path = ensure_tiny_model(name, cache_dir)
-        except Exception as exc:
-            raise ModelError(f"could not build built-in model '{name}': {typed_line(exc, ERROR_CHARS)}") from None
-        family = "sdxl" if name == "tiny-sdxl" else "sd"
-        return ModelSpec(requested, "builtin", str(path), family, TINY_MIN_SIZE, TINY_RESOLUTION)
+        return "builtin", name
     path = Path(name).expanduser()
     if path.is_dir():
-        return _resolve_local(requested, path)
+        return "local", str(path)
     if path.exists():
         raise ModelError(f"'{requested}' is a file, not a diffusers pipeline directory")
     if _looks_like_path(name):
@@ -197,7 +80,35 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> ModelSpec:
                          "(owner/name) or a local pipeline directory")
     if not _REPO_ID.match(repo) or "--" in repo or ".." in repo:
         raise ModelError(f"'{requested}' is not a valid Hugging Face repo id (expected owner/name)")
-    return _resolve_hub(requested, repo)
+    return "hub", repo
+
+
+def model_key(name: str) -> str:
+    """What a model name stands for, checked without the network and without loading or building
+    anything (built-in name, resolved pipeline directory, Hub repo id): a search that is still to
+    be prepared is identified by it. Raises the ModelError `resolve_model` would for bad names."""
+    requested, name = name, (name or "").strip()
+    source, value = _classify(name, requested)
+    if source == "local":
+        return _resolve_local(requested, Path(value)).location
+    return value
+
+
+def resolve_model(name: str, cache_dir: Path | None = None) -> ModelSpec:
+    """Map a built-in name, alias, local directory or Hub id to a checked ``ModelSpec``."""
+    requested = name
+    name = (name or "").strip()
+    source, value = _classify(name, requested)
+    if source == "builtin":
+        try:
+            path = ensure_tiny_model(name, cache_dir)
+        except Exception as exc:
+            raise ModelError(f"could not build built-in model '{name}': {typed_line(exc, ERROR_CHARS)}") from None
+        family = "sdxl" if name == "tiny-sdxl" else "sd"
+        return ModelSpec(requested, "builtin", str(path), family, TINY_MIN_SIZE, TINY_RESOLUTION)
+    if source == "local":
+        return _resolve_local(requested, Path(value))
+    return resolve_hub(requested, value)
 
 
 def _local_only(spec: ModelSpec) -> bool:
@@ -224,7 +135,7 @@ def _fp16_published(spec: ModelSpec) -> bool | None:
     return any(n in files for n in names)
 
 
-def _with_variant(load, spec: ModelSpec):
+def with_variant(load, spec: ModelSpec):
     """Load the fp16 variant where published (half the download), else the default weights."""
     published = _fp16_published(spec)
     variants = ["fp16"] if published else [None] if published is False else ["fp16", None]
@@ -247,7 +158,7 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype=torch.float32):
     if spec.family == "sd":
         kw.update(safety_checker=None, requires_safety_checker=False)
     with quiet_hf():  # per-worker progress bars and fallback warnings are only noise
-        pipe = _with_variant(lambda variant: DiffusionPipeline.from_pretrained(
+        pipe = with_variant(lambda variant: DiffusionPipeline.from_pretrained(
             spec.location, variant=variant, **kw), spec)
     pipe.set_progress_bar_config(disable=True)
     try:
@@ -261,13 +172,24 @@ def load_unet(spec: ModelSpec):
     """The UNet alone in fp16 on CPU: what the driver needs for candidates and fingerprint."""
     from diffusers import UNet2DConditionModel
 
+    _slow_load_hook()
     kw = {_DTYPE_KW: torch.float16, "subfolder": "unet", "local_files_only": _local_only(spec)}
     if not _accelerate_available():
         kw["low_cpu_mem_usage"] = False  # otherwise diffusers prints an install hint
     with quiet_hf():
-        unet = _with_variant(lambda variant: UNet2DConditionModel.from_pretrained(
+        unet = with_variant(lambda variant: UNet2DConditionModel.from_pretrained(
             spec.location, variant=variant, **kw), spec)
     return unet.eval()
+
+
+def _slow_load_hook() -> None:
+    """Test hook: MBP_SEARCH_SLOW_LOAD_S makes every UNet load (a search's preparation) that much
+    slower, so tests can see that a submit returns before the model is loaded."""
+    delay = float(os.environ.get("MBP_SEARCH_SLOW_LOAD_S") or 0)
+    if delay > 0:
+        import time
+
+        time.sleep(delay)
 
 
 def _accelerate_available() -> bool:

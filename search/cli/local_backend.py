@@ -80,19 +80,20 @@ class LocalBackend:
         return search_summary(self.storage, s)
 
     def submit(self, request: dict) -> dict:
-        """Load the model's UNet, list its candidates and store the search (or find the unfinished
-        one with the same model and config, with ``resume``). Bad input never touches the database."""
-        from search.driver.jobs import DuplicateSearch, prepare_search, resolve_config
+        """Resolve the model and store the search (or find the unfinished one with the same model
+        and config, with ``resume``); its weights are fetched and fingerprinted by `run`, the
+        search's preparing phase. Bad input never touches the database."""
+        from search.driver.jobs import DuplicateSearch, resolve_config, submit_search
         from storage.engine import check_database_file
         from workers.models import resolve_model
 
         options = parse_search_options(request)
         check_database_file(self.db_path)  # read-only: refuse a foreign file before any work
         spec = resolve_model(request["model"])
-        config = resolve_config(spec, **options)
+        resolve_config(spec, **options)
         try:
-            prepared = prepare_search(self.storage, request["model"], config, spec,
-                                      resume_duplicate=bool(request.get("resume")))
+            prepared = submit_search(self.storage, request["model"], options, spec,
+                                     resume_duplicate=bool(request.get("resume")))
         except DuplicateSearch as exc:
             raise duplicate_error(str(exc), exc.existing.id, self.where) from None
         self._prepared[prepared.search.id] = prepared

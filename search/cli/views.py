@@ -22,12 +22,21 @@ def print_json(data) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+def fetched(p: dict | None) -> str:
+    """Bytes of weights fetched while preparing: '1234.5/6789.0 MB' ('' once prepared)."""
+    if not p:
+        return ""
+    total = f"/{p['total_bytes'] / 1e6:.1f}" if p.get("total_bytes") else ""
+    return f"{p['done_bytes'] / 1e6:.1f}{total} MB"
+
+
 def searches_table(rows: list[dict], place: str) -> Table:
     table = Table(title=f"searches {place}")
     for col in ("id", "model", "status", "phase", "evaluations", "created (UTC)"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["id"], r["model"], r["status"], r["phase"], str(r["evaluations"]), r["created_at"][:19])
+        phase = f"{r['phase']} {fetched(r.get('preparing'))}".strip() if r["phase"] == "preparing" else r["phase"]
+        table.add_row(r["id"], r["model"], r["status"], phase, str(r["evaluations"]), r["created_at"][:19])
     return table
 
 
@@ -76,6 +85,9 @@ def status(info: dict) -> None:
     out.print(f"candidates {n} × bit depths {info['config']['nbits']}: isolated {m.get('isolated', 0)}/{n * nb}, "
               f"cumulative {m.get('cumulative', 0)}/{n * nb}; pipeline runs stored {info['evaluations']}; "
               f"driver time {info['elapsed_s']:.1f} s", highlight=False)
+    if info.get("preparing"):
+        out.print(f"model weights fetched: {fetched(info['preparing']) or '0.0 MB'} (not yet fingerprinted)",
+                  highlight=False)
     if info.get("error"):
         out.print(f"[red]error:[/] {info['error']}", highlight=False)
     print_uncut(recipe_table(info))

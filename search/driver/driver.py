@@ -26,6 +26,7 @@ from workers.evaluation.items import WorkItem
 from workers.evaluation.protocol import LINEAR8_BASELINE
 from workers.models import ModelSpec
 from workers.palettize import PaletteError, save_palette
+from workers.weights import WeightShipper, fetch_pipeline
 
 HEARTBEAT_S = 5.0
 
@@ -40,8 +41,10 @@ class SearchFailed(RuntimeError):
 
 class SearchDriver:
     def __init__(self, storage: Storage, search: Search, spec: ModelSpec, *, workers: int | None = None,
-                 reporter: Reporter | None = None, actor_resources: dict | None = None):
+                 reporter: Reporter | None = None, actor_resources: dict | None = None, weights_dir=None):
         self.storage, self.search, self.spec = storage, search, spec
+        self.weights_dir = weights_dir  # the local pipeline directory (None: found from the spec)
+        self.shipper = None
         self.config = SearchConfig.from_dict(search.config)
         self.reporter = reporter or NullReporter()
         self.requested_workers = workers
@@ -56,6 +59,7 @@ class SearchDriver:
         self.reference_runs = 0  # each evaluator's own reference output
         self.started = time.monotonic()
         self.first_result_s: float | None = None  # seconds from start to the first new stored result
+        self.shipped_bytes = 0  # weights put into the object store for evaluators on other nodes
 
     # -- lifecycle ------------------------------------------------------------------------
     def request_stop(self, *_args) -> None:
@@ -140,7 +144,9 @@ class SearchDriver:
         kwargs = dict(precision=self.config.precision, fingerprint=self.search.fingerprint, threads=threads,
                       min_size=self.config.min_size, default_nbits=self.config.default_nbits)
         auto = self.requested_workers is None
-        self.pool = EvaluatorPool(n, lambda: cls.remote(spec, signal_spec, **kwargs), can_place=can_place(cpus, gpus),
+        shipper = self._weight_shipper()
+        self.pool = EvaluatorPool(n, lambda: cls.remote(spec, signal_spec, weights=shipper.manifest(), **kwargs),
+                                  can_place=can_place(cpus, gpus),
                                   target_size=(lambda: plan_workers(None)[0]) if auto else None)
         self.pool.on_actor_lost = lambda exc, lost: self.reporter.message(
             f"[yellow]an evaluator died ({type(exc).__name__}); re-queued {len(lost)} item(s); "
@@ -152,6 +158,19 @@ class SearchDriver:
         d = infos[0]
         self.reporter.message(f"evaluators ready on {d['device']} ({d['dtype']}), {d['candidates']} candidates; "
                               f"one pipeline run takes {d['reference_s']:.2f} s")
+
+    def _weight_shipper(self) -> WeightShipper:
+        """Evaluators on other nodes get the weights from this one, through Ray's object store."""
+        if self.shipper is None:
+            root = self.weights_dir or fetch_pipeline(self.spec)
+
+            def shipped(files: int, size: int) -> None:
+                self.shipped_bytes = size
+                self.reporter.message(f"weights shipped through the object store: {files} files, {size / 1e6:.1f} MB "
+                                      "(once; evaluators on other nodes copy them into their cache)")
+
+            self.shipper = WeightShipper(root, self.search.fingerprint, on_shipped=shipped)
+        return self.shipper
 
     def _run_items(self, phase: str, items: list[WorkItem], submit: Callable, store: Callable) -> None:
         self.storage.update_search(self.search.id, phase=phase)

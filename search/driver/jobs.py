@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from common.clock import utcnow
 from common.errors import first_line
 from search.config import SearchConfig
-from workers.evaluation.protocol import APPLE_RESOLUTION
 from search.driver.cluster import driver_id, ensure_ray
 from search.driver.driver import SearchDriver
-from search.driver.progress import Reporter
-from storage import Layer, Search, Storage, StorageError
-from workers.models import ModelError, ModelSpec, candidate_layers, load_unet, resolve_model, unet_fingerprint
+from search.driver.prepare import PHASE, model_facts, prepare, request_hash, resolve_config
+from search.driver.progress import NullReporter, Reporter
+from storage import Search, Storage, StorageError
+from workers.models import ModelError, ModelSpec, model_key, resolve_model
 
 
 class DuplicateSearch(RuntimeError):
@@ -24,28 +24,34 @@ class DuplicateSearch(RuntimeError):
 @dataclass(frozen=True)
 class Prepared:
     search: Search
-    spec: ModelSpec
+    spec: ModelSpec | None  # None: resolved by the driver (a search still preparing)
     created: bool
 
 
-def resolve_config(spec: ModelSpec, **options) -> SearchConfig:
-    """Fill model-dependent defaults (min size, resolution) and validate everything. Apple's
-    protocol measures every Hub / local model at 768 px (SDXL too); the built-in tiny models
-    keep their own small size."""
-    options = {k: v for k, v in options.items() if v is not None}
-    options.setdefault("min_size", spec.default_min_size)
-    apple = options.get("protocol", "apple") == "apple" and spec.source != "builtin"
-    options.setdefault("resolution", APPLE_RESOLUTION if apple else spec.default_resolution)
-    return SearchConfig(**options)
-
-
-def _model_facts(spec: ModelSpec, min_size: int) -> tuple[list[Layer], str]:
-    unet = load_unet(spec)
-    layers = [Layer(c.name, c.numel, tuple(c.shape), c.kind) for c in candidate_layers(unet, min_size)]
-    if not layers:
-        raise ModelError(f"model '{spec.requested}' has no Linear/Conv2d weight with more than {min_size} elements; "
-                         "lower --min-size")
-    return layers, unet_fingerprint(unet)
+def submit_search(storage: Storage, model: str, options: dict, spec: ModelSpec | None = None,
+                  resume_duplicate: bool = False) -> Prepared:
+    """Store a search to be prepared by its driver (no weights are loaded here) and return at
+    once, or the unfinished search with the same model and options (``resume_duplicate``; else
+    DuplicateSearch). ``model`` must pass `model_key`; with ``spec`` (the local command line
+    resolves it first) the configuration is resolved and stored now too."""
+    key = model_key(model)
+    rhash = request_hash(key, options)
+    existing = storage.find_unfinished_request(rhash)
+    config = resolve_config(spec, **options) if spec is not None else None
+    if config is not None:
+        existing += [s for s in storage.find_unfinished(spec.location, config.fingerprint())
+                     if s.id not in {e.id for e in existing}]
+    if existing:
+        existing.sort(key=lambda s: s.created_at)
+        if not resume_duplicate:
+            raise DuplicateSearch(existing[-1])
+        return Prepared(existing[-1], spec, False)
+    search = storage.create_search(
+        model=model, model_version=model, model_location=spec.location if spec else key,
+        model_source=spec.source if spec else "", fingerprint="", layers=[], owner=driver_id(),
+        config=config.to_dict() if config else options, config_hash=config.fingerprint() if config else rhash,
+        request_hash=rhash, phase=PHASE)
+    return Prepared(search, spec, True)
 
 
 def prepare_search(storage: Storage, model: str, config: SearchConfig, spec: ModelSpec | None = None,
@@ -57,7 +63,7 @@ def prepare_search(storage: Storage, model: str, config: SearchConfig, spec: Mod
         if not resume_duplicate:
             raise DuplicateSearch(existing[-1])
         return Prepared(existing[-1], spec, False)
-    layers, fingerprint = _model_facts(spec, config.min_size)
+    layers, fingerprint = model_facts(spec, config.min_size)
     search = storage.create_search(
         model=model, model_version=spec.location if spec.source == "hub" else spec.requested,
         model_location=spec.location, model_source=spec.source, fingerprint=fingerprint,
@@ -70,8 +76,10 @@ def prepare_resume(storage: Storage, search_id: str) -> Prepared:
     search = storage.get_search(search_id)
     if search.status == "completed":
         raise StorageError(f"search {search.id} is already completed; nothing to resume")
+    if not search.prepared:  # its driver prepares it (and checks for duplicates then)
+        return Prepared(search, None, False)
     spec = resolve_model(search.model)
-    _, fingerprint = _model_facts(spec, search.config["min_size"])
+    _, fingerprint = model_facts(spec, search.config["min_size"])
     if fingerprint != search.fingerprint:
         raise ModelError(f"model '{search.model}' changed since search {search.id} started (UNet fingerprint differs); "
                          "start a new search")
@@ -81,9 +89,12 @@ def prepare_resume(storage: Storage, search_id: str) -> Prepared:
 def run_search(storage: Storage, prepared: Prepared, *, workers: int | None = None, reporter: Reporter | None = None,
                ray_address: str | None = None, actor_resources: dict | None = None) -> tuple[Search, SearchDriver]:
     search = storage.claim(prepared.search.id, driver_id(), lambda s: s.driver_gone(utcnow()))
+    spec, root = prepared.spec, None
+    if not search.prepared:
+        search, spec, root = prepare(storage, search, spec, reporter or NullReporter())
     ensure_ray(ray_address)
-    driver = SearchDriver(storage, search, prepared.spec, workers=workers, reporter=reporter,
-                          actor_resources=actor_resources)
+    driver = SearchDriver(storage, search, spec, workers=workers, reporter=reporter,
+                          actor_resources=actor_resources, weights_dir=root)
     return driver.run(), driver
 
 

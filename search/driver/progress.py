@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 PHASE_LABELS = {
+    "preparing": "fetch model weights (MB)",
     "palettes": "fit palettes (k-means)",
     "isolated": "isolated impact + baselines",
     "refine": "isolated impact, refined",

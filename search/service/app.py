@@ -132,18 +132,18 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
     @app.post("/searches", status_code=201, tags=["searches"])
     def submit(body: SubmitRequest, response: Response) -> dict:
         """Create a search (or, with ``resume``, continue the unfinished one with the same model
-        and config) and start its driver. Returns as soon as the search is stored: the model's
-        UNet is loaded once here to list its candidate layers and fingerprint it."""
-        from search.driver.jobs import DuplicateSearch, prepare_search, resolve_config
-        from workers.models import resolve_model
+        and options) and start its driver. Returns at once: the model name and options are
+        checked here, without the network; resolving, downloading and fingerprinting the model
+        are the search's ``preparing`` phase, in its driver."""
+        from search.driver.jobs import DuplicateSearch, submit_search
+        from workers.models import model_key
 
         model = service.check_model(body.model)
-        options = body.options()  # validated: fails before loading a model
-        with service.prepare_lock:
-            spec = resolve_model(model)
-            config = resolve_config(spec, **options)
+        model_key(model)  # unknown names, bad repo ids, directories that are no pipeline: 422 now
+        options = body.options()  # validated: fails before anything is stored
+        with service.prepare_lock:  # the duplicate check and the insert, together
             try:
-                prepared = prepare_search(service.storage, model, config, spec, resume_duplicate=body.resume)
+                prepared = submit_search(service.storage, model, options, resume_duplicate=body.resume)
             except DuplicateSearch as exc:
                 raise ApiError(409, str(exc), existing=exc.existing.id) from None
             sid = prepared.search.id

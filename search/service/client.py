@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-SUBMIT_TIMEOUT_S = 1800.0  # the server loads the model's UNet once when a search is created
+RESUME_TIMEOUT_S = 1800.0  # resuming a prepared search loads its UNet once to check the fingerprint
 TIMEOUT_S = 120.0
 
 
@@ -84,8 +84,7 @@ class Client:
         return self._json("GET", "/health")
 
     def submit(self, body: dict) -> dict:
-        return self._json("POST", "/searches", json={k: v for k, v in body.items() if v is not None},
-                          timeout=httpx.Timeout(SUBMIT_TIMEOUT_S, connect=10.0))
+        return self._json("POST", "/searches", json={k: v for k, v in body.items() if v is not None})
 
     def list(self) -> list[dict]:
         return self._json("GET", "/searches")
@@ -96,7 +95,7 @@ class Client:
     def resume(self, search_id: str, workers: int | None = None) -> dict:
         body = {"workers": workers} if workers is not None else None
         return self._json("POST", f"/searches/{_segment(search_id)}/resume", json=body,
-                          timeout=httpx.Timeout(SUBMIT_TIMEOUT_S, connect=10.0))
+                          timeout=httpx.Timeout(RESUME_TIMEOUT_S, connect=10.0))
 
     def cancel(self, search_id: str) -> dict:
         return self._json("POST", f"/searches/{_segment(search_id)}/cancel")

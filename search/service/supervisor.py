@@ -53,7 +53,7 @@ class Service:
         self.tasks: dict[str, object] = {}  # search id -> ObjectRef of its driver task
         self.watch: set[str] = set()       # searches active at start-up whose driver may be dead
         self._lock = threading.RLock()
-        self.prepare_lock = threading.Lock()  # one model load (prepare/resume) at a time
+        self.prepare_lock = threading.Lock()  # one submit (duplicate check + insert) or resume check at a time
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self._gpus_requested = False

@@ -3,6 +3,16 @@
 the head, searches submitted over HTTP. Measurements record the node that ran them and both
 nodes run some; then, in a second search, the worker node is killed mid-search (every process
 of it, by PID) and the search still completes on the head, every result stored exactly once.
+
+**What the worker node can see.** Weights are fetched once per cluster: the driver (on the head)
+ships the pipeline's files through Ray's object store and the worker node's evaluators copy them
+into their own cache. To make that observable on one machine, the worker node gets its own
+``MBP_SEARCH_CACHE`` and, where unprivileged user + mount namespaces exist (`unshare -Urm`), runs
+in a mount namespace in which the head's model cache and the directory of head-only models
+(``headonly/``) are covered by empty tmpfs mounts: the same paths exist there, empty. So a
+worker-node evaluator that tried to read the model from its path would fail; it is the same
+machine, user and network otherwise (the namespace maps our uid to root inside it). Without
+`unshare` the head-only test is skipped (the other tests still ship, but could not tell).
 """
 from __future__ import annotations
 
@@ -74,9 +84,29 @@ def wait_port(port: int, node: RayNode, timeout: float = 120) -> None:
     pytest.fail(f"the Ray head did not open port {port} within {timeout} s:\n{node.log.read_text()[-3000:]}")
 
 
+def can_hide_paths() -> bool:
+    """Unprivileged user + mount namespaces, with tmpfs mounts inside them."""
+    probe = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs none /mnt && echo ok"],
+                           capture_output=True, text=True) if shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0 and probe.stdout.strip() == "ok"
+
+
+def hidden(argv: list[str], paths: list[Path]) -> list[str]:
+    """``argv`` in a new user + mount namespace where each of ``paths`` is an empty tmpfs."""
+    mounts = " && ".join(f"mount -t tmpfs none '{p}'" for p in paths)
+    return ["unshare", "-Urm", "sh", "-c", f'{mounts} && exec "$@"', "hidden", *argv]
+
+
 @pytest.fixture(scope="module")
 def cluster(model_cache):
+    from workers.models import resolve_model
+
     tmp = Path(tempfile.mkdtemp(prefix="mbpmn", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    headonly, worker_cache = tmp / "headonly", tmp / "worker-cache"
+    worker_cache.mkdir()
+    shutil.copytree(resolve_model("tiny-sdxl", model_cache).location, headonly / "pipe")
+    (headonly / "pipe" / "README.md").write_text("tiny-sdxl, copied where only the head node can see it\n")
+    hide = can_hide_paths()
     env = ray_env(model_cache, secrets.token_hex(16),
                   # notice a vanished node within seconds instead of ~30 s
                   RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
@@ -92,17 +122,19 @@ def cluster(model_cache):
                        env, tmp / "head.log")
         nodes.append(head)
         wait_port(port, head)
-        worker = RayNode("worker", [sys.executable, "-c", WORKER_START, "start", "--address", f"127.0.0.1:{port}",
-                                    "--num-cpus", str(WORKER_CPUS), "--num-gpus", "0", *node_args()],
-                         env, tmp / "worker.log")
+        argv = [sys.executable, "-c", WORKER_START, "start", "--address", f"127.0.0.1:{port}",
+                "--num-cpus", str(WORKER_CPUS), "--num-gpus", "0", *node_args()]
+        worker = RayNode("worker", hidden(argv, [headonly, model_cache]) if hide else argv,
+                         {**env, "MBP_SEARCH_CACHE": str(worker_cache)}, tmp / "worker.log")
         nodes.append(worker)
         service = ServiceProcess(tmp / "searches.db", env, secrets.token_urlsafe(24), tmp / "serve.log",
-                                 "--ray-address", f"127.0.0.1:{port}")
+                                 "--ray-address", f"127.0.0.1:{port}", "--allow-model-dir", str(headonly))
         service.start()
         c = service.client()
         info = wait_for(lambda: c.get("/cluster").json(),
                         lambda d: sum(1 for n in d["nodes"] if n["alive"]) == 2, 120, "both Ray nodes")
-        yield dict(head=head, worker=worker, service=service, client=c, info=info, tmp=tmp)
+        yield dict(head=head, worker=worker, service=service, client=c, info=info, tmp=tmp, hidden=hide,
+                   headonly=headonly, worker_cache=worker_cache)
     finally:
         if service is not None:
             service.stop()
@@ -149,6 +181,43 @@ def test_a_search_runs_on_both_nodes(cluster):
           f"{time.monotonic() - t0:.1f} s from submit to completion")
 
 
+def test_a_model_only_the_head_can_see_is_searched_on_both_nodes(cluster):
+    """A local pipeline directory under headonly/ (allowed on the service), which the worker node
+    sees as an empty directory: the worker node's evaluator gets the weights through the object
+    store (shipped once by the driver), loads its own copy, passes the fingerprint check, and
+    both nodes measure."""
+    if not cluster["hidden"]:
+        pytest.skip("no unprivileged user + mount namespaces (unshare -Urm): cannot hide a path from one node")
+    c, service = cluster["client"], cluster["service"]
+    head_id, worker_id = nodes_of(cluster)
+    model = cluster["headonly"] / "pipe"
+    worker_pid = cluster["worker"].proc.pid
+    seen_by_worker = Path(f"/proc/{worker_pid}/root{model}/model_index.json")
+    assert (model / "model_index.json").is_file() and not seen_by_worker.exists()
+    t0 = time.monotonic()
+    r = c.post("/searches", json={"model": str(model), "nbits": "8", "min_size": 16384, "resolution": 64,
+                                  "num_recipes": 2})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    d = wait_for(lambda: c.get(f"/searches/{sid}").json(), lambda d: d["status"] not in ACTIVE, SEARCH_TIMEOUT_S,
+                 "the search to finish", interval=1)
+    assert d["status"] == "completed", d
+    assert d["evaluations"] == 47 + 2 + 47 + 2 and d["candidates"] == 47
+    counts = node_counts(service.db, sid)
+    assert set(counts) == {head_id[:16], worker_id[:16]} and min(counts.values()) >= 5, counts
+    shipped = (d.get("progress") or {}).get("result", {}).get("shipped_bytes", 0)
+    copies = list((cluster["worker_cache"] / "shipped").glob("*/README.md"))  # this model's copy, no other
+    assert shipped > 0 and len(copies) == 1, (shipped, copies)
+    copy = copies[0].parent
+    copied = sum(f.stat().st_size for f in copy.rglob("*") if f.is_file() and not f.name.startswith("."))
+    assert copied == shipped
+    messages = [m for _, m in (d.get("progress") or {}).get("messages", [])]
+    assert any("shipped through the object store" in m for m in messages), messages
+    print(f"\nhead-only model: {shipped / 1e6:.2f} MB shipped through the object store once, copied to "
+          f"{copy.relative_to(cluster['tmp'])} on the worker node; measurements per node {counts}; "
+          f"{time.monotonic() - t0:.1f} s from submit to completion")
+
+
 def test_a_search_survives_losing_a_node(cluster):
     c, service = cluster["client"], cluster["service"]
     head_id, worker_id = nodes_of(cluster)
@@ -179,7 +248,8 @@ def test_a_search_survives_losing_a_node(cluster):
     after = node_counts(service.db, sid)
     assert d["status"] == "completed", d
     assert d["measurements"] == {"isolated": 47, "cumulative": 47}
-    assert d["evaluations"] == 47 + 2 + 47 + 3  # everything stored exactly once
+    # everything stored exactly once (identical recipes of Apple's thresholds are stored once)
+    assert d["evaluations"] == 47 + 2 + 47 + len(d["recipes"]) and 2 <= len(d["recipes"]) <= 3
     assert set(after) == {head_key, worker_key}, after
     assert after[worker_key] >= before[worker_key] and after[head_key] > before.get(head_key, 0)
     cl = c.get("/cluster").json()

@@ -175,7 +175,49 @@ def test_v1_database_is_migrated_in_place(tmp_path):
         v = st.validations(sid)
         assert list(v) == ["r"] and v["r"].mlpackage == "/y.mlpackage" and v["r"].numeric_psnr == 41.0
     con = sqlite3.connect(path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION == 2
+    assert con.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION == 3
+    con.close()
+
+
+def test_v2_database_gains_preparing_columns_and_keeps_its_searches(tmp_path):
+    """Schema v3: a v2 database (searches without request_hash / prepare_* columns) is upgraded in
+    place; its searches read back as prepared, and searches to be prepared work next to them."""
+    from sqlalchemy import create_engine
+
+    from storage import schema
+    from storage.engine import APPLICATION_ID
+
+    path = tmp_path / "v2.db"
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        schema.Base.metadata.create_all(conn)
+        conn.exec_driver_sql("DROP INDEX ix_searches_request_hash")
+        for col in ("request_hash", "prepare_done", "prepare_total"):  # the v2 table, exactly
+            conn.exec_driver_sql(f"ALTER TABLE searches DROP COLUMN {col}")
+        conn.exec_driver_sql("PRAGMA user_version=2")
+        conn.exec_driver_sql(f"PRAGMA application_id={APPLICATION_ID}")
+    engine.dispose()
+    with Storage(path) as st:
+        old = _new(st)
+    with Storage(path) as st:
+        assert st.get_search(old.id).prepared and st.get_search(old.id).request_hash is None
+        new = st.create_search(model="m", model_version="m", model_location="m", model_source="", fingerprint="",
+                               config={"nbits": [8]}, config_hash="r" * 64, layers=[], request_hash="r" * 64,
+                               phase="preparing")
+        assert not new.prepared and st.layers(new.id) == []
+        assert [s.id for s in st.find_unfinished_request("r" * 64)] == [new.id]
+        st.set_prepare_progress(new.id, 10, 100)
+        got = st.get_search(new.id)
+        assert (got.prepare_done, got.prepare_total, got.phase) == (10, 100, "preparing")
+        done = st.set_prepared(new.id, model_version="m", model_location="/m", model_source="local",
+                               fingerprint="f" * 64, config={"nbits": [8]}, config_hash="c" * 64, layers=LAYERS)
+        assert done.prepared and len(st.layers(new.id)) == 2
+        assert [s.id for s in st.find_unfinished_request("r" * 64)] == [new.id]  # still a duplicate
+        with pytest.raises(StorageError, match="already prepared"):
+            st.set_prepared(new.id, model_version="m", model_location="/m", model_source="local",
+                            fingerprint="f" * 64, config={}, config_hash="c" * 64, layers=[])
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
     con.close()
 
 

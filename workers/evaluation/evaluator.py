@@ -11,6 +11,7 @@ on the pristine weights against the pristine reference, as Apple's script does.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import socket
 import time
@@ -57,12 +58,16 @@ def _ray_identity() -> tuple[str, str]:
 class Evaluator:
     def __init__(self, spec: ModelSpec, signal: SignalSpec, *, precision: str = "auto",
                  fingerprint: str | None = None, device: str | None = None, threads: int | None = None,
-                 min_size: int = 0, default_nbits: int = FLOAT16_BITS):
+                 min_size: int = 0, default_nbits: int = FLOAT16_BITS, weights=None):
         if threads:
             torch.set_num_threads(threads)
         self.device = device or pick_device()
         self.dtype = compute_dtype(self.device, precision)
         t0 = time.perf_counter()
+        if weights is not None:  # a workers.weights.WeightsManifest: the copy on this node
+            from workers.weights import local_copy
+
+            spec = dataclasses.replace(spec, source="local", location=str(local_copy(weights, spec.requested)))
         self.pipe = load_pipeline(spec, device=self.device, dtype=self.dtype)
         unet = self.pipe.unet
         with torch.no_grad():  # the reference is the float16 model, whatever the compute dtype
