@@ -21,10 +21,7 @@ from pathlib import Path
 from common.files import publish_dir
 
 BUILTIN_MODELS = ("tiny-sdxl", "tiny-sd")
-# Candidates of the tiny models have more than 10,000 elements: there coremltools (so Apple's
-# script) uses its optimal 1-D k-means, as for every real SDXL candidate (> 1e5); below it
-# switches to scikit-learn, which `kmeans_palette` does not imitate.
-TINY_MIN_SIZE = 10_000
+TINY_MIN_SIZE = 10_000  # > 10,000 elements: coremltools' kmeans1d path, as every SDXL candidate (> 1e5)
 TINY_RESOLUTION = 64  # pixels; the VAE scale factor is 8, so latents are 8x8
 FORMAT_VERSION = "1"  # bump when the built directory changes: forces a rebuild
 MARKER = ".mbp-tiny-model"
