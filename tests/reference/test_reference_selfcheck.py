@@ -274,7 +274,6 @@ def test_whole_reference_on_tiny_sd(tiny_sd_dir, capsys):
     # every measured 8-bit isolated layer is far better than the 1-bit one
     s1, s8 = result["single_layer"]["1"], result["single_layer"]["8"]
     assert all(ref.mean_of(s8[k]) > ref.mean_of(s1[k]) for k in r["candidates"])
-    assert wall < 240, f"reference took {wall:.0f} s"
 
 
 def test_signal_runner_is_repeatable(tiny_sd_dir):
