@@ -13,16 +13,7 @@ from common.clock import utcnow
 from storage import schema as s
 from storage.engine import SessionFactory, open_engine
 from storage.errors import StorageError
-from storage.records import (
-    ACTIVE,
-    Baseline,
-    Layer,
-    Measurement,
-    PaletteInfo,
-    Search,
-    StoredRecipe,
-    Validation,
-)
+from storage.records import ACTIVE, Baseline, Layer, Measurement, PaletteInfo, Search, StoredRecipe, Validation
 
 
 def _search(row: s.SearchRow) -> Search:
