@@ -28,7 +28,7 @@ def _measurer(driver):
                                                                               if is_palettized(b))))
                  for k, m in zip(keys, maps) if k not in have}
         if items:
-            driver._run_items("refine", list(items.values()), driver._submit_eval, driver._store_measurement)
+            driver._run_items("candidates", list(items.values()), driver._submit_eval, driver._store_measurement)
             have = known()
         return [have[k] for k in keys]
 
