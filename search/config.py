@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from common.formats import FLOAT16_BITS, PALETTE_NBITS, is_palettized
 from workers.evaluation.protocol import PROTOCOLS, default_prompts
 from workers.evaluation.signal import SignalSpec
+from search.defaults import REFINE_EVALS
 
 PRECISIONS = ("auto", "float16", "float32")
 STRATEGIES = ("apple", "optimal")
@@ -82,6 +83,7 @@ class SearchConfig:
     curves: bool | None = None            # cumulative curves; None: only when the Apple strategy needs them
     protocol: str = "apple"               # what a PSNR means (workers.evaluation.protocol)
     default_nbits: int = FLOAT16_BITS               # Apple's --default-nbits: every weight palettized first, fallback depth
+    refine_evals: int = REFINE_EVALS       # measured refinement per optimal target (0: one-shot)
 
     def __post_init__(self) -> None:
         nbits = tuple(self.nbits)
@@ -124,6 +126,9 @@ class SearchConfig:
         object.__setattr__(self, "targets", tuple(sorted(set(targets), reverse=True)))
         if targets and "optimal" not in self.strategy:
             raise ConfigError("--targets builds optimal recipes: add --strategy optimal (or both)")
+        if isinstance(self.refine_evals, bool) or not isinstance(self.refine_evals, int) or \
+                not 0 <= self.refine_evals <= 10_000:
+            raise ConfigError(f"--refine-evals must be an integer between 0 and 10000, got {self.refine_evals}")
         if self.evals not in EVALS:
             raise ConfigError(f"--evals must be full or fast, got '{self.evals}'")
         if self.anchors is None:
@@ -164,6 +169,7 @@ class SearchConfig:
         d = dict(d)
         d.pop("extra", None)  # an always-empty field of earlier releases, still in their stored configs
         d.setdefault("protocol", "classic")  # searches stored before protocols existed measured this way
+        d.setdefault("refine_evals", 0)  # stored before measured refinement: one-shot
         for key in ("nbits", "prompts", "strategy", "targets", "anchors"):
             if key in d:
                 d[key] = tuple(d[key])

@@ -63,8 +63,24 @@ def search_detail(storage: Storage, s: Search, now: datetime | None = None) -> d
                  for r in storage.recipes(s.id)],
         validations={k: asdict(v) for k, v in storage.validations(s.id).items()},
         counts=phase_counts(storage, s, candidates),
+        eval_floor=eval_floor(storage, s),
     )
     return info
+
+
+def eval_floor(storage: Storage, s: Search) -> dict | None:
+    """The evaluation floor from the stored floor probes: mean over prompts of the dB of the
+    probes' mean noise power per prompt (what the noise model takes out), and the probe count."""
+    import numpy as np
+
+    from search.recipes.noise_model import floor_noise
+
+    probes = [m.per_prompt for m in storage.measurements(s.id, phase="floor")]
+    if not probes:
+        return None
+    with np.errstate(divide="ignore"):
+        psnr = float(np.mean(-10 * np.log10(floor_noise(probes))))
+    return {"psnr": psnr, "probes": len(probes)}
 
 
 def recipes_json(storage: Storage, s: Search) -> str:

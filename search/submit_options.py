@@ -18,6 +18,10 @@ from annotated_types import Len
 from common.formats import PALETTE_NBITS
 
 WORKERS_HELP = "evaluator actors [default: GPUs, else 2]"
+from search.defaults import REFINE_EVALS  # noqa: E402  (measured refinement per optimal target; see README)
+REFINE_EVALS_HELP = (f"end-to-end measurements per optimal target for the measured refinement (an evolutionary "
+                     f"search from the better of Apple's and the knapsack's recipe; 0: one-shot) [default: "
+                     f"{REFINE_EVALS}]")
 RESUME_HELP = "if an unfinished search has this model and config, resume it"
 
 
@@ -116,6 +120,7 @@ SEARCH_OPTIONS: tuple[SearchOption, ...] = (
     SearchOption("anchors", ("--anchors",), Optional[str], None, "anchor bit depths measured by --evals fast "
                  "[default: the searched depth nearest 4]", json_type=Union[str, int, list[int], None],
                  parse=_anchors),
+    SearchOption("refine_evals", ("--refine-evals",), int, REFINE_EVALS, REFINE_EVALS_HELP),
     SearchOption("curves", ("--curves/--no-curves",), Optional[bool], None, "cumulative curves [default: only for "
                  "the apple strategy]"),
 )
@@ -137,4 +142,5 @@ def parse_search_options(values: Mapping[str, Any]) -> dict:
     return options
 
 
-__all__ = ["SEARCH_OPTIONS", "SearchOption", "parse_search_options", "WORKERS_HELP", "RESUME_HELP"]
+__all__ = ["SEARCH_OPTIONS", "SearchOption", "parse_search_options", "WORKERS_HELP", "RESUME_HELP", "REFINE_EVALS",
+           "REFINE_EVALS_HELP"]

@@ -254,13 +254,14 @@ class Storage:
             return db.execute(stmt).rowcount == 1
 
     def set_recipe_result(self, search_id: str, key: str, *, psnr: float, per_prompt: tuple[float, ...],
-                          node: str, duration_s: float) -> bool:
-        """Store a recipe's end-to-end PSNR once; an already measured recipe is left alone."""
+                          node: str, duration_s: float, count: bool = True) -> bool:
+        """Store a recipe's end-to-end PSNR once; an already measured recipe is left alone.
+        ``count=False``: the value comes from a stored measurement (no new pipeline run)."""
         with self.session_scope() as db:
             res = db.execute(update(s.RecipeRow).where(
                 s.RecipeRow.search_id == search_id, s.RecipeRow.key == key, s.RecipeRow.psnr.is_(None)).values(
                 psnr=psnr, per_prompt_json=json.dumps(list(per_prompt)), node=node, duration_s=duration_s))
-            if res.rowcount == 1:
+            if res.rowcount == 1 and count:
                 db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(
                     evaluations=s.SearchRow.evaluations + 1))
             return res.rowcount == 1

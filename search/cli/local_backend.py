@@ -127,16 +127,20 @@ class LocalBackend:
             shutdown_ray()
         return self.detail(search_id), ended
 
-    def target_recipe(self, search_id: str, *, bits, size_mb, psnr, workers: int, ray_address: Optional[str]) -> dict:
+    def target_recipe(self, search_id: str, *, bits, size_mb, psnr, workers: int, ray_address: Optional[str],
+                      refine_evals: Optional[int] = None) -> dict:
         """Build, store and measure the optimal recipe for one target (local only)."""
         from search.driver.jobs import target_recipe
         from search.driver.progress import RichReporter
 
         try:
             with RichReporter(err) as reporter:
-                r, _ = target_recipe(self.storage, search_id, bits=bits, size_mb=size_mb, psnr=psnr, workers=workers,
-                                     reporter=reporter, ray_address=ray_address)
+                r, _, refined = target_recipe(self.storage, search_id, bits=bits, size_mb=size_mb, psnr=psnr,
+                                              workers=workers, reporter=reporter, ray_address=ray_address,
+                                              refine_evals=refine_evals)
         finally:
             shutdown_ray()
         return {"key": r.key, "target": r.target, "avg_bits": r.avg_bits, "size_mb": r.size_mb,
-                "predicted_psnr": r.predicted_psnr, "psnr": r.psnr}
+                "predicted_psnr": r.predicted_psnr, "psnr": r.psnr,
+                "refined": None if refined is None else {"evals": refined.evals, "start": refined.start,
+                                                         "start_psnr": refined.start_psnr}}

@@ -12,7 +12,7 @@ from search.cli.backend import Backend, open_backend
 from search.cli.console import CliError, err, guarded, out
 from search.cli.options import (DbOption, RayOption, SearchIdArgument, ServerOption, TokenOption, WaitOption,
                                 search_flags)
-from search.submit_options import RESUME_HELP, WORKERS_HELP, parse_search_options
+from search.submit_options import REFINE_EVALS, REFINE_EVALS_HELP, RESUME_HELP, WORKERS_HELP, parse_search_options
 
 MODEL_HELP = "Hub id, alias (sdxl-base-1.0, sd-1.5, sd-2.1-base), local pipeline directory, or built-in tiny-sdxl / tiny-sd"
 WorkersOption = typer.Option(None, "--workers", "-w", help=WORKERS_HELP)
@@ -94,15 +94,17 @@ def recipe(
     db: Optional[Path] = DbOption,
     workers: int = typer.Option(1, "--workers", "-w"),
     ray_address: Optional[str] = RayOption,
+    refine_evals: int = typer.Option(REFINE_EVALS, "--refine-evals", min=0, help=REFINE_EVALS_HELP),
 ) -> None:
-    """Build the optimal recipe for a size or PSNR target from stored measurements and measure it."""
+    """Build the optimal recipe for a size or PSNR target from stored measurements and measure it;
+    for --bits / --size-mb, refine it with end-to-end measurements (--refine-evals 0: one-shot)."""
     from search.cli.local_backend import LocalBackend
 
     if sum(v is not None for v in (bits, size_mb, psnr)) != 1:
         raise CliError("give exactly one of --bits, --size-mb, --psnr")
     with LocalBackend(db) as backend:
         r = backend.target_recipe(search_id, bits=bits, size_mb=size_mb, psnr=psnr, workers=workers,
-                                  ray_address=ray_address)
+                                  ray_address=ray_address, refine_evals=refine_evals)
     views.print_uncut(views.target_recipe_table(r))
 
 

@@ -88,6 +88,12 @@ def status(info: dict) -> None:
     if info.get("preparing"):
         out.print(f"model weights fetched: {fetched(info['preparing']) or '0.0 MB'} (not yet fingerprinted)",
                   highlight=False)
+    floor = info.get("eval_floor")
+    if floor:
+        out.print(f"evaluation floor {floor['psnr']:.2f} dB ({floor['probes']} probes: a float16 mantissa bit "
+                  "flipped in one layer); taken out of each isolated noise power before summing", highlight=False)
+    if m.get("candidate"):
+        out.print(f"refinement: {m['candidate']} candidate recipes measured", highlight=False)
     if info.get("error"):
         out.print(f"[red]error:[/] {info['error']}", highlight=False)
     print_uncut(recipe_table(info))
@@ -125,6 +131,10 @@ def target_recipe_table(r: dict) -> Table:
     predicted, measured = r.get("predicted_psnr"), r.get("psnr")
     error = abs(predicted - measured) if predicted is not None and measured is not None else None
     table.add_row(r["key"], f"{r['avg_bits']:.2f}", f"{r['size_mb']:.2f}", fmt(predicted), fmt(measured), fmt(error))
+    if r.get("refined"):
+        ref = r["refined"]
+        table.caption = (f"refined with {ref['evals']} end-to-end measurement(s) from the {ref['start']} recipe; "
+                         "starting points " + ", ".join(f"{k} {v:.2f} dB" for k, v in ref["start_psnr"].items()))
     return _never_cut(table)
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from common.clock import utcnow
 from common.errors import first_line
 from search.config import SearchConfig
+from search.defaults import REFINE_EVALS
 from search.driver.cluster import driver_id, ensure_ray
 from search.driver.driver import SearchDriver
 from search.driver.prepare import PHASE, model_facts, prepare, request_hash, resolve_config
@@ -100,9 +101,11 @@ def run_search(storage: Storage, prepared: Prepared, *, workers: int | None = No
 
 def target_recipe(storage: Storage, search_id: str, *, bits: float | None = None, size_mb: float | None = None,
                   psnr: float | None = None, workers: int | None = 1, reporter: Reporter | None = None,
-                  ray_address: str | None = None):
+                  ray_address: str | None = None, refine_evals: int | None = None):
     """Build an optimal recipe for one target from stored measurements, store it, measure it
-    end to end (one pipeline run per evaluator start plus one for the recipe)."""
+    end to end (one pipeline run per evaluator start plus one for the recipe); then, for a size
+    target with ``refine_evals`` > 0 (default REFINE_EVALS), refine it with end-to-end
+    measurements and return the best measured recipe. Returns (stored recipe, driver, Refined or None)."""
     from search.config import ConfigError
     from search.recipes.tables import load_tables, weight_mse
     from search.recipes.strategy import target_recipe as plan
@@ -120,6 +123,16 @@ def target_recipe(storage: Storage, search_id: str, *, bits: float | None = None
     ensure_ray(ray_address)
     driver = SearchDriver(storage, search, spec, workers=workers, reporter=reporter)
     key = driver.store_recipe(planned)
-    driver.run_recipes([key])
+    evals = REFINE_EVALS if refine_evals is None else refine_evals
+    if evals < 0:
+        raise ConfigError("--refine-evals must be >= 0")
+    refined = None
+    if evals > 0 and psnr is None:
+        from search.driver.refinement import refine_target
+
+        key, refined = driver.run_recipes([key], then=lambda: refine_target(
+            driver, config, weight_mse(storage, search.id), planned, evals, max_avg_bits=bits, max_size_mb=size_mb))
+    else:
+        driver.run_recipes([key])
     stored = next(r for r in storage.recipes(search.id) if r.key == key)
-    return stored, driver
+    return stored, driver, refined

@@ -11,6 +11,7 @@ PHASE_LABELS = {
     "palettes": "fit palettes (k-means)",
     "isolated": "isolated impact + baselines",
     "refine": "isolated impact, refined",
+    "candidates": "measured refinement",
     "cumulative": "cumulative curves",
     "recipes": "measure recipes",
 }

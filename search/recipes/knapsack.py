@@ -167,6 +167,13 @@ def optimal_for_budget(table: NoiseTable, sizes: Mapping[str, int], *, max_avg_b
                        max_size_mb: float | None = None, grid: int = 4096) -> Recipe:
     """Best predicted recipe with average bits (or size_mb, LUTs included) <= the budget, never over
     (checked with the same float arithmetic as recipes.average_bits / size_mb)."""
+    noise, cost, choices, budget = budget_problem(table, sizes, max_avg_bits=max_avg_bits, max_size_mb=max_size_mb)
+    return _recipe(table, sizes, choices, _solve(noise, cost, table.floor, budget, grid))
+
+
+def budget_problem(table: NoiseTable, sizes: Mapping[str, int], *, max_avg_bits: float | None = None,
+                   max_size_mb: float | None = None):
+    """``knapsack_problem`` plus the largest integer budget whose float value is within the limit."""
     if (max_avg_bits is None) == (max_size_mb is None):
         raise ValueError("give exactly one of max_avg_bits and max_size_mb")
     by_size = max_size_mb is not None
@@ -182,7 +189,7 @@ def optimal_for_budget(table: NoiseTable, sizes: Mapping[str, int], *, max_avg_b
     if budget < lo:
         unit = "MB" if by_size else "bits/weight"
         raise ValueError(f"budget {limit} {unit} is below the all-minimum-bits recipe ({to_float(lo):.6g} {unit})")
-    return _recipe(table, sizes, choices, _solve(noise, cost, table.floor, budget, grid))
+    return noise, cost, choices, budget
 
 
 def optimal_for_psnr(table: NoiseTable, sizes: Mapping[str, int], min_psnr: float, *,

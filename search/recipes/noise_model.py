@@ -7,6 +7,21 @@ peak is ``n = 10**(-psnr/10)`` from the isolated PSNR. A recipe's prediction for
 ``-10*log10(floor_i + sum_l n[l, b_l, i])``, averaged over prompts like the measured PSNR.
 ``knapsack`` chooses recipes on this model, ``fast_plan`` decides what to measure for it;
 ``calibrate`` fits the prediction to end-to-end measurements.
+
+The evaluation floor. In float16 arithmetic (every GPU/MPS search, ``--precision float16``)
+any change to a layer re-rounds everything downstream, so every isolated measurement carries
+the evaluation's own noise ``f_i`` (~82 dB on the bench model, 84-86 dB on SDXL at 512 px);
+summing N isolated powers would count it N times. ``f_i`` is measured by floor probes
+(``floor_probe_layers``: a layer's weight with its lowest float16 mantissa bit flipped, far
+below any palette's error but touching every output) and taken out of each isolated power,
+``max(n - f, 0)``, before summing; it is counted once per recipe. On bit-exact float32 the
+probes read ~100 dB and the correction is negligible.
+
+Rounding. Under Apple's protocol the stored per-prompt PSNRs are rounded to 0.1 dB: a +-1.2 %
+error in each noise power, independent between layers, so it shrinks relative to the sum.
+The model works from the per-prompt values as stored (the unrounded ones are never kept, and
+the end-to-end measurement the prediction is compared with is rounded the same way); where an
+isolated power and the floor are within the rounding of each other the clamp at 0 applies.
 """
 
 from __future__ import annotations
@@ -36,8 +51,27 @@ def check_nbits(b: object) -> int:
     return int(b)  # type: ignore[arg-type]
 
 
-def _noises(isolated, layers, n_prompts: int) -> dict[tuple[str, int], np.ndarray]:
-    """{(layer, bits): per-prompt noise}; +inf PSNR (bit-exact) is zero noise."""
+FLOOR_PROBES = 8  # probes of the evaluation floor, spread over the candidates in module order
+
+
+def floor_probe_layers(layers: Sequence[str], n: int = FLOOR_PROBES) -> list[str]:
+    """The layers whose floor probes are measured: ``n`` evenly spaced in module order."""
+    layers = list(layers)
+    if len(layers) <= n:
+        return layers
+    return [layers[round(i * (len(layers) - 1) / (n - 1))] for i in range(n)] if n > 1 else layers[:1]
+
+
+def floor_noise(probes: Iterable[Sequence[float]]) -> np.ndarray:
+    """Per-prompt noise power of the evaluation floor: the mean power of the probes' PSNRs."""
+    rows = [[check_number(p, "floor probe", True) for p in ps] for ps in probes]
+    if not rows or len({len(r) for r in rows}) != 1:
+        raise ValueError("floor probes: need at least one, all with the same number of prompts")
+    return np.mean(10.0 ** (-np.array(rows) / 10), axis=0)
+
+
+def _noises(isolated, layers, n_prompts: int, eval_floor=None) -> dict[tuple[str, int], np.ndarray]:
+    """{(layer, bits): per-prompt noise, the evaluation floor taken out}; +inf PSNR is zero noise."""
     out = {}
     for b, per in isolated.items():
         for l, ps in per.items():
@@ -45,14 +79,21 @@ def _noises(isolated, layers, n_prompts: int) -> dict[tuple[str, int], np.ndarra
                 raise ValueError(f"isolated[{b}] has layer {l!r} that is not in the table")
             if isinstance(ps, (str, bytes)) or len(ps) != n_prompts:
                 raise ValueError(f"isolated[{b}][{l!r}]: expected {n_prompts} per-prompt PSNRs, got {ps!r}")
-            out[l, check_nbits(b)] = 10.0 ** (-np.array([check_number(p, f"isolated[{b}][{l!r}]", True) for p in ps]) / 10)
+            n = 10.0 ** (-np.array([check_number(p, f"isolated[{b}][{l!r}]", True) for p in ps]) / 10)
+            out[l, check_nbits(b)] = n if eval_floor is None else np.maximum(n - eval_floor, 0.0)
     return out
 
 
-def _floor(original_per_prompt, layers) -> np.ndarray:
+def _floor(original_per_prompt, layers, eval_floor=None) -> np.ndarray:
+    """Noise of a recipe before any layer's: the re-run reference, or the evaluation floor."""
     if not len(layers) or not len(original_per_prompt):
         raise ValueError("need at least one layer and one prompt")
-    return 10.0 ** (-np.array([check_number(p, "original", True) for p in original_per_prompt]) / 10)
+    floor = 10.0 ** (-np.array([check_number(p, "original", True) for p in original_per_prompt]) / 10)
+    if eval_floor is None:
+        return floor
+    if np.shape(eval_floor) != floor.shape:
+        raise ValueError(f"the evaluation floor has {np.size(eval_floor)} prompts, original {floor.size}")
+    return np.maximum(floor, eval_floor)
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,29 +103,36 @@ class NoiseTable:
     layers: tuple[str, ...]
     bits: tuple[int, ...]
     noise: dict[int, np.ndarray]  # bits -> (n_layers, n_prompts)
-    floor: np.ndarray  # (n_prompts,): the unmodified pipeline run again
+    floor: np.ndarray  # (n_prompts,): the unmodified pipeline run again, or the evaluation floor
     predicted: frozenset = field(default_factory=frozenset)  # {(layer, bits)} not measured
+    eval_floor: np.ndarray | None = None  # (n_prompts,): taken out of every isolated power
 
     @classmethod
-    def from_isolated(cls, isolated, original_per_prompt, layers) -> "NoiseTable":
-        layers, floor = tuple(layers), _floor(original_per_prompt, layers)
-        got, bits = _noises(isolated, set(layers), len(floor)), tuple(sorted(check_nbits(b) for b in isolated))
+    def from_isolated(cls, isolated, original_per_prompt, layers, eval_floor=None) -> "NoiseTable":
+        layers, floor = tuple(layers), _floor(original_per_prompt, layers, eval_floor)
+        got, bits = _noises(isolated, set(layers), len(floor), eval_floor), tuple(sorted(check_nbits(b) for b in isolated))
         if not bits:
             raise ValueError("isolated is empty: no bit depth measured")
         for b in bits:
             missing = [l for l in layers if (l, b) not in got]
             if missing:
                 raise ValueError(f"isolated[{b}] misses {len(missing)} layers, e.g. {missing[0]!r}")
-        return cls(layers, bits, {b: np.stack([got[l, b] for l in layers]) for b in bits}, floor)
+        return cls(layers, bits, {b: np.stack([got[l, b] for l in layers]) for b in bits}, floor,
+                   eval_floor=eval_floor)
 
     @classmethod
     def from_anchors(cls, isolated_at_anchors, weight_mse, original_per_prompt, layers,
-                     bits: Sequence[int] = PALETTE_NBITS) -> "NoiseTable":
+                     bits: Sequence[int] = PALETTE_NBITS, eval_floor=None) -> "NoiseTable":
         """Fast mode: ``noise(l,b) = noise(l,a) * mse(l,b) / mse(l,a)``, ``a`` the depth measured
         for that layer nearest to ``b`` (ties: the higher, less saturated one) with ``mse > 0``.
         Measured entries are used as they are; ``mse(l,b) == 0`` (exact palette) is no noise."""
-        layers, floor = tuple(layers), _floor(original_per_prompt, layers)
-        got, bits = _noises(isolated_at_anchors, set(layers), len(floor)), sorted({check_nbits(b) for b in bits})
+        layers, floor = tuple(layers), _floor(original_per_prompt, layers, eval_floor)
+        raw = _noises(isolated_at_anchors, set(layers), len(floor))
+        got = {k: v if eval_floor is None else np.maximum(v - eval_floor, 0.0) for k, v in raw.items()}
+        # base of a prediction: the anchor's noise above the floor; an anchor within 3 dB of the
+        # floor only bounds its noise (<= raw), so half the raw power is used instead of ~0
+        base = {k: v if eval_floor is None else np.maximum(v - eval_floor, v / 2) for k, v in raw.items()}
+        bits = sorted({check_nbits(b) for b in bits})
         if not bits:
             raise ValueError("bits is empty")
         mse = {}
@@ -106,8 +154,8 @@ class NoiseTable:
                 if mse[l, b] > 0 and not anchors:
                     raise ValueError(f"layer {l!r}: no measured depth with weight MSE > 0 to predict {b} bits")
                 a = min(anchors, key=lambda a: (abs(a - b), -a)) if anchors else None
-                noise[b][i] = got[l, a] * (mse[l, b] / mse[l, a]) if mse[l, b] > 0 else 0.0
-        return cls(layers, tuple(bits), noise, floor, frozenset(predicted))
+                noise[b][i] = base[l, a] * (mse[l, b] / mse[l, a]) if mse[l, b] > 0 else 0.0
+        return cls(layers, tuple(bits), noise, floor, frozenset(predicted), eval_floor)
 
 
 def psnr_of_noise(total: np.ndarray) -> np.ndarray:

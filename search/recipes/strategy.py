@@ -10,7 +10,7 @@ from search.recipes.apple_rule import apple_thresholds as exact_apple_thresholds
 from workers.evaluation.protocol import LINEAR8_BASELINE
 from search.recipes.fast_plan import fast_plan, refine_candidates
 from search.recipes.knapsack import optimal_for_budget, optimal_for_psnr
-from search.recipes.noise_model import NoiseTable, predict_psnr
+from search.recipes.noise_model import NoiseTable, floor_noise, predict_psnr
 from search.recipes.tables import Tables
 
 REFINE_MARGIN_DB = 1.0  # fast mode: measure a predicted entry if an error this large would change a choice
@@ -39,7 +39,7 @@ def refinement_plan(config: SearchConfig, tables: Tables, weight_mse) -> list[tu
     first = set(isolated_plan(config, tables.sizes, weight_mse))
     iso = {b: {l: m.per_prompt for l, m in per.items() if (l, b) in first} for b, per in tables.isolated.items()}
     table = NoiseTable.from_anchors({b: v for b, v in iso.items() if v}, weight_mse, _original(tables),
-                                    list(tables.sizes), config.nbits)
+                                    list(tables.sizes), config.nbits, eval_floor(tables))
     todo = refine_candidates(table, tables.sizes, config.optimal_targets(), REFINE_MARGIN_DB)
     return sorted(todo, key=lambda lb: (lb[1], list(tables.sizes).index(lb[0])))
 
@@ -48,11 +48,17 @@ def _original(tables: Tables) -> tuple[float, ...]:
     return tables.baseline_per_prompt["original"]
 
 
+def eval_floor(tables: Tables):
+    """Per-prompt noise power of the evaluation floor from the stored probes (None: not measured)."""
+    return floor_noise([m.per_prompt for m in tables.floor_probes.values()]) if tables.floor_probes else None
+
+
 def noise_table(config: SearchConfig, tables: Tables, weight_mse) -> NoiseTable:
     iso = {b: {l: m.per_prompt for l, m in per.items()} for b, per in tables.isolated.items() if per}
     if config.evals == "full":
-        return NoiseTable.from_isolated(iso, _original(tables), list(tables.sizes))
-    return NoiseTable.from_anchors(iso, weight_mse, _original(tables), list(tables.sizes), config.nbits)
+        return NoiseTable.from_isolated(iso, _original(tables), list(tables.sizes), eval_floor(tables))
+    return NoiseTable.from_anchors(iso, weight_mse, _original(tables), list(tables.sizes), config.nbits,
+                                   eval_floor(tables))
 
 
 def apple_thresholds(config: SearchConfig, tables: Tables) -> tuple[list[float], str | None]:
@@ -122,3 +128,19 @@ def target_recipe(config: SearchConfig, tables: Tables, weight_mse, *, bits: flo
         r = optimal_for_psnr(table, tables.sizes, value)
     return Planned(r, predict_psnr(table, r.bits), {kind: value})
 
+
+
+def apple_at_budget(config: SearchConfig, tables: Tables, *, max_avg_bits: float | None = None,
+                    max_size_mb: float | None = None) -> Recipe | None:
+    """Apple's rule at the threshold giving its largest recipe within the budget (every distinct
+    recipe of the measured cumulative curves is considered); None without complete curves."""
+    if any(len(tables.cumulative.get(b, {})) != len(tables.sizes) for b in config.nbits):
+        return None
+    cumulative = {b: tables.cumulative_by_layer(b) for b in config.nbits}
+    values = sorted({v for per in cumulative.values() for v in per.values() if math.isfinite(v)})
+    if not values:
+        return None
+    ts = sorted([(a + b) / 2 for a, b in zip(values, values[1:])] + [values[0] - 1.0, values[-1] + 1.0], reverse=True)
+    fits = [r for r in apple_recipes(cumulative, tables.sizes, ts, default_bits=config.default_nbits)
+            if (r.avg_bits <= max_avg_bits if max_size_mb is None else r.size_mb <= max_size_mb)]
+    return max(fits, key=lambda r: (r.size_mb, r.threshold)) if fits else None

@@ -1,7 +1,7 @@
 """Reading a search's stored measurements back as plain tables and as an Apple report."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from search.recipes.apple_json import SearchReport
 from search.recipes.apple_rule import Recipe, cumulative_order
@@ -15,6 +15,8 @@ class Tables:
     cumulative: dict[int, dict[int, Measurement]]      # bits -> position (1-based) -> measurement
     baselines: dict[str, float]
     baseline_per_prompt: dict[str, tuple[float, ...]]
+    floor_probes: dict[str, Measurement] = field(default_factory=dict)  # layer -> floor probe
+    candidates: dict[str, Measurement] = field(default_factory=dict)    # key -> refinement candidate
 
     def isolated_psnr(self, bits: int) -> dict[str, float]:
         return {layer: m.psnr for layer, m in self.isolated.get(bits, {}).items()}
@@ -31,14 +33,21 @@ def load_tables(storage: Storage, search_id: str) -> Tables:
     sizes = {l.name: l.numel for l in storage.layers(search_id)}
     isolated: dict[int, dict[str, Measurement]] = {}
     cumulative: dict[int, dict[int, Measurement]] = {}
+    probes: dict[str, Measurement] = {}
+    candidates: dict[str, Measurement] = {}
     for m in storage.measurements(search_id):
         if m.phase == "isolated":
             isolated.setdefault(m.bits, {})[m.layer] = m
         elif m.phase == "cumulative":
             cumulative.setdefault(m.bits, {})[m.position] = m
+        elif m.phase == "floor":
+            probes[m.layer] = m
+        elif m.phase == "candidate":
+            candidates[m.key] = m
     stored = storage.baselines(search_id)
     baselines = {name: b.psnr for name, b in stored.items()}
-    return Tables(sizes, isolated, cumulative, baselines, {name: b.per_prompt for name, b in stored.items()})
+    return Tables(sizes, isolated, cumulative, baselines, {name: b.per_prompt for name, b in stored.items()},
+                  probes, candidates)
 
 
 def weight_mse(storage: Storage, search_id: str) -> dict[int, dict[str, float]]:

@@ -135,7 +135,7 @@ class Evaluator:
         return self._pristine_palettes[key]
 
     def _on_pristine(self, item: WorkItem) -> bool:
-        return self.pristine is not None and item.phase in ("baseline", "recipe")
+        return self.pristine is not None and item.phase in ("baseline", "recipe", "candidate")
 
     @contextmanager
     def _patched(self, item: WorkItem, palettes: dict):
@@ -154,6 +154,9 @@ class Evaluator:
                         swap(name, data)
                 if item.linear8:
                     self._swap_linear8(swap, modules)
+                if item.phase == "floor":
+                    w16 = modules[item.layer].weight.data.to(torch.float16)
+                    swap(item.layer, (w16.view(torch.int16) ^ 1).view(torch.float16).to(self.dtype))
                 for layer, bits in item.assignment:
                     if not is_palettized(bits):
                         continue

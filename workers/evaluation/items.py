@@ -5,13 +5,16 @@ from dataclasses import dataclass
 
 from workers.evaluation.signal import SignalSpec
 
-PHASES = ("palette", "isolated", "cumulative", "baseline", "recipe")
+PHASES = ("palette", "isolated", "cumulative", "baseline", "recipe", "floor", "candidate")
 
 
 @dataclass(frozen=True)
 class WorkItem:
     """One unit of work. `assignment` lists the (layer, bits) palettized together;
-    `linear8` quantizes every candidate with per-channel int8 instead (the baseline)."""
+    `linear8` quantizes every candidate with per-channel int8 instead (the baseline). Phase
+    ``floor``: `layer`'s float16 weight with its lowest mantissa bit flipped (a perturbation too
+    small to matter that still changes every output of the layer: the evaluation's own noise
+    floor); ``candidate``: a recipe measured by the refinement, like ``recipe``."""
 
     key: str
     phase: str
