@@ -39,3 +39,20 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     errors = [ln for ln in lines if ln.startswith("error:")]
     assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
     return errors[0]
+
+
+def floor_probes(candidates: int) -> int:
+    """How many evaluation-floor probes a search with this many candidates measures (each is one
+    pipeline run, stored under the phase ``floor``): what search.recipes.noise_model picks."""
+    from search.recipes.noise_model import floor_probe_layers
+
+    return len(floor_probe_layers([f"layer{i}" for i in range(candidates)]))
+
+
+def refined_lines(stderr: str) -> list[tuple[float, int]]:
+    """(target bits, end-to-end measurements) of every 'target X bits: refined ... after N
+    measurement(s)' line a search's refinement printed."""
+    import re
+
+    return [(float(b), int(n)) for b, n in
+            re.findall(r"target ([\d.]+) bits: refined \S+ [\d.]+ dB after (\d+) measurement", " ".join(stderr.split()))]

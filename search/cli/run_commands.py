@@ -94,7 +94,7 @@ def recipe(
     db: Optional[Path] = DbOption,
     workers: int = typer.Option(1, "--workers", "-w"),
     ray_address: Optional[str] = RayOption,
-    refine_evals: int = typer.Option(REFINE_EVALS, "--refine-evals", min=0, help=REFINE_EVALS_HELP),
+    refine_evals: int = typer.Option(REFINE_EVALS, "--refine-evals", help=REFINE_EVALS_HELP),
 ) -> None:
     """Build the optimal recipe for a size or PSNR target from stored measurements and measure it;
     for --bits / --size-mb, refine it with end-to-end measurements (--refine-evals 0: one-shot)."""
@@ -102,6 +102,8 @@ def recipe(
 
     if sum(v is not None for v in (bits, size_mb, psnr)) != 1:
         raise CliError("give exactly one of --bits, --size-mb, --psnr")
+    if refine_evals < 0:
+        raise CliError(f"--refine-evals must be 0 (one-shot) or more, got {refine_evals}")
     with LocalBackend(db) as backend:
         r = backend.target_recipe(search_id, bits=bits, size_mb=size_mb, psnr=psnr, workers=workers,
                                   ray_address=ray_address, refine_evals=refine_evals)

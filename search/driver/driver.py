@@ -17,6 +17,7 @@ from search.driver.cluster import driver_id, ensure_ray, plan_workers  # driver_
 from search.driver.palettes import load_stored_palette
 from search.driver.pool import EvaluatorPool, ItemFailed, PoolError, actor_class, can_place
 from search.driver.progress import NullReporter, Reporter
+from search.driver.refinement import refine_targets
 from search.recipes.apple_rule import unique_key
 from search.recipes.noise_model import floor_probe_layers
 from search.recipes.strategy import isolated_plan, plan_recipes, refinement_plan
@@ -108,8 +109,7 @@ class SearchDriver:
         return self.storage.get_search(sid)
 
     def run_recipes(self, keys: list[str], then: Callable | None = None):
-        """Measure stored recipes end to end (`search recipe`), whatever the search's status; then
-        run ``then()`` on the same pool (the refinement) and return what it returns."""
+        """Measure stored recipes end to end (`search recipe`), whatever the search's status; return ``then()``."""
         handlers = self._install_signal_handlers()
         try:
             self._start_pool()
@@ -221,9 +221,8 @@ class SearchDriver:
         linear8 = LINEAR8_BASELINE[self.config.protocol]
         items = [WorkItem(f"baseline/{n}", "baseline", name=n, linear8=(n == linear8))
                  for n in ("original", linear8) if n not in tables.baselines]
-        done = self.storage.measured_keys(sid)
-        items += [WorkItem(f"floor/{layer}", "floor", layer=layer) for layer in floor_probe_layers(list(tables.sizes))
-                  if f"floor/{layer}" not in done]
+        probes = [WorkItem(f"floor/{layer}", "floor", layer=layer) for layer in floor_probe_layers(list(tables.sizes))]
+        items += [it for it in probes if it.key not in self.storage.measured_keys(sid)]  # the evaluation floor
         items += self._isolated_items(isolated_plan(self.config, tables.sizes, mse))
         self._run_items("isolated", items, self._submit_eval, self._store_isolated)
         if self.config.evals == "fast":
@@ -265,19 +264,11 @@ class SearchDriver:
         planned, notes = plan_recipes(self.config, load_tables(self.storage, sid), weight_mse(self.storage, sid))
         for note in notes:
             self.reporter.message(f"[dim]{note}")
-        keys = [self.store_recipe(p) for p in planned]
+        for p in planned:
+            self.store_recipe(p)
         self.measure_recipes([r.key for r in self.storage.recipes(sid) if r.psnr is None])
         if self.config.refine_evals > 0:
-            from search.driver.refinement import refine_target
-
-            mse = weight_mse(self.storage, sid)
-            for p, key in zip(planned, keys):
-                if p.target and "avg_bits" in p.target:
-                    refined_key, r = refine_target(self, self.config, mse, p, self.config.refine_evals,
-                                                   max_avg_bits=p.target["avg_bits"])
-                    self.reporter.message(f"target {p.target['avg_bits']:g} bits: refined {refined_key} "
-                                          f"{r.psnr:.2f} dB after {r.evals} measurement(s) (from {r.start}, "
-                                          + ", ".join(f"{n} {v:.2f}" for n, v in r.start_psnr.items()) + " dB)")
+            refine_targets(self, planned)
 
     def store_recipe(self, p) -> str:
         """Store a planned recipe under a free key; the same bit map is stored once."""

@@ -122,10 +122,10 @@ def target_recipe(storage: Storage, search_id: str, *, bits: float | None = None
     spec = resolve_model(search.model)
     ensure_ray(ray_address)
     driver = SearchDriver(storage, search, spec, workers=workers, reporter=reporter)
-    key = driver.store_recipe(planned)
     evals = REFINE_EVALS if refine_evals is None else refine_evals
     if evals < 0:
-        raise ConfigError("--refine-evals must be >= 0")
+        raise ConfigError(f"--refine-evals must be 0 (one-shot) or more, got {evals}")
+    key = driver.store_recipe(planned)
     refined = None
     if evals > 0 and psnr is None:
         from search.driver.refinement import refine_target

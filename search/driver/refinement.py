@@ -8,7 +8,7 @@ from search.recipes.apple_rule import make_recipe
 from search.recipes.noise_model import predict_psnr
 from search.recipes.refine import Refined, candidate_key, refine
 from search.recipes.strategy import Planned, apple_at_budget, noise_table
-from search.recipes.tables import load_tables
+from search.recipes.tables import load_tables, weight_mse
 from workers.evaluation.items import WorkItem
 
 
@@ -59,3 +59,16 @@ def refine_target(driver, config, weight_mse, one_shot: Planned, evals: int, *, 
         driver.storage.set_recipe_result(driver.search.id, key, psnr=m.psnr, per_prompt=m.per_prompt, node=m.node,
                                          duration_s=m.duration_s, count=False)
     return key, result
+
+
+def refine_targets(driver, planned) -> None:
+    """The recipes phase's refinement: every optimal size target (average bits) refined with the
+    search's ``refine_evals`` measurements, one line each on the reporter."""
+    mse = weight_mse(driver.storage, driver.search.id)
+    for p in planned:
+        if p.target and "avg_bits" in p.target:
+            key, r = refine_target(driver, driver.config, mse, p, driver.config.refine_evals,
+                                   max_avg_bits=p.target["avg_bits"])
+            driver.reporter.message(f"target {p.target['avg_bits']:g} bits: refined {key} {r.psnr:.2f} dB after "
+                                    f"{r.evals} measurement(s) (from {r.start}, "
+                                    + ", ".join(f"{n} {v:.2f}" for n, v in r.start_psnr.items()) + " dB)")

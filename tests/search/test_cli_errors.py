@@ -20,6 +20,7 @@ def sha(path):
     (["--steps", "0"], "steps"),
     (["--workers", "0"], "--workers"),
     (["--precision", "double"], "precision"),
+    (["--refine-evals", "-1"], "--refine-evals"),
 ])
 def test_bad_options(tmp_path, model_cache, args, expected):
     db = tmp_path / "s.db"
@@ -94,3 +95,10 @@ def test_prompts_file_errors(tmp_path, model_cache):
     proc = run_cli("submit", "--model", "tiny-sdxl", "--prompts", tmp_path / "missing.txt", "--db",
                    tmp_path / "s.db", model_cache=model_cache)
     assert proc.returncode == 2 and "cannot read prompts file" in error_line(proc)
+
+
+def test_recipe_bad_refine_evals(tmp_path, model_cache):
+    db = tmp_path / "s.db"
+    proc = run_cli("recipe", "deadbeef", "--bits", "4", "--refine-evals", "-3", "--db", db, model_cache=model_cache)
+    assert proc.returncode == 2 and "--refine-evals must be 0 (one-shot) or more, got -3" in error_line(proc)
+    assert not db.exists()

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from common.formats import average_bits
-from tests.cli_helpers import error_line, run_cli, start_cli
+from tests.cli_helpers import error_line, floor_probes, refined_lines, run_cli, start_cli
 from tests.reference.json_checks import check_apple_recipes_from_json
 
 pytestmark = pytest.mark.slow
@@ -29,11 +29,19 @@ def test_fast_mode_measures_anchors_plus_refinements_only(fast):
     status = fast["status"]
     n = status["candidates"]
     refined = int(re.search(r"fast mode: (\d+) more isolated", fast["stderr"]).group(1))
-    assert status["measurements"] == {"isolated": n + refined}  # anchor 4 bits for every layer, no curves
+    m, probes = status["measurements"], floor_probes(n)
+    # anchor 4 bits for every layer, no curves; the evaluation floor's probes; refinement candidates
+    assert m == {"isolated": n + refined, "floor": probes, "candidate": m["candidate"]}
     assert refined < 2 * n
     recipes = status["recipes"]
-    assert [r["strategy"] for r in recipes] == ["optimal"] * 3
-    assert status["evaluations"] == n + refined + 2 + 3  # + 2 baselines + 3 recipe runs
+    assert [r["strategy"] for r in recipes if r["strategy"] != "refined"] == ["optimal"] * 3
+    # each target: its knapsack recipe (a recipe run) + the candidates its refinement measured;
+    # a candidate is measured once even if two targets reach it
+    per_target = refined_lines(fast["stderr"])
+    assert sorted(t for t, _ in per_target) == [3.0, 4.0, 6.0]
+    assert all(1 < used <= status["config"]["refine_evals"] for _, used in per_target)
+    assert 0 < m["candidate"] <= sum(used - 1 for _, used in per_target)
+    assert status["evaluations"] == n + refined + probes + 2 + 3 + m["candidate"]  # + 2 baselines + 3 recipe runs
 
 
 def test_targets_are_met_exactly_and_predicted(fast, model_cache):
@@ -45,7 +53,8 @@ def test_targets_are_met_exactly_and_predicted(fast, model_cache):
     with Storage(fast["db"]) as st:
         sizes = {l.name: l.numel for l in st.layers(fast["id"])}
         stored = st.recipes(fast["id"])
-    assert sorted(r.target["avg_bits"] for r in stored) == [3.0, 4.0, 6.0]
+    one_shot = [r for r in stored if r.strategy == "optimal"]
+    assert sorted(r.target["avg_bits"] for r in one_shot) == [3.0, 4.0, 6.0]
     for r in stored:
         assert average_bits(r.bits, sizes) <= r.target["avg_bits"] + 1e-12
         assert r.avg_bits > r.target["avg_bits"] - 0.25  # spends the budget
@@ -53,19 +62,32 @@ def test_targets_are_met_exactly_and_predicted(fast, model_cache):
         # Apple's protocol (the default): the download rounds a recipe's PSNR to 0.1 dB, as Apple's script.
         assert report["recipes"][r.key] == r.bits and report["baselines"][r.key] == float(f"{r.psnr:.1f}")
         assert set(r.bits.values()) <= {2, 4, 8, 16}
-    by_target = sorted(stored, key=lambda r: r.target["avg_bits"])
+    by_target = sorted(one_shot, key=lambda r: r.target["avg_bits"])
     assert [r.psnr for r in by_target] == sorted(r.psnr for r in by_target)  # more bits, more PSNR
+    # measured refinement: the best measured recipe within the same budget, never below its start
+    # (a refinement that found nothing better returns the one-shot recipe itself, stored once)
+    for o in one_shot:
+        best = max((r for r in stored if r.target["avg_bits"] == o.target["avg_bits"]), key=lambda r: r.psnr)
+        assert best.psnr >= o.psnr and best.avg_bits <= o.target["avg_bits"] + 1e-12
+    for r in stored:
+        if r.strategy == "refined":
+            assert r.target["start"] == "knapsack" and r.target["evals_used"] <= r.target["refine_evals"]
+            assert r.psnr >= r.target["start_psnr"]["knapsack"]
 
 
 def test_recipe_command_builds_and_measures_a_target(fast, model_cache):
     proc = run_cli("recipe", fast["id"], "--bits", "5", "--db", fast["db"], model_cache=model_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "predicted PSNR" in proc.stdout
+    assert "refined with" in " ".join(proc.stdout.split())  # refinement by default
     status = json.loads(run_cli("status", fast["id"], "--db", fast["db"], "--json", model_cache=model_cache).stdout)
     new = [r for r in status["recipes"] if 4.0 < r["avg_bits"] <= 5.0]
-    assert len(new) == 1 and new[0]["psnr"] is not None
+    one_shot = [r for r in new if r["strategy"] == "optimal"]
+    assert len(one_shot) == 1 and all(r["psnr"] is not None for r in new)
+    assert max(r["psnr"] for r in new) >= one_shot[0]["psnr"]
     for args, expected in ((["--bits", "0.5"], "below"), (["--psnr", "5000"], "unreachable"),
-                           (["--bits", "4", "--psnr", "40"], "exactly one")):
+                           (["--bits", "4", "--psnr", "40"], "exactly one"),
+                           (["--bits", "4", "--refine-evals", "-1"], "--refine-evals")):
         bad = run_cli("recipe", fast["id"], *args, "--db", fast["db"], model_cache=model_cache)
         assert bad.returncode == 2 and expected in error_line(bad)
 
