@@ -4,7 +4,7 @@ import json
 import pytest
 
 from search.recipes.apple_rule import ALLOWED_BITS, average_bits
-from tests.cli_helpers import run_cli
+from tests.cli_helpers import floor_probes, run_cli
 from tests.reference.json_checks import check_apple_recipes_from_json
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,8 @@ def _check_search(run, nbits):
     assert status["status"] == "completed" and status["phase"] == "done"
     n = status["candidates"]
     assert n >= 30
-    assert status["measurements"] == {"isolated": n * len(nbits), "cumulative": n * len(nbits)}
+    assert status["measurements"] == {"isolated": n * len(nbits), "cumulative": n * len(nbits),
+                                      "floor": floor_probes(n)}  # Apple's strategy: no refinement
     assert set(report) == {"model_version", "baselines", "recipes", "single_layer", "cumulative", "mbp_search"}
     assert sorted(map(int, report["single_layer"])) == nbits == sorted(map(int, report["cumulative"]))
     sizes = None

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.cli_helpers import error_line, run_cli, start_cli
+from tests.cli_helpers import error_line, floor_probes, run_cli, start_cli
 from tests.reference.json_checks import check_apple_recipes_from_json
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,8 @@ def reference(tmp_path_factory, model_cache):
     assert proc.returncode == 0, proc.stderr[-3000:]
     sid = proc.stdout.split()[1]
     c = counts(db)
-    total = c["isolated"] + c["cumulative"] + c["baseline"] + c["recipes"]
+    total = c["isolated"] + c["cumulative"] + c["baseline"] + c["recipes"] + c["floor"]
+    assert c["floor"] == floor_probes(c["isolated"] // 2)  # two bit depths
     assert c["evaluations"] == total == evaluations_this_run(proc.stderr)
     report = download(db, sid, model_cache)
     assert check_apple_recipes_from_json(report) == len(report["recipes"])
@@ -240,7 +241,7 @@ def test_two_concurrent_searches_on_one_database(tmp_path, model_cache):
     rows = json.loads(run_cli("list", "--json", "--db", db, model_cache=model_cache).stdout)
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
     for r in rows:
-        assert r["measurements"] == {"isolated": 47, "cumulative": 47}
+        assert r["measurements"] == {"isolated": 47, "cumulative": 47, "floor": floor_probes(47)}
 
 
 def test_same_seed_and_config_twice_gives_identical_results(tmp_path, model_cache, reference):

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cli_helpers import ROOT, cli_cmd, cli_env, error_line, run_cli
+from tests.cli_helpers import ROOT, cli_cmd, cli_env, error_line, floor_probes, run_cli
 from tests.reference.json_checks import check_apple_recipes_from_json
 
 TINY = dict(model="tiny-sdxl", nbits="8", min_size=16384)        # 47 candidates
@@ -371,7 +371,7 @@ def test_submit_returns_before_the_model_is_loaded(server):
     d = wait_for(lambda: c.get(f"/searches/{sid}").json(), lambda d: d["status"] not in ACTIVE, SEARCH_TIMEOUT_S,
                  "the search to finish", interval=1)
     assert d["status"] == "completed" and d["candidates"] == 47 and len(d["fingerprint"]) == 64, d
-    assert d["preparing"] is None and d["measurements"] == {"isolated": 47, "cumulative": 47}
+    assert d["preparing"] is None and d["measurements"] == {"isolated": 47, "cumulative": 47, "floor": floor_probes(47)}
     print(f"\nsubmit answered in {submit_s * 1000:.0f} ms with a {SLOW_LOAD_S} s model load; the list row "
           f"while preparing: {' '.join(row.split())}")
 
@@ -404,7 +404,7 @@ def test_cli_submit_wait_then_download(server, tmp_path):
     info = c.get(f"/searches/{sid}").json()
     assert info["status"] == "completed" and info["phase"] == "done"
     n = info["candidates"]
-    assert n == 47 and info["measurements"] == {"isolated": n, "cumulative": n}
+    assert n == 47 and info["measurements"] == {"isolated": n, "cumulative": n, "floor": floor_probes(n)}
     # Apple's thresholds on bit-exact CPU arithmetic: the top ones give the same all-float16
     # recipe, stored once; how many distinct recipes 3 thresholds give is re-derived below.
     k = len(info["recipes"])
@@ -493,9 +493,9 @@ def test_cancel_resume_and_restart_resume(server):
     d = wait_for(lambda: c.get(f"/searches/{sid}").json(), lambda d: d["status"] not in ACTIVE, SEARCH_TIMEOUT_S,
                  "the resumed search to finish", interval=1)
     assert d["status"] == "completed", d
-    assert d["measurements"] == {"isolated": 47, "cumulative": 47}
+    assert d["measurements"] == {"isolated": 47, "cumulative": 47, "floor": floor_probes(47)}
     # Apple's thresholds on bit-exact CPU arithmetic: identical all-float16 recipes are stored once.
     k = len(d["recipes"])
     assert 2 <= k <= 4 and d["counts"]["recipes"] == {"done": k, "total": k}
-    assert d["evaluations"] == 47 + 2 + 47 + k  # every result stored once, none lost
+    assert d["evaluations"] == 47 + 2 + 47 + floor_probes(47) + k  # every result stored once, none lost
     assert "resumed interrupted search" in server.log_tail(20000)
