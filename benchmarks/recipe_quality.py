@@ -1,203 +1,49 @@
-"""Recipe quality: Apple's strategy vs the optimal one (same measurements) vs fast mode, on a trained model.
+"""Recipe quality: Apple's recipes vs one-shot optimal vs measured refinement, on a trained model.
 
-    python benchmarks/recipe_quality.py [--db PATH] [--quick] [--workers 2]
+    python benchmarks/recipe_quality.py [--precision float32|float16] [--quick] [--refine-evals N] [--db PATH]
 
 On the bench model (``benchmarks/bench_model.py``: tiny-sdxl's UNet trained on scikit-image
 photographs, built once and cached) it runs, through the real CLI (``python -m search.cli.app``):
 
-1. ``search submit --strategy apple`` (full analysis: isolated + cumulative + Apple's recipes);
-2. for every Apple recipe with average bits in [3, 8], ``search recipe ID --bits <its average
-   bits>`` on that same search: the optimal recipe from the same measurements, measured end to end;
-3. ``search submit --strategy optimal --evals fast --targets <those average bits>``: fast mode
-   on its own (anchor depths measured, the rest predicted from weight MSE, refined).
+1. ``search submit --strategy apple`` (Apple's full analysis: isolated + cumulative + its recipes;
+   every search also measures the 8 evaluation-floor probes);
+2. Apple's recipes with average bits in [3, 8]; where Apple's default thresholds leave a grid point
+   (3, 4, ..., 8 bits) uncovered (on bit-exact CPU float32 they all lie above 8 bits), Apple's own
+   rule at further thresholds on the same cumulative curves, measured end to end (marked ``+``);
+3. for each of those Apple recipes, ``search recipe ID --bits <its average bits> --refine-evals N``
+   on the same search: the one-shot optimal recipe (knapsack on the floor-aware noise model,
+   measured) and the refined one (evolutionary search from the better measured of Apple's
+   recipe at that budget and the knapsack's); ``--refine-evals 0`` above 6 bits (one-shot only);
+4. ``search submit --strategy optimal --evals fast --targets <the matched bits up to 6>``: refined
+   fast mode (isolated at the anchor depth, predicted elsewhere, refinement included).
 
-Apple's default thresholds run from the best single layer - 1 dB down to ``linear_8bit + 5 dB``.
-On CPU float32 (bit-exact, so ``original`` is ~210 dB) that whole range can lie above 8 bits;
-when Apple's recipes leave parts of [3, 8] bits uncovered, Apple's own rule (a layer gets the
-lowest depth whose cumulative PSNR is above the threshold) is applied at further thresholds on
-the same cumulative curves, and the recipes nearest 3, 4, ..., 8 average bits are stored and
-measured end to end by the driver exactly as ``search recipe`` does. They are marked ``+`` in
-the table.
-
-Then it prints one table at matched average bits (measured PSNRs, gains, |predicted - measured|,
-a leave-one-out calibrated prediction where the plain one is off by more than 1 dB), the
-pipeline runs each approach used, and PASS/MISS for each target of the issue.
-Everything is deterministic (fixed seeds, bit-exact CPU arithmetic); only timings vary.
+It prints a markdown table at matched average bits and PASS/MISS for each target of issue 12:
+refined >= Apple + 1 dB at 3, 4 and 5 bits; refined never below Apple at a matched size;
+|predicted - measured| <= 1 dB for one-shot recipes at 3-8 bits; refined fast mode <= 1/3 of
+Apple's pipeline runs. Deterministic (fixed seeds, one CPU arithmetic); only timings vary.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import MIN_SIZE, ensure_bench_model  # noqa: E402
+from quality_runs import (RANGE, add_apple_recipes, fast_results, load, log, status, submit,  # noqa: E402
+                          target_run, within)
+from search.defaults import REFINE_EVALS  # noqa: E402
+from workers.tiny_models import TINY_RESOLUTION  # noqa: E402
 
-RANGE = (3.0, 8.0)  # matched average bits compared
 GRID = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0)  # extra Apple thresholds aim at these average bits
-QUICK_GRID = (3.0, 5.0, 7.0)
-GAIN_RANGE = (3.0, 5.0)  # the issue's quality targets apply here
-GAIN_DB, FAST_GAIN_DB, PRED_DB, SMALLER = 1.5, 1.0, 1.0, 0.10
-COVER = 0.5  # an Apple recipe within this many bits of a grid point covers it
-
-
-def within(avg_bits: float, lo_hi) -> bool:
-    """Range test on the recipe key's value (2 decimals): recipe_5.00_... counts as 5 bits."""
-    return lo_hi[0] <= float(f"{avg_bits:.2f}") <= lo_hi[1]
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# -- the CLI ------------------------------------------------------------------------------
-def cli(*args: str, db: Path) -> str:
-    """Run ``python -m search.cli.app`` and return its stdout; on failure show everything and stop."""
-    env = dict(os.environ, COLUMNS="200", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "search.cli.app", *args, "--db", str(db)]
-    started = time.monotonic()
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.stderr.write(p.stdout + p.stderr)
-        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}")
-    log(f"  {' '.join(args[:2])} ... done in {time.monotonic() - started:.0f} s")
-    return p.stdout
-
-
-def submit(db: Path, *args: str) -> str:
-    out = cli("submit", *args, db=db)
-    first = next(line for line in out.splitlines() if line.startswith("search "))
-    return first.split()[1]
-
-
-def status(db: Path, sid: str) -> dict:
-    return json.loads(cli("status", sid, "--json", db=db))
-
-
-# -- stored results (read through the storage API, same tables the CLI uses) --------------
-def load(db: Path, sid: str):
-    from search.config import SearchConfig
-    from search.recipes.tables import load_tables, weight_mse
-
-    storage = _storage(db)
-    search = storage.get_search(sid)
-    return storage, search, SearchConfig.from_dict(search.config), load_tables(storage, sid), weight_mse(storage, sid)
-
-
-_OPEN: dict = {}
-
-
-def _storage(db: Path):
-    """One Storage per database for the whole run. Opening a second one in this process would run
-    storage.engine.check_database_file again, whose plain open()/close() of the database file drops
-    this process's SQLite (POSIX) locks; a CLI subprocess then believes it is the last user and
-    deletes the -wal/-shm files under us (seen as 'database disk image is malformed')."""
-    from storage import Storage
-
-    if db not in _OPEN:
-        _OPEN[db] = Storage(db)
-    return _OPEN[db]
-
-
-def stored_with_bits(storage, sid: str, bits: dict) -> object:
-    """The stored recipe with exactly this bit map (the CLI stores a bit map once, under one key)."""
-    return next(r for r in storage.recipes(sid) if r.bits == bits)
-
-
-def add_apple_recipes(db: Path, sid: str, grid, workers: int) -> list[str]:
-    """Apple's rule at extra thresholds (see the module docstring); store and measure end to end."""
-    import ray
-
-    from search.driver.driver import SearchDriver, ensure_ray
-    from search.recipes.apple_rule import apple_recipes
-    from search.recipes.strategy import Planned, noise_table
-    from search.recipes.noise_model import predict_psnr
-    from workers.models import resolve_model
-
-    storage, search, config, tables, wmse = load(db, sid)
-    have = [r.avg_bits for r in storage.recipes(sid) if r.strategy == "apple" and within(r.avg_bits, RANGE)]
-    todo = [g for g in grid if not any(abs(g - a) <= COVER for a in have)]
-    if not todo:
-        return []
-    cumulative = {b: tables.cumulative_by_layer(b) for b in config.nbits}
-    values = sorted({v for per in cumulative.values() for v in per.values() if math.isfinite(v)})
-    ts = [(a + b) / 2 for a, b in zip(values, values[1:])] + [values[0] - 1.0]  # every distinct recipe
-    candidates = [r for r in apple_recipes(cumulative, tables.sizes, sorted(ts, reverse=True))
-                  if within(r.avg_bits, RANGE)]
-    picks = []
-    for g in todo:
-        if candidates:
-            best = min(candidates, key=lambda r: (abs(r.avg_bits - g), -r.threshold))
-            if best not in picks:
-                picks.append(best)
-    if not picks:
-        return []
-    table = noise_table(config, tables, wmse)
-    ensure_ray(None)
-    try:
-        driver = SearchDriver(storage, search, resolve_model(search.model), workers=workers)
-        keys = [driver.store_recipe(Planned(r, predict_psnr(table, r.bits))) for r in picks]
-        started = time.monotonic()
-        driver.run_recipes(keys)
-        log(f"  {len(keys)} extra Apple-rule recipe(s) at {', '.join(f'{r.avg_bits:.2f}' for r in picks)} bits "
-            f"(thresholds {', '.join(f'{r.threshold:.2f}' for r in picks)} dB) measured in "
-            f"{time.monotonic() - started:.0f} s")
-    finally:
-        ray.shutdown()
-    return keys
-
-
-def optimal_for(db: Path, sid: str, **target):
-    """Run ``search recipe`` and return the stored recipe it built (found by its bit map, computed with
-    the same pure function the command calls)."""
-    from search.recipes.strategy import target_recipe
-
-    flag, value = next(iter(target.items()))
-    cli("recipe", sid, f"--{flag.replace('_', '-')}", repr(float(value)), "--workers", "1", "--refine-evals", "0", db=db)
-    storage, _, config, tables, wmse = load(db, sid)
-    kw = {"bits" if flag == "bits" else flag: value}
-    planned = target_recipe(config, tables, wmse, **kw)
-    return stored_with_bits(storage, sid, planned.recipe.bits)
-
-
-def refined_for(db: Path, sid: str, bits: float, evals: int):
-    """``search recipe --bits X --refine-evals N``: (stored refined recipe, evaluations it used)."""
-    text = cli("recipe", sid, "--bits", repr(float(bits)), "--workers", "1", "--refine-evals", str(evals), db=db)
-    key = next(tok for line in text.splitlines() for tok in line.replace("│", " ").split() if tok.startswith("recipe_"))
-    used = re.search(r"refined with (\d+)", " ".join(text.split()))
-    storage = load(db, sid)[0]
-    return next(r for r in storage.recipes(sid) if r.key == key), int(used.group(1)) if used else None
-
-
-def fast_for(db: Path, sid: str, targets) -> dict[float, object]:
-    from search.recipes.knapsack import optimal_for_budget
-    from search.recipes.strategy import noise_table
-
-    storage, _, config, tables, wmse = load(db, sid)
-    table = noise_table(config, tables, wmse)
-    return {t: stored_with_bits(storage, sid, optimal_for_budget(table, tables.sizes, max_avg_bits=t).bits)
-            for t in targets}
-
-
-def loo(pairs: list[tuple[float, float]], i: int) -> float:
-    """Leave-one-out calibrated prediction for pair i (fitted on the others)."""
-    from search.recipes.noise_model import calibrate
-
-    return calibrate([p for j, p in enumerate(pairs) if j != i]).apply(pairs[i][0])
-
-
-# -- report -------------------------------------------------------------------------------
-def fmt(v, nd=2, w=7):
-    return f"{v:{w}.{nd}f}" if isinstance(v, (int, float)) and v is not None and math.isfinite(v) else f"{'-':>{w}}"
+QUICK_GRID = (3.0, 4.0, 5.0)
+REFINED = (3.0, 6.0)      # matched sizes refined (and targeted by the fast search)
+GAIN_AT = (3.0, 4.0, 5.0)  # refined >= Apple + GAIN_DB at the matched size nearest each
+GAIN_DB, PRED_DB, FAST_RATIO = 1.0, 1.0, 1 / 3
 
 
 def verdict(ok: bool) -> str:
@@ -207,184 +53,104 @@ def verdict(ok: bool) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--db", type=Path, default=None, help="SQLite database [default: a fresh temporary one]")
-    ap.add_argument("--quick", action="store_true", help="smoke run: bit depths 2,4,8 and three matched recipes")
-    ap.add_argument("--workers", type=int, default=2, help="evaluators of the two searches [2]")
-    ap.add_argument("--model", default=None, help="another model to compare on, e.g. tiny-sdxl (random weights) "
-                    "[default: the trained bench model]")
-    ap.add_argument("--precision", default="float32", help="compute precision of every evaluation: float32 "
-                    "(bit-exact) or float16 (reproduces a GPU's fp16 evaluation floor) [float32]")
-    ap.add_argument("--refine-evals", type=int, default=16, help="measured refinement per matched size [16]")
+    ap.add_argument("--quick", action="store_true", help="bit depths 2,4,8 and matched sizes near 3, 4, 5 bits only")
+    ap.add_argument("--workers", type=int, default=2, help="evaluators of every run [2]")
+    ap.add_argument("--model", default=None, help="another model, e.g. tiny-sdxl [default: the trained bench model]")
+    ap.add_argument("--precision", default="float32", choices=("float32", "float16"),
+                    help="compute precision of every evaluation (float16 has an evaluation floor, as GPUs) [float32]")
+    ap.add_argument("--refine-evals", type=int, default=REFINE_EVALS,
+                    help=f"measured refinement per matched size [{REFINE_EVALS}, the search default]")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     db = args.db or Path(tempfile.mkdtemp(prefix="recipe-quality-")) / "searches.db"
     db.parent.mkdir(parents=True, exist_ok=True)
-    nbits = ["--nbits", "2,4,8"] if args.quick else []
-    grid = QUICK_GRID if args.quick else GRID
-    common = ["--workers", str(args.workers), "--min-size", str(MIN_SIZE), "--precision", args.precision, *nbits]
+    # 64 px as the model was trained (a local directory would otherwise get Apple's 768 px)
+    common = ["--workers", str(args.workers), "--min-size", str(MIN_SIZE), "--resolution", str(TINY_RESOLUTION),
+              "--precision", args.precision,
+              *(["--nbits", "2,4,8"] if args.quick else [])]
 
     log("[1/5] bench model")
-    bench = ensure_bench_model(log=log)
-    model = args.model or bench
-    training = json.loads((bench / "training.json").read_text()) if args.model is None else None
-
-    log(f"[2/5] Apple search on {model} (db {db})")
+    model = args.model or ensure_bench_model(log=log)
+    log(f"[2/5] Apple search on {model} ({args.precision}, db {db})")
     apple_id = submit(db, "--model", str(model), "--strategy", "apple", *common)
-
     log("[3/5] Apple recipes in [3, 8] bits")
-    extra = set(add_apple_recipes(db, apple_id, grid, args.workers))
-    storage, apple_search, apple_cfg, apple_tables, _ = load(db, apple_id)
-    apple = sorted((r for r in storage.recipes(apple_id) if r.strategy == "apple"
-                    and within(r.avg_bits, RANGE) and r.psnr is not None), key=lambda r: -r.avg_bits)
-    outside = sorted((r for r in storage.recipes(apple_id) if r.strategy == "apple" and r.key not in
-                      {a.key for a in apple}), key=lambda r: -r.avg_bits)
+    extra = set(add_apple_recipes(db, apple_id, QUICK_GRID if args.quick else GRID, args.workers))
+    storage, _, apple_cfg, apple_tables, _ = load(db, apple_id)
+    apple = sorted((r for r in storage.recipes(apple_id) if r.strategy == "apple" and within(r.avg_bits, RANGE)
+                    and r.psnr is not None), key=lambda r: -r.avg_bits)
     if not apple:
         raise SystemExit("no Apple recipe in [3, 8] bits, even with extra thresholds")
 
-    log(f"[4/5] optimal recipes on the same measurements (search recipe x {len(apple)})")
-    optimal = [optimal_for(db, apple_id, bits=a.avg_bits) for a in apple]
-
-    log(f"[4b/5] refined recipes (search recipe --refine-evals {args.refine_evals})")
-    refined = [refined_for(db, apple_id, a.avg_bits, args.refine_evals) for a in apple]
-    for a, o, (r, used) in zip(apple, optimal, refined):
-        print(f"refined {a.avg_bits:5.2f} bits: Apple {a.psnr:.2f} | one-shot {o.psnr:.2f} (pred {o.predicted_psnr:.2f}, "
-              f"|err| {abs(o.predicted_psnr - o.psnr):.2f}) | refined {r.avg_bits:.2f} b {r.psnr:.2f} dB, "
-              f"{used} evals, gain {r.psnr - a.psnr:+.2f} dB  "
-              f"{verdict(r.psnr >= a.psnr and (r.psnr - a.psnr >= 1.0 or not within(a.avg_bits, (3.0, 5.0))))}",
-              flush=True)
-
-    log("[5/5] fast-mode search")
-    targets = [a.avg_bits for a in apple]
-    fast_id = submit(db, "--model", str(model), "--strategy", "optimal", "--evals", "fast",
-                     "--targets", ",".join(repr(t) for t in targets), *common)
-    fast = fast_for(db, fast_id, targets)
-
-    # the issue's alternative quality target: >= 10 % smaller at equal PSNR, where the gain misses
-    smaller = {}
-    for a, o in zip(apple, optimal):
-        if within(a.avg_bits, GAIN_RANGE) and o.psnr - a.psnr < GAIN_DB:
-            log(f"  gain below {GAIN_DB} dB at {a.avg_bits:.2f} bits: search recipe --psnr {a.psnr:.2f}")
-            smaller[a.key] = optimal_for(db, apple_id, psnr=a.psnr)
-
+    log(f"[4/5] one-shot and refined recipes on the same measurements (search recipe x {len(apple)})")
+    runs = {a.key: target_run(db, apple_id, a.avg_bits, args.refine_evals if within(a.avg_bits, REFINED) else 0,
+                              args.workers) for a in apple}
+    targets = [a.avg_bits for a in apple if within(a.avg_bits, REFINED)]
+    log(f"[5/5] fast-mode search, refined, targets {', '.join(f'{t:.2f}' for t in targets)}")
+    fast_id = submit(db, "--model", str(model), "--strategy", "optimal", "--evals", "fast", "--refine-evals",
+                     str(args.refine_evals), "--targets", ",".join(repr(t) for t in targets), *common)
+    fast = fast_results(db, fast_id, targets)
     st_apple, st_fast = status(db, apple_id), status(db, fast_id)
-    fast_storage, fast_search, fast_cfg, fast_tables, _ = load(db, fast_id)
 
-    # -- evaluations
+    # -- pipeline runs: Apple's analysis as Apple's script runs it (no floor probes), its matched recipes
     m = st_apple["measurements"]
-    n_base = len(st_apple["baselines"])
-    apple_evals = m.get("isolated", 0) + m.get("cumulative", 0) + n_base + len(apple)
-    apple_all = m.get("isolated", 0) + m.get("cumulative", 0) + n_base + len(apple) + len(outside)
-    opt_evals = m.get("isolated", 0) + n_base + len(optimal)
-    fast_evals = st_fast["evaluations"]
-    fm = st_fast["measurements"]
+    apple_evals = m.get("isolated", 0) + m.get("cumulative", 0) + len(st_apple["baselines"]) + len(apple)
+    fast_evals, fm = st_fast["evaluations"], st_fast["measurements"]
+    floor = st_apple.get("eval_floor") or {}
 
-    # -- predictions: plain, and leave-one-out calibrated on the other end-to-end runs of the same
-    # strategy in the same search (calibrate() fits measured ~ a + b * predicted)
-    same = [r for r in storage.recipes(apple_id) if r.strategy == "optimal" and r.psnr is not None
-            and r.predicted_psnr is not None]
-    same_pairs = [(r.predicted_psnr, r.psnr) for r in same]
-    cal_opt = {o.key: loo(same_pairs, [r.key for r in same].index(o.key)) for o in optimal}
-    fast_rs = [r for r in fast_storage.recipes(fast_id) if r.psnr is not None and r.predicted_psnr is not None]
-    fast_pairs = [(r.predicted_psnr, r.psnr) for r in fast_rs]
-    cal_fast = {r.key: loo(fast_pairs, i) for i, r in enumerate(fast_rs)}
-    err_opt = [abs(o.predicted_psnr - o.psnr) for o in optimal]
-    err_fast = [abs(f.predicted_psnr - f.psnr) for f in fast.values()]
-    show_cal = max(err_opt + err_fast) > PRED_DB
+    print(f"\n### {args.precision}: {model if args.model else 'bench model (tiny-sdxl trained)'}\n")
+    print(f"searches apple {apple_id}, fast {fast_id}; {len(apple_tables.sizes)} candidates, nbits "
+          f"{','.join(map(str, apple_cfg.nbits))}; original {st_apple['baselines']['original']:.2f} dB, linear_8bit "
+          f"{st_apple['baselines']['linear_8bit']:.2f} dB; evaluation floor {floor.get('psnr', float('nan')):.2f} dB "
+          f"({floor.get('probes', 0)} probes); refine-evals {args.refine_evals}\n")
+    print("| Apple bits | Apple dB | one-shot bits | one-shot dB | pred dB | \\|pred − meas\\| | refined bits | "
+          "refined dB | vs Apple | evals (start) | fast one-shot dB (\\|err\\|) | fast refined dB | fast vs Apple |")
+    print("|" + "---|" * 13)
+    for a in apple:
+        r = runs[a.key]
+        o, res = r["one_shot"], r["result"]
+        refined = within(a.avg_bits, REFINED)
+        f = fast.get(a.avg_bits)
+        print(f"| {a.avg_bits:.2f}{'+' if a.key in extra else ''} | {a.psnr:.2f} | {o.avg_bits:.2f} | {o.psnr:.2f} | "
+              f"{o.predicted_psnr:.2f} | {abs(o.predicted_psnr - o.psnr):.2f} | "
+              + (f"{res.avg_bits:.2f} | {res.psnr:.2f} | {res.psnr - a.psnr:+.2f} | {r['evals']} ({r['start']}) | "
+                 if refined else "– | – | – | – | ")
+              + (f"{f['one_shot'].psnr:.2f} ({abs(f['one_shot'].predicted_psnr - f['one_shot'].psnr):.2f}) | "
+                 f"{f['result'].psnr:.2f} | {f['result'].psnr - a.psnr:+.2f} |" if f else "– | – | – |"))
+    print(f"\npipeline runs: Apple {apple_evals} (isolated {m.get('isolated', 0)} + cumulative {m.get('cumulative', 0)}"
+          f" + baselines {len(st_apple['baselines'])} + {len(apple)} matched recipes); refinement on the Apple "
+          f"search: {sum(runs[a.key]['evals'] for a in apple if within(a.avg_bits, REFINED))} for {len(targets)} "
+          f"sizes (starting points included); fast refined {fast_evals} (isolated {fm.get('isolated', 0)} + floor "
+          f"probes {fm.get('floor', 0)} + baselines {len(st_fast['baselines'])} + recipes "
+          f"{sum(1 for r in st_fast['recipes'] if r['strategy'] == 'optimal')} + candidates {fm.get('candidate', 0)})"
+          f" = {fast_evals / apple_evals:.3f} of Apple's")
 
-    # -- the table
-    if training:
-        print(f"\nRecipe quality on {training['name']} (tiny-sdxl UNet trained {training['steps']} steps on "
-              f"{len(training['photos'])} scikit-image photographs; loss {training['loss_curve'][0][1]:.3f} -> "
-              f"{training['loss_curve'][-1][1]:.3f})")
-    else:
-        print(f"\nRecipe quality on {model}")
-    print(f"searches: apple {apple_id}, fast {fast_id}; {len(apple_tables.sizes)} candidates, nbits "
-          f"{','.join(map(str, apple_cfg.nbits))}; baselines original {st_apple['baselines']['original']:.2f} dB, "
-          f"linear_8bit {st_apple['baselines']['linear_8bit']:.2f} dB")
-    if outside:
-        print("Apple's default recipes (thresholds from Apple's rule) outside [3, 8] bits: "
-              + ", ".join(f"{r.avg_bits:.2f} b/{r.psnr:.2f} dB" for r in outside))
-    head = (f"{'apple':>6} {'apple':>7} {'apple':>7} | {'opt':>5} {'opt':>7} {'gain':>6} {'opt':>7} {'|err|':>5}"
-            + (f" {'cal':>5}" if show_cal else "")
-            + f" | {'fast':>5} {'fast':>7} {'gain':>6} {'fast':>7} {'|err|':>5}" + (f" {'cal':>5}" if show_cal else ""))
-    head2 = (f"{'bits':>6} {'meas':>7} {'pred':>7} | {'bits':>5} {'meas':>7} {'dB':>6} {'pred':>7} {'dB':>5}"
-             + (f" {'|err|':>5}" if show_cal else "")
-             + f" | {'bits':>5} {'meas':>7} {'dB':>6} {'pred':>7} {'dB':>5}" + (f" {'|err|':>5}" if show_cal else ""))
-    print("\n" + head + "\n" + head2 + "\n" + "-" * len(head))
-    for a, o in zip(apple, optimal):
-        f = fast[a.avg_bits]
-        row = (f"{a.avg_bits:5.2f}{'+' if a.key in extra else ' '} {fmt(a.psnr)} {fmt(a.predicted_psnr)} | "
-               f"{o.avg_bits:5.2f} {fmt(o.psnr)} {fmt(o.psnr - a.psnr, 2, 6)} {fmt(o.predicted_psnr)} "
-               f"{fmt(abs(o.predicted_psnr - o.psnr), 2, 5)}")
-        if show_cal:
-            row += f" {fmt(abs(cal_opt[o.key] - o.psnr), 2, 5)}"
-        row += (f" | {f.avg_bits:5.2f} {fmt(f.psnr)} {fmt(f.psnr - a.psnr, 2, 6)} {fmt(f.predicted_psnr)} "
-                f"{fmt(abs(f.predicted_psnr - f.psnr), 2, 5)}")
-        if show_cal:
-            row += f" {fmt(abs(cal_fast[f.key] - f.psnr), 2, 5)}"
-        print(row)
-    print("\n'+': Apple's rule at an extra threshold (Apple's default range gave no recipe near that size).\n"
-          "opt/fast bits: at most the Apple recipe's average bits (the budget). PSNRs in dB; pred: the additive\n"
-          "model's prediction (apple pred: Apple's recipe on the same noise table); |err| = |pred - meas|"
-          + (";\ncal |err|: leave-one-out linear calibration (search.optimal.calibrate) on the other end-to-end "
-             "runs of the same strategy and search" if show_cal else ""))
-    bias = {k: [r.psnr - r.predicted_psnr for r in v] for k, v in
-            (("Apple", apple), ("optimal", optimal), ("fast", list(fast.values())))}
-    print("additive model, measured - predicted (dB): " + "; ".join(
-        f"{k} recipes mean {sum(v) / len(v):+.2f} (from {min(v):+.2f} to {max(v):+.2f})" for k, v in bias.items()))
-    if smaller:
-        print("equal-PSNR comparison (search recipe --psnr <Apple's measured PSNR>):")
-        for a in apple:
-            if a.key in smaller:
-                s = smaller[a.key]
-                print(f"  Apple {a.avg_bits:.2f} bits {a.size_mb:.4f} MB {a.psnr:.2f} dB -> optimal "
-                      f"{s.avg_bits:.2f} bits {s.size_mb:.4f} MB, measured {s.psnr:.2f} dB "
-                      f"(predicted {s.predicted_psnr:.2f}): {100 * (1 - s.size_mb / a.size_mb):.1f} % smaller")
-
-    print(f"\npipeline runs: Apple {apple_evals} (isolated {m.get('isolated', 0)} + cumulative "
-          f"{m.get('cumulative', 0)} + baselines {n_base} + {len(apple)} matched recipes; {apple_all} with its "
-          f"{len(outside)} other default recipes)")
-    print(f"               optimal on the same measurements {opt_evals} (isolated {m.get('isolated', 0)} + "
-          f"baselines {n_base} + {len(optimal)} recipes)")
-    print(f"               fast {fast_evals} (isolated at anchors {fast_cfg.anchors} and refinements "
-          f"{fm.get('isolated', 0)} + baselines {len(st_fast['baselines'])} + "
-          f"{len(fast_storage.recipes(fast_id))} recipes) = {fast_evals / apple_evals:.3f} of Apple's")
-
-    # -- targets
-    rows = [(a, o, fast[a.avg_bits]) for a, o in zip(apple, optimal)]
-    low = [(a, o, f) for a, o, f in rows if within(a.avg_bits, GAIN_RANGE)]
     print("\ntargets:")
-    if low:
-        for a, o, _ in low:
-            ok = o.psnr - a.psnr >= GAIN_DB
-            line = f"  optimal >= Apple + {GAIN_DB} dB at {a.avg_bits:.2f} bits: {o.psnr - a.psnr:+.2f} dB"
-            if not ok and a.key in smaller:
-                s = smaller[a.key]
-                red = 1 - s.size_mb / a.size_mb
-                ok = red >= SMALLER and s.psnr >= a.psnr
-                line += (f"; equal PSNR: {100 * red:.1f} % smaller, measured {s.psnr:.2f} vs {a.psnr:.2f} dB "
-                         f"(needs >= {100 * SMALLER:.0f} % and >= Apple's PSNR)")
-            print(f"{line}  {verdict(ok)}")
-    else:
-        print(f"  optimal >= Apple + {GAIN_DB} dB between {GAIN_RANGE[0]:g} and {GAIN_RANGE[1]:g} bits: "
-              "no matched recipe in that range  MISS")
-    worst = max(err_opt + err_fast)
-    print(f"  |predicted - measured| <= {PRED_DB} dB, 3-8 bits (optimal and fast, {len(err_opt) + len(err_fast)} "
-          f"recipes): worst {worst:.2f} dB (optimal {max(err_opt):.2f}, fast {max(err_fast):.2f})  "
-          f"{verdict(worst <= PRED_DB)}")
-    if show_cal:
-        worst_cal = max([abs(cal_opt[o.key] - o.psnr) for o in optimal] + [abs(cal_fast[f.key] - f.psnr)
-                                                                           for f in fast.values()])
-        print(f"    calibrated (leave-one-out): worst {worst_cal:.2f} dB  {verdict(worst_cal <= PRED_DB)}")
-    ratio_ok = fast_evals * 3 <= apple_evals
-    print(f"  refined fast mode <= 1/3 of Apple's runs: {fast_evals} vs {apple_evals} / 3 = {apple_evals / 3:.1f}  "
-          f"{verdict(ratio_ok)}")
-    for a, _, f in low:
-        print(f"  fast >= Apple + {FAST_GAIN_DB} dB at {a.avg_bits:.2f} bits: {f.psnr - a.psnr:+.2f} dB  "
-              f"{verdict(f.psnr - a.psnr >= FAST_GAIN_DB)}")
-    over = sum(f.psnr - a.psnr >= FAST_GAIN_DB for a, _, f in rows)
-    print(f"  (fast >= Apple + {FAST_GAIN_DB} dB at {over} of {len(rows)} matched sizes in 3-8 bits; optimal >= "
-          f"Apple + {GAIN_DB} dB at {sum(o.psnr - a.psnr >= GAIN_DB for a, o, _ in rows)} of {len(rows)})")
+    for g in GAIN_AT:
+        near = [a for a in apple if abs(a.avg_bits - g) <= 0.5 and within(a.avg_bits, REFINED)]
+        if not near:
+            print(f"- refined >= Apple + {GAIN_DB:g} dB at {g:g} bits: no matched Apple recipe near {g:g} bits  MISS")
+            continue
+        a = min(near, key=lambda a: abs(a.avg_bits - g))
+        gain = runs[a.key]["result"].psnr - a.psnr
+        print(f"- refined >= Apple + {GAIN_DB:g} dB at {g:g} bits ({a.avg_bits:.2f}): {gain:+.2f} dB  "
+              f"{verdict(gain >= GAIN_DB)}")
+    refined_rows = [a for a in apple if within(a.avg_bits, REFINED)]
+    worst = min(runs[a.key]["result"].psnr - a.psnr for a in refined_rows)
+    print(f"- refined never below Apple ({len(refined_rows)} matched sizes): worst {worst:+.2f} dB  "
+          f"{verdict(worst >= 0)}")
+    errs = [abs(runs[a.key]["one_shot"].predicted_psnr - runs[a.key]["one_shot"].psnr) for a in apple]
+    print(f"- |predicted - measured| <= {PRED_DB:g} dB for one-shot recipes at 3-8 bits ({len(errs)} recipes): "
+          f"worst {max(errs):.2f} dB  {verdict(max(errs) <= PRED_DB)}")
+    ferrs = [abs(f["one_shot"].predicted_psnr - f["one_shot"].psnr) for f in fast.values()]
+    print(f"  (fast one-shot: worst {max(ferrs):.2f} dB over {len(ferrs)})")
+    print(f"- refined fast mode <= 1/3 of Apple's runs: {fast_evals} vs {apple_evals} / 3 = {apple_evals / 3:.1f}  "
+          f"{verdict(fast_evals <= apple_evals * FAST_RATIO)}")
     print(f"\ndatabase {db}; total {time.monotonic() - t0:.0f} s")
+    print("json " + json.dumps({"precision": args.precision, "apple_evals": apple_evals, "fast_evals": fast_evals,
+                                "rows": [{"apple_bits": a.avg_bits, "apple": a.psnr, "one_shot": runs[a.key]["one_shot"].psnr,
+                                          "pred": runs[a.key]["one_shot"].predicted_psnr,
+                                          "result": runs[a.key]["result"].psnr, "evals": runs[a.key]["evals"]}
+                                         for a in apple]}))
     return 0
 
 
