@@ -37,6 +37,7 @@ from bench_model import MIN_SIZE, ensure_bench_model  # noqa: E402
 from quality_runs import (RANGE, add_apple_recipes, fast_results, load, log, status, submit,  # noqa: E402
                           target_run, within)
 from search.defaults import REFINE_EVALS  # noqa: E402
+from search.recipes.strategy import apple_thresholds  # noqa: E402
 from workers.tiny_models import TINY_RESOLUTION  # noqa: E402
 
 GRID = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0)  # extra Apple thresholds aim at these average bits
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="another model, e.g. tiny-sdxl [default: the trained bench model]")
     ap.add_argument("--precision", default="float32", choices=("float32", "float16"),
                     help="compute precision of every evaluation (float16 has an evaluation floor, as GPUs) [float32]")
+    ap.add_argument("--apple", default=None, help="reuse this completed Apple search of --db (skips step 2)")
     ap.add_argument("--refine-evals", type=int, default=REFINE_EVALS,
                     help=f"measured refinement per matched size [{REFINE_EVALS}, the search default]")
     args = ap.parse_args(argv)
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     log("[1/5] bench model")
     model = args.model or ensure_bench_model(log=log)
     log(f"[2/5] Apple search on {model} ({args.precision}, db {db})")
-    apple_id = submit(db, "--model", str(model), "--strategy", "apple", *common)
+    apple_id = args.apple or submit(db, "--model", str(model), "--strategy", "apple", *common)
     log("[3/5] Apple recipes in [3, 8] bits")
     extra = set(add_apple_recipes(db, apple_id, QUICK_GRID if args.quick else GRID, args.workers))
     storage, _, apple_cfg, apple_tables, _ = load(db, apple_id)
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
                     and r.psnr is not None), key=lambda r: -r.avg_bits)
     if not apple:
         raise SystemExit("no Apple recipe in [3, 8] bits, even with extra thresholds")
+    defaults = apple_thresholds(apple_cfg, apple_tables)[0]  # '+': a threshold of our own (also when reused)
+    extra |= {a.key for a in apple if all(abs(a.threshold - t) > 1e-9 for t in defaults)}
 
     log(f"[4/5] one-shot and refined recipes on the same measurements (search recipe x {len(apple)})")
     runs = {a.key: target_run(db, apple_id, a.avg_bits, args.refine_evals if within(a.avg_bits, REFINED) else 0,

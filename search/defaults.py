@@ -1,9 +1,11 @@
 """Defaults shared by the option table (``submit_options``, light) and ``SearchConfig``.
 
-REFINE_EVALS: end-to-end measurements per optimal target spent by the measured refinement
-(``search.recipes.refine``): 2 starting points + 7 generations of 2. A first choice sized so
-that refined fast mode stays within a third of Apple's runs (fast ~ L + 16 x targets vs Apple's
-2 x depths x L); not yet tuned on the bench model's convergence (benchmarks/recipe_quality.py
---refine-evals N reports it).
+REFINE_EVALS: end-to-end measurements per optimal size target spent by the measured refinement
+(``search.recipes.refine``; the starting points included). Chosen from benchmarks/recipe_quality.py
+on the bench model (CPU float32, Apple's protocol, 75 candidates, depths 1,2,4,6,8): gain of the
+refined recipe over Apple's at 3 / 4 / 5 bits +1.09 / +0.28 / +1.92 dB with 16, +1.99 / +0.85 /
++1.92 dB with 32 (the first 16 of a 32 run are the same path). 32 keeps refined fast mode within a
+third of Apple's runs there (3 targets: ~242 of 758), and far within it on SDXL-sized models,
+whose Apple analysis (2 x depths x 792 runs) grows with the layers while refinement does not.
 """
-REFINE_EVALS = 16
+REFINE_EVALS = 32
