@@ -135,7 +135,8 @@ def fast_results(db: Path, sid: str, targets) -> dict[float, dict]:
     storage = storage_of(db)
     out = {}
     for t in targets:
-        mine = [r for r in storage.recipes(sid) if r.target and abs(r.target.get("avg_bits", -1) - t) < 1e-9 and r.psnr is not None]
+        mine = [r for r in storage.recipes(sid)
+                if r.target and abs(r.target.get("avg_bits", -1) - t) < 1e-9 and r.psnr is not None]
         one = next(r for r in mine if r.strategy == "optimal")
         out[t] = {"one_shot": one, "result": max(mine, key=lambda r: r.psnr)}
     return out

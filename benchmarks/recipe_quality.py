@@ -150,11 +150,11 @@ def main(argv=None) -> int:
     print(f"- refined fast mode <= 1/3 of Apple's runs: {fast_evals} vs {apple_evals} / 3 = {apple_evals / 3:.1f}  "
           f"{verdict(fast_evals <= apple_evals * FAST_RATIO)}")
     print(f"\ndatabase {db}; total {time.monotonic() - t0:.0f} s")
+    rows = [{"apple_bits": a.avg_bits, "apple": a.psnr, "one_shot": runs[a.key]["one_shot"].psnr,
+             "pred": runs[a.key]["one_shot"].predicted_psnr, "result": runs[a.key]["result"].psnr,
+             "evals": runs[a.key]["evals"]} for a in apple]
     print("json " + json.dumps({"precision": args.precision, "apple_evals": apple_evals, "fast_evals": fast_evals,
-                                "rows": [{"apple_bits": a.avg_bits, "apple": a.psnr, "one_shot": runs[a.key]["one_shot"].psnr,
-                                          "pred": runs[a.key]["one_shot"].predicted_psnr,
-                                          "result": runs[a.key]["result"].psnr, "evals": runs[a.key]["evals"]}
-                                         for a in apple]}))
+                                "rows": rows}))
     return 0
 
 

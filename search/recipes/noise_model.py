@@ -110,7 +110,8 @@ class NoiseTable:
     @classmethod
     def from_isolated(cls, isolated, original_per_prompt, layers, eval_floor=None) -> "NoiseTable":
         layers, floor = tuple(layers), _floor(original_per_prompt, layers, eval_floor)
-        got, bits = _noises(isolated, set(layers), len(floor), eval_floor), tuple(sorted(check_nbits(b) for b in isolated))
+        got = _noises(isolated, set(layers), len(floor), eval_floor)
+        bits = tuple(sorted(check_nbits(b) for b in isolated))
         if not bits:
             raise ValueError("isolated is empty: no bit depth measured")
         for b in bits:
