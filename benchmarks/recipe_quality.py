@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="float32", choices=("float32", "float16"),
                     help="compute precision of every evaluation (float16 has an evaluation floor, as GPUs) [float32]")
     ap.add_argument("--apple", default=None, help="reuse this completed Apple search of --db (skips step 2)")
+    ap.add_argument("--fast", default=None, help="reuse this completed fast search of --db with these targets: its "
+                    "refinement is extended to --refine-evals by `search recipe` (the same seeded path)")
     ap.add_argument("--refine-evals", type=int, default=REFINE_EVALS,
                     help=f"measured refinement per matched size [{REFINE_EVALS}, the search default]")
     args = ap.parse_args(argv)
@@ -90,8 +92,12 @@ def main(argv=None) -> int:
                               args.workers) for a in apple}
     targets = [a.avg_bits for a in apple if within(a.avg_bits, REFINED)]
     log(f"[5/5] fast-mode search, refined, targets {', '.join(f'{t:.2f}' for t in targets)}")
-    fast_id = submit(db, "--model", str(model), "--strategy", "optimal", "--evals", "fast", "--refine-evals",
-                     str(args.refine_evals), "--targets", ",".join(repr(t) for t in targets), *common)
+    fast_id = args.fast or submit(db, "--model", str(model), "--strategy", "optimal", "--evals", "fast",
+                                  "--refine-evals", str(args.refine_evals), "--targets",
+                                  ",".join(repr(t) for t in targets), *common)
+    if args.fast:
+        for t in targets:
+            target_run(db, fast_id, t, args.refine_evals, args.workers)
     fast = fast_results(db, fast_id, targets)
     st_apple, st_fast = status(db, apple_id), status(db, fast_id)
 
