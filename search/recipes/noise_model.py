@@ -15,7 +15,8 @@ summing N isolated powers would count it N times. ``f_i`` is measured by floor p
 (``floor_probe_layers``: a layer's weight with its lowest float16 mantissa bit flipped, far
 below any palette's error but touching every output) and taken out of each isolated power,
 ``max(n - f, 0)``, before summing; it is counted once per recipe. On bit-exact float32 the
-probes read ~100 dB and the correction is negligible.
+probes read the real response to a one-ulp change (127.8 dB on the bench model), not a floor:
+taking it out makes 7-8 bit predictions optimistic there (benchmarks/RESULTS-issue-12.md).
 
 Rounding. Under Apple's protocol the stored per-prompt PSNRs are rounded to 0.1 dB: a +-1.2 %
 error in each noise power, independent between layers, so it shrinks relative to the sum.
