@@ -76,7 +76,7 @@ def drive(db_path: str, progress_path: str, prepared, workers: int | None, hande
                 storage.update_search(sid, status="failed", error=first_line(exc))
             raise
         reporter.finish(evaluations=driver.evaluations, reference_runs=driver.reference_runs,
-                        first_result_s=driver.first_result_s)
+                        first_result_s=driver.first_result_s, timings=driver.timings)
         return {"id": sid, "status": search.status, "evaluations": driver.evaluations}
     finally:
         storage.close()
