@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from common.errors import typed_line
-from workers.tiny_models import (BUILTIN_MODELS, TINY_MIN_SIZE, TINY_RESOLUTION, ensure_tiny_model,
+from workers.arch_models import ARCH_MODELS, ensure_arch_model
+from workers.tiny_models import (BUILTIN_MODELS, TINY_MIN_SIZE, TINY_RESOLUTION, default_cache_dir, ensure_tiny_model,
                                  quiet_hf)
 
 REAL_MIN_SIZE = 100_000  # Apple's PALETTIZE_MIN_SIZE
@@ -52,6 +53,11 @@ class ModelSpec:
     family: str  # "sdxl" | "sd"
     default_min_size: int
     default_resolution: int  # pixels
+
+    @property
+    def tiny(self) -> bool:
+        """A built-in tiny model: keeps its own small resolution under Apple's protocol."""
+        return self.source == "builtin" and self.default_min_size == TINY_MIN_SIZE
 
 
 @dataclass(frozen=True)
@@ -176,12 +182,15 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> ModelSpec:
     if not name:
         raise ModelError("no model given: pass a built-in name (tiny-sdxl, tiny-sd), a Hub id "
                          "(owner/name) or a local pipeline directory")
-    if name in BUILTIN_MODELS:
+    if name in BUILTIN_MODELS or name in ARCH_MODELS:
+        arch = name in ARCH_MODELS
         try:
-            path = ensure_tiny_model(name, cache_dir)
+            path = ensure_arch_model(name, Path(cache_dir or default_cache_dir()).expanduser() / "builtin") if arch else ensure_tiny_model(name, cache_dir)
         except Exception as exc:
             raise ModelError(f"could not build built-in model '{name}': {typed_line(exc, ERROR_CHARS)}") from None
-        family = "sdxl" if name == "tiny-sdxl" else "sd"
+        family = "sdxl" if "sdxl" in name else "sd"
+        if arch:  # full size: the real candidates and resolution
+            return ModelSpec(requested, "builtin", str(path), family, REAL_MIN_SIZE, 1024 if family == "sdxl" else 512)
         return ModelSpec(requested, "builtin", str(path), family, TINY_MIN_SIZE, TINY_RESOLUTION)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -192,7 +201,7 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> ModelSpec:
         raise ModelError(f"model directory '{requested}' does not exist")
     repo = ALIASES.get(name, name)
     if "/" not in repo:
-        known = ", ".join([*BUILTIN_MODELS, *ALIASES])
+        known = ", ".join([*BUILTIN_MODELS, *ARCH_MODELS, *ALIASES])
         raise ModelError(f"unknown model '{requested}': use one of {known}, a Hub id "
                          "(owner/name) or a local pipeline directory")
     if not _REPO_ID.match(repo) or "--" in repo or ".." in repo:
