@@ -29,12 +29,14 @@ With ``compile=True`` the leaf checkpoints (those with no checkpoint inside) run
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterable
 
 import torch
 from torch import nn
 
 MAX_LIST_DEPTH = 3
+COMPILE_BACKEND = os.environ.get("MBP_SEARCH_COMPILE_BACKEND", "inductor")  # tests use "eager"
 
 
 def checkpoint_names(unet: nn.Module) -> list[str]:
@@ -63,7 +65,7 @@ class PrefixCache:
         self.compiled = compile
         if compile:
             for n in leaves:
-                self._run[n] = torch.compile(self._eager[n], dynamic=False)
+                self._run[n] = torch.compile(self._eager[n], dynamic=False, backend=COMPILE_BACKEND)
         self.eager = False  # run the uncompiled forwards (the ordering pass hooks every module)
         self.mode = "off"  # "off" | "record" | "replay"
         self.outputs: dict[int, dict[str, object]] = {}  # pipeline call -> checkpoint -> output
