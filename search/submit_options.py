@@ -121,6 +121,11 @@ SEARCH_OPTIONS: tuple[SearchOption, ...] = (
                  "[default: the searched depth nearest 4]", json_type=Union[str, int, list[int], None],
                  parse=_anchors),
     SearchOption("refine_evals", ("--refine-evals",), int, REFINE_EVALS, REFINE_EVALS_HELP),
+    SearchOption("prefix_reuse", ("--prefix-reuse/--no-prefix-reuse",), bool, True, "resume every evaluation's "
+                 "UNet forward from the reference run's cached activations at the first module it changes "
+                 "(bit-identical results; costs GPU memory for the cached activations)"),
+    SearchOption("compile", ("--compile/--no-compile",), bool, False, "torch.compile the UNet's blocks (minutes "
+                 "of compiling per evaluator; weights are swapped in place, so nothing recompiles)"),
     SearchOption("curves", ("--curves/--no-curves",), Optional[bool], None, "cumulative curves [default: only for "
                  "the apple strategy]"),
 )

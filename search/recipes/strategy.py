@@ -10,7 +10,7 @@ from search.recipes.apple_rule import apple_thresholds as exact_apple_thresholds
 from workers.evaluation.protocol import LINEAR8_BASELINE
 from search.recipes.fast_plan import fast_plan, refine_candidates
 from search.recipes.knapsack import optimal_for_budget, optimal_for_psnr
-from search.recipes.noise_model import NoiseTable, floor_noise, predict_psnr
+from search.recipes.noise_model import NoiseTable, floor_noise, floor_probe_layers, predict_psnr
 from search.recipes.tables import Tables
 
 REFINE_MARGIN_DB = 1.0  # fast mode: measure a predicted entry if an error this large would change a choice
@@ -29,6 +29,11 @@ def isolated_plan(config: SearchConfig, sizes: dict[str, int], weight_mse: dict[
         return [(l, b) for b in config.nbits for l in sizes]
     plan = fast_plan(weight_mse, sizes, config.nbits, config.anchors)
     return [(l, b) for b, layers in plan.items() for l in layers]
+
+
+def floor_plan(tables: Tables) -> list[str]:
+    """The layers whose evaluation-floor probes every search measures (``noise_model.floor_probe_layers``)."""
+    return floor_probe_layers(list(tables.sizes))
 
 
 def refinement_plan(config: SearchConfig, tables: Tables, weight_mse) -> list[tuple[str, int]]:
