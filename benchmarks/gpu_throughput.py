@@ -128,7 +128,7 @@ def main() -> int:
     min_size = by_size[k - 1].numel - 1 if k < len(cands) else spec.default_min_size
     subset = [c for c in cands if c.numel > min_size]
     print(f"UNet forward at {resolution} px, batch {2 * PROMPTS}: {flops(fm.total)}; matmul rate "
-          f"{rate / 1e12:.1f} TFLOP/s; estimated evaluation {est_eval:.3f} s -> {len(subset)} of {len(cands)} "
+          f"{flops(rate)}/s; estimated evaluation {est_eval:.3f} s -> {len(subset)} of {len(cands)} "
           f"candidates (> {min_size} elements) at {args.nbits} bits", flush=True)
 
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
