@@ -23,7 +23,8 @@ import torch
 from common.formats import FLOAT16_BITS, is_palettized
 from workers.evaluation.items import EvalResult, PaletteResult, WorkItem
 from workers.models import ModelError, ModelSpec, candidate_layers, load_pipeline, pick_device, unet_fingerprint
-from workers.palettize import Palette, dequantize_torch, kmeans_palette, linear_8bit
+from workers.palette_formats import PALETTES, dequantize_torch, fit_palette
+from workers.palettize import Palette, kmeans_palette, linear_8bit
 from workers.evaluation.protocol import fake_int8_per_tensor, mean_db, psnr_per_prompt
 from workers.evaluation.signal import SignalRunner, SignalSpec
 
@@ -109,7 +110,7 @@ class Evaluator:
     def fit_palette(self, item: WorkItem) -> PaletteResult:
         t0 = time.perf_counter()
         w = self._weight16(item.layer).cpu().numpy()
-        palette = kmeans_palette(w, item.bits)
+        palette = fit_palette(w, item.bits)
         self._palettes[(item.layer, item.bits)] = palette
         return PaletteResult(item.key, item.layer, item.bits, palette, self.node, self.worker, time.perf_counter() - t0)
 
@@ -119,7 +120,7 @@ class Evaluator:
             value = provided.get(key)
             if value is None:
                 raise KeyError(f"no palette for {layer} at {bits} bits was sent to this evaluator")
-            if not isinstance(value, Palette):
+            if not isinstance(value, PALETTES):
                 import ray
 
                 value = ray.get(value)
@@ -131,7 +132,7 @@ class Evaluator:
         pristine weight, as Apple's recipe step palettizes the pristine pipeline."""
         key = (layer, bits)
         if key not in self._pristine_palettes:
-            self._pristine_palettes[key] = kmeans_palette(self.pristine[layer].to(torch.float16).cpu().numpy(), bits)
+            self._pristine_palettes[key] = fit_palette(self.pristine[layer].to(torch.float16).cpu().numpy(), bits)
         return self._pristine_palettes[key]
 
     def _on_pristine(self, item: WorkItem) -> bool:
