@@ -36,6 +36,8 @@ class PaletteError(ValueError):
 
 
 def _check_nbits(nbits) -> int:
+    if isinstance(nbits, PaletteFormat) and not nbits.grouped:  # a per-tensor format is its depth
+        nbits = nbits.bits
     if isinstance(nbits, bool) or not isinstance(nbits, (int, np.integer)) or int(nbits) not in LUT_NBITS:
         raise PaletteError(f"nbits must be one of {LUT_NBITS}, got {nbits!r}")
     return int(nbits)

@@ -18,14 +18,15 @@ from search.driver.palettes import load_stored_palette
 from search.driver.pool import EvaluatorPool, ItemFailed, PoolError, actor_class, can_place
 from search.driver.progress import NullReporter, Reporter
 from search.recipes.apple_rule import unique_key
-from search.recipes.strategy import isolated_plan, plan_recipes, refinement_plan
+from search.recipes.strategy import isolated_plan, plan_recipes, refinement_plan, skipped_note, unfit
 from search.recipes.tables import load_tables, weight_mse
 from storage import Baseline, Measurement, PaletteInfo, Search, Storage, StoredRecipe
 from storage.palette_store import PaletteStore
 from workers.evaluation.items import WorkItem
 from workers.evaluation.protocol import LINEAR8_BASELINE
 from workers.models import ModelSpec
-from workers.palettize import PaletteError, save_palette
+from workers.palette_formats import save_palette
+from workers.palettize import PaletteError
 from workers.weights import WeightShipper, fetch_pipeline
 
 HEARTBEAT_S = 5.0
@@ -186,11 +187,15 @@ class SearchDriver:
 
     # -- phases ---------------------------------------------------------------------------
     def _phase_palettes(self) -> None:
-        sid, layers = self.search.id, list(load_tables(self.storage, self.search.id).sizes)
-        wanted = {(layer, bits) for layer in layers for bits in self.config.nbits}
+        sid, sizes = self.search.id, load_tables(self.storage, self.search.id).sizes
+        layers, skipped = list(sizes), set(unfit(self.config, sizes))
+        if skipped:
+            self.reporter.message(f"[dim]{skipped_note(self.config, sizes)}")
+        wanted = {(layer, bits) for layer in layers for bits in self.config.nbits if (layer, bits) not in skipped}
         self._load_palettes(wanted)
+        missing = wanted - set(self.palette_refs)
         todo = [WorkItem(key=f"palette/{bits}/{layer}", phase="palette", bits=bits, layer=layer)
-                for layer in layers for bits in self.config.nbits if (layer, bits) not in self.palette_refs]
+                for layer in layers for bits in self.config.nbits if (layer, bits) in missing]
 
         def store(item: WorkItem, res) -> None:
             rel = self.palette_store.relative_path(sid, item.layer, item.bits)
@@ -243,7 +248,7 @@ class SearchDriver:
             return
         tables = load_tables(self.storage, self.search.id)
         items = []
-        for b in self.config.nbits:
+        for b in (b for b in self.config.nbits if tables.isolated.get(b)):  # a format may fit no layer
             order = tables.order(b)
             for pos in range(1, len(order) + 1):
                 if pos in tables.cumulative.get(b, {}):
