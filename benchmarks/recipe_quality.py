@@ -201,10 +201,17 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="evaluators of the two searches [2]")
     ap.add_argument("--model", default=None, help="another model to compare on, e.g. tiny-sdxl (random weights) "
                     "[default: the trained bench model]")
+    ap.add_argument("--grouped", action="store_true", help="issue 13: the grouped-channel + 3-bit search space "
+                    "against Apple's per-tensor recipes at matched size (benchmarks/grouped_quality.py)")
+    ap.add_argument("--formats", default=None, help="with --grouped: the formats searched")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     db = args.db or Path(tempfile.mkdtemp(prefix="recipe-quality-")) / "searches.db"
     db.parent.mkdir(parents=True, exist_ok=True)
+    if args.grouped:
+        from grouped_quality import FORMATS, run_grouped
+
+        return run_grouped(db, args.workers, args.formats or FORMATS, args.model)
     nbits = ["--nbits", "2,4,8"] if args.quick else []
     grid = QUICK_GRID if args.quick else GRID
     common = ["--workers", str(args.workers), "--min-size", str(MIN_SIZE), *nbits]
