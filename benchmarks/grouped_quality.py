@@ -1,6 +1,7 @@
 """Issue 13's target: grouped-channel and 3-bit formats vs Apple's per-tensor recipes, at matched size.
 
     python benchmarks/recipe_quality.py --grouped [--db PATH] [--formats 1,2,3,4,6,8,2g16,...]
+                                        [--min-size N] [--prompts K]
 
 On the bench model (``benchmarks/bench_model.py``), CPU float32, through the real CLI:
 
@@ -14,13 +15,16 @@ On the bench model (``benchmarks/bench_model.py``), CPU float32, through the rea
    the table separates what the formats buy from what the optimizer buys.
 
 Target (issue 13): grouped-space recipe >= Apple's recipe + 3 dB at 3 and 4 average bits.
+``--min-size`` (fewer candidates) and ``--prompts K`` (Apple's first K prompts) shrink the run
+where CPU time is short; both searches then use the same setting, so the comparison holds.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from recipe_quality import MIN_SIZE, add_apple_recipes, ensure_bench_model, load, log, optimal_for, submit
+from bench_model import MIN_SIZE, ensure_bench_model
+from bench_searches import add_apple_recipes, load, log, optimal_for, submit
 
 FORMATS = "1,2,3,4,6,8,2g16,3g16,4g16,3g8,4g8"  # Apple's depths, 3 bits, LUTs per 8 / 16 output channels
 TARGET_BITS = (3.0, 4.0)
@@ -33,9 +37,16 @@ def _near(recipes, bits: float):
     return min(close, key=lambda r: abs(r.avg_bits - bits)) if close else None
 
 
-def run_grouped(db: Path, workers: int, formats: str = FORMATS, model: str | None = None) -> int:
+def run_grouped(db: Path, workers: int, formats: str = FORMATS, model: str | None = None,
+                min_size: int = MIN_SIZE, prompts: int | None = None) -> int:
     t0 = time.monotonic()
-    common = ["--workers", str(workers), "--min-size", str(MIN_SIZE)]
+    common = ["--workers", str(workers), "--min-size", str(min_size)]
+    if prompts:
+        from workers.evaluation.protocol import APPLE_PROMPTS
+
+        path = db.parent / f"prompts-{prompts}.txt"
+        path.write_text("\n".join(APPLE_PROMPTS[:prompts]) + "\n")
+        common += ["--prompts", str(path)]
     log("[1/4] bench model")
     model = model or str(ensure_bench_model(log=log))
     log(f"[2/4] Apple search (per tensor 1,2,4,6,8) on {model} (db {db})")
@@ -59,7 +70,8 @@ def run_grouped(db: Path, workers: int, formats: str = FORMATS, model: str | Non
     m = storage.get_search(grouped_id)
 
     print(f"\nGrouped-channel and 3-bit formats vs Apple's per-tensor recipes on {Path(model).name}: "
-          f"{len(tables.sizes)} candidates ({sum(tables.sizes.values())} weights), CPU float32")
+          f"{len(tables.sizes)} candidates above {min_size} elements ({sum(tables.sizes.values())} weights), "
+          f"{len(cfg.prompts)} prompt(s), CPU float32")
     print(f"searches: apple {apple_id} (1,2,4,6,8), grouped {grouped_id} ({','.join(map(str, cfg.nbits))}; "
           f"{m.evaluations} pipeline runs)")
     print(f"\n{'target':>6} | {'Apple bits':>10} {'MB':>8} {'dB':>7} | {'per-tensor opt MB':>17} {'dB':>7} "
