@@ -12,6 +12,7 @@ from workers.evaluation.signal import SignalSpec
 PRECISIONS = ("auto", "float16", "float32")
 STRATEGIES = ("apple", "optimal")
 EVALS = ("full", "fast")
+EXECUTION_ONLY = ("prefix_reuse", "compile")
 
 
 class ConfigError(ValueError):
@@ -113,6 +114,9 @@ class SearchConfig:
     curves: bool | None = None            # cumulative curves; None: only when the Apple strategy needs them
     protocol: str = "apple"               # what a PSNR means (workers.evaluation.protocol)
     default_nbits: int = FLOAT16_BITS               # Apple's --default-nbits: every weight palettized first, fallback depth
+    # How the evaluators run, not what they measure (left out of the fingerprint):
+    prefix_reuse: bool = True             # resume each forward at the first changed module (bit-identical)
+    compile: bool = False                 # torch.compile the UNet's blocks
 
     def __post_init__(self) -> None:
         nbits = _formats(self.nbits, "palette format")
@@ -129,6 +133,9 @@ class SearchConfig:
                               f"got {self.default_nbits}")
         if is_palettized(self.default_nbits) and self.protocol != "apple":
             raise ConfigError("--default-nbits is part of Apple's protocol: use it with --protocol apple")
+        for flag in ("prefix_reuse", "compile"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"--{flag.replace('_', '-')} is a switch (true or false), got {getattr(self, flag)!r}")
         if not isinstance(self.num_recipes, int) or not 1 <= self.num_recipes <= 100:
             raise ConfigError(f"--num-recipes must be between 1 and 100, got {self.num_recipes}")
         if not isinstance(self.min_size, int) or self.min_size < 0:
@@ -202,6 +209,7 @@ class SearchConfig:
         return cls(**d)
 
     def fingerprint(self) -> str:
-        """Identity of a search for duplicate detection and resume."""
-        d = self.to_dict()
+        """Identity of a search for duplicate detection and resume (what it measures: execution
+        switches such as prefix reuse and compile give the same numbers)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in EXECUTION_ONLY}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

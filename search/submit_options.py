@@ -127,6 +127,11 @@ SEARCH_OPTIONS: tuple[SearchOption, ...] = (
     SearchOption("anchors", ("--anchors",), Optional[str], None, "anchor formats measured by --evals fast "
                  "[default: the searched depth nearest 4]", json_type=Union[str, int, list[Union[int, str]], None],
                  parse=_anchors),
+    SearchOption("prefix_reuse", ("--prefix-reuse/--no-prefix-reuse",), bool, True, "resume every evaluation's "
+                 "UNet forward from the reference run's cached activations at the first module it changes "
+                 "(bit-identical results; costs GPU memory for the cached activations)"),
+    SearchOption("compile", ("--compile/--no-compile",), bool, False, "torch.compile the UNet's blocks (minutes "
+                 "of compiling per evaluator; weights are swapped in place, so nothing recompiles)"),
     SearchOption("curves", ("--curves/--no-curves",), Optional[bool], None, "cumulative curves [default: only for "
                  "the apple strategy]"),
 )

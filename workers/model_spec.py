@@ -23,6 +23,12 @@ class ModelSpec:
     default_min_size: int
     default_resolution: int  # pixels
 
+    @property
+    def tiny(self) -> bool:
+        """A built-in tiny model: keeps its own small resolution under Apple's protocol (the
+        built-in full-architecture models are measured like any real model)."""
+        return self.source == "builtin" and self.default_min_size < REAL_MIN_SIZE
+
 
 @dataclass(frozen=True)
 class Candidate:

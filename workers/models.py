@@ -8,21 +8,19 @@ mixed between models or applied to a different (e.g. fine-tuned) UNet.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from common.errors import typed_line
 from workers.hub import hub_offline, resolve_hub
-from workers.model_spec import REAL_MIN_SIZE, Candidate, ModelError, ModelSpec, describe, read_json
-from workers.tiny_models import (BUILTIN_MODELS, TINY_MIN_SIZE, TINY_RESOLUTION, ensure_tiny_model,
+from workers.arch_models import ARCH_MODELS, ensure_arch_model
+from workers.model_spec import REAL_MIN_SIZE, ModelError, ModelSpec, describe, read_json
+from workers.tiny_models import (BUILTIN_MODELS, TINY_MIN_SIZE, TINY_RESOLUTION, default_cache_dir, ensure_tiny_model,
                                  quiet_hf)
+from workers.unet_facts import Candidate, candidate_layers, pick_device, unet_fingerprint  # noqa: F401 (re-exported)
 
 ERROR_CHARS = 240  # at most this much of a library's error message is quoted
 ALIASES = {
@@ -64,7 +62,7 @@ def _classify(name: str, requested: str) -> tuple[str, str]:
     if not name:
         raise ModelError("no model given: pass a built-in name (tiny-sdxl, tiny-sd), a Hub id "
                          "(owner/name) or a local pipeline directory")
-    if name in BUILTIN_MODELS:
+    if name in BUILTIN_MODELS or name in ARCH_MODELS:
         return "builtin", name
     path = Path(name).expanduser()
     if path.is_dir():
@@ -75,7 +73,7 @@ def _classify(name: str, requested: str) -> tuple[str, str]:
         raise ModelError(f"model directory '{requested}' does not exist")
     repo = ALIASES.get(name, name)
     if "/" not in repo:
-        known = ", ".join([*BUILTIN_MODELS, *ALIASES])
+        known = ", ".join([*BUILTIN_MODELS, *ARCH_MODELS, *ALIASES])
         raise ModelError(f"unknown model '{requested}': use one of {known}, a Hub id "
                          "(owner/name) or a local pipeline directory")
     if not _REPO_ID.match(repo) or "--" in repo or ".." in repo:
@@ -100,11 +98,15 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> ModelSpec:
     name = (name or "").strip()
     source, value = _classify(name, requested)
     if source == "builtin":
+        arch = name in ARCH_MODELS
         try:
-            path = ensure_tiny_model(name, cache_dir)
+            path = (ensure_arch_model(name, Path(cache_dir or default_cache_dir()).expanduser() / "builtin") if arch
+                    else ensure_tiny_model(name, cache_dir))
         except Exception as exc:
             raise ModelError(f"could not build built-in model '{name}': {typed_line(exc, ERROR_CHARS)}") from None
-        family = "sdxl" if name == "tiny-sdxl" else "sd"
+        family = "sdxl" if "sdxl" in name else "sd"
+        if arch:  # full size: the real candidates and resolution
+            return ModelSpec(requested, "builtin", str(path), family, REAL_MIN_SIZE, 1024 if family == "sdxl" else 512)
         return ModelSpec(requested, "builtin", str(path), family, TINY_MIN_SIZE, TINY_RESOLUTION)
     if source == "local":
         return _resolve_local(requested, Path(value))
@@ -196,39 +198,3 @@ def _accelerate_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("accelerate") is not None
-
-
-def candidate_layers(unet: nn.Module, min_size: int) -> list[Candidate]:
-    """Every Linear/Conv2d whose weight has more than ``min_size`` elements, module order."""
-    out = []
-    for name, mod in unet.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)) and mod.weight.numel() > min_size:
-            kind = "linear" if isinstance(mod, nn.Linear) else "conv"
-            out.append(Candidate(name, mod.weight.numel(), tuple(mod.weight.shape), kind))
-    return out
-
-
-def unet_fingerprint(unet: nn.Module) -> str:
-    """sha256 of the UNet config and all weights as fp16 (independent of load dtype/path)."""
-    h = hashlib.sha256()
-    cfg = {k: v for k, v in dict(getattr(unet, "config", {})).items() if not k.startswith("_")}
-    h.update(type(unet).__name__.encode())
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, t in unet.state_dict().items():
-            h.update(f"\n{name}:{tuple(t.shape)}:".encode())
-            t = t.detach().to("cpu")
-            if t.is_floating_point():
-                t = t.to(torch.float16)
-            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def pick_device() -> str:
-    """Fastest available torch device."""
-    if torch.cuda.is_available():
-        return "cuda"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "mps"
-    return "cpu"

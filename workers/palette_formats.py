@@ -22,7 +22,8 @@ import numpy as np
 from common.files import atomic_write_bytes
 from common.formats import PaletteFormat
 from workers.palettize import Palette, PaletteError, _bits, dequantize_torch as _dequantize_tensor
-from workers.palettize import kmeans_palette, load_palette as _load_tensor_palette, save_palette as _save_tensor_palette
+from workers.palettize import kmeans_palette, load_palette as _load_tensor_palette, palette_from_histogram
+from workers.palettize import save_palette as _save_tensor_palette
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,6 +107,18 @@ def fit_palette(weights: np.ndarray, fmt) -> Palette | GroupedPalette:
         raise PaletteError(f"format {f}: group size does not divide {channels} output channels")
     rows = np.ascontiguousarray(weights).reshape(channels // f.group_size, -1)
     return GroupedPalette(f.group_size, tuple(kmeans_palette(r, f.bits) for r in rows))
+
+
+def palette_from_histograms(counts: np.ndarray, fmt) -> Palette | GroupedPalette:
+    """`fit_palette` from bit-pattern histograms (what the CPU palette tasks run): one row of
+    65,536 counts per tensor, or per channel group for a grouped format, in channel order."""
+    f = PaletteFormat.of(fmt)
+    if not f.grouped:
+        return palette_from_histogram(counts, f.bits)
+    counts = np.asarray(counts)
+    if counts.ndim != 2:
+        raise PaletteError(f"format {f} needs one histogram per channel group")
+    return GroupedPalette(f.group_size, tuple(palette_from_histogram(c, f.bits) for c in counts))
 
 
 def dequantize_torch(weight, palette):

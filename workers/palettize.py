@@ -120,9 +120,23 @@ def kmeans_palette(weights: np.ndarray, nbits: int) -> Palette:
     ties included (they also avoid numpy's float16 sort, which mis-sorts large arrays with many
     duplicates on some AVX-512 CPUs).
     """
-    bits = _bits(weights)
+    return palette_from_histogram(fp16_histogram(weights), nbits)
+
+
+def fp16_histogram(weights: np.ndarray) -> np.ndarray:
+    """Count of every fp16 bit pattern in ``weights`` (int64, 65,536 entries). The evaluators
+    compute the same counts with ``torch.bincount`` where the weights are (GPU)."""
+    return np.bincount(_bits(weights).ravel(), minlength=1 << 16)
+
+
+def palette_from_histogram(counts: np.ndarray, nbits: int) -> Palette:
+    """`kmeans_palette` of the tensor whose bit-pattern histogram is ``counts``: the palette
+    depends on the tensor only through it, so this is what the CPU palette tasks run."""
     nbits = _check_nbits(nbits)
-    counts = np.bincount(bits.ravel(), minlength=1 << 16)
+    counts = np.array(counts, dtype=np.int64)
+    if counts.shape != (1 << 16,) or (counts < 0).any() or counts.sum() == 0:
+        raise PaletteError("counts must be a non-empty histogram of the 65,536 fp16 bit patterns")
+    numel = int(counts.sum())
     if counts[~_FINITE].any():
         raise PaletteError("weights contain NaN or inf")
     counts[0] += counts[0x8000]  # -0.0 and +0.0 are one value (as in np.unique)
@@ -147,7 +161,7 @@ def kmeans_palette(weights: np.ndarray, nbits: int) -> Palette:
     code[_SORTED[nz]] = members
     code[0x8000] = code[0]  # -0.0 was counted as +0.0
     code = code.astype(np.uint8)
-    mse = float(np.dot(counts, (_VALUES0 - lut.astype(np.float64)[code]) ** 2) / bits.size)
+    mse = float(np.dot(counts, (_VALUES0 - lut.astype(np.float64)[code]) ** 2) / numel)
     return Palette(nbits, lut, code, mse)
 
 

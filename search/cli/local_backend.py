@@ -118,7 +118,8 @@ class LocalBackend:
                 _, driver = run_search(self.storage, prepared, workers=workers, reporter=reporter,
                                        ray_address=ray_address)
             ended = {"status": "completed", "evaluations": driver.evaluations,
-                     "reference_runs": driver.reference_runs, "first_result_s": driver.first_result_s}
+                     "reference_runs": driver.reference_runs, "first_result_s": driver.first_result_s,
+                     "timings": driver.timings}
         except SearchInterrupted:
             ended = {"status": "interrupted"}
         except SearchFailed as exc:

@@ -14,7 +14,9 @@ from search.cli.options import (DbOption, RayOption, SearchIdArgument, ServerOpt
                                 search_flags)
 from search.submit_options import RESUME_HELP, WORKERS_HELP, parse_search_options
 
-MODEL_HELP = "Hub id, alias (sdxl-base-1.0, sd-1.5, sd-2.1-base), local pipeline directory, or built-in tiny-sdxl / tiny-sd"
+MODEL_HELP = ("Hub id, alias (sdxl-base-1.0, sd-1.5, sd-2.1-base), local pipeline directory, or built-in tiny-sdxl / "
+              "tiny-sd (tests, demos) or sdxl-arch / sd15-arch (benchmarks: the real SDXL / SD1.5 UNet and VAE "
+              "architectures with random weights, built locally once: ~5 GB / ~2 GB)")
 WorkersOption = typer.Option(None, "--workers", "-w", help=WORKERS_HELP)
 
 

@@ -112,6 +112,9 @@ def run_ended(info: dict, ended: dict, where: str, resume_where: str) -> None:
     first = f"; first new result after {ended['first_result_s']:.1f} s" if ended.get("first_result_s") is not None else ""
     err.print(f"[green]search {sid} completed[/]: {this_run}{first}; {info['evaluations']} stored in total, "
               f"{info['elapsed_s']:.1f} s of driver time", highlight=False)
+    if ended.get("timings"):
+        err.print("timings (wall s, after each evaluator's warm-up run): " + ", ".join(
+            f"{phase} {seconds:.1f}" for phase, seconds in ended["timings"].items()), highlight=False)
     print_uncut(recipe_table(info))
     out.print(f"download: search download {sid} -o recipes.json{where}    plot: search plot {sid} -o psnr.png{where}",
               highlight=False)

@@ -3,7 +3,6 @@ result as it arrives. It is the only writer of the database; resuming is just ru
 since every phase skips what is already stored."""
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from typing import Callable
@@ -14,19 +13,20 @@ from common.errors import first_line
 from common.formats import is_palettized
 from search.config import SearchConfig
 from search.driver.cluster import driver_id, ensure_ray, plan_workers  # driver_id, ensure_ray: search/service imports them here
+from search.driver.palette_feed import PaletteFeed, task_cpus
 from search.driver.palettes import load_stored_palette
 from search.driver.pool import EvaluatorPool, ItemFailed, PoolError, actor_class, can_place
 from search.driver.progress import NullReporter, Reporter
-from search.recipes.apple_rule import unique_key
-from search.recipes.strategy import isolated_plan, plan_recipes, refinement_plan, skipped_note, unfit
+from search.driver.recipe_phase import RecipePhases
+from search.driver.signals import stop_on_signals
+from search.recipes.strategy import isolated_plan, refinement_plan, skipped_note, unfit
 from search.recipes.tables import load_tables, weight_mse
-from storage import Baseline, Measurement, PaletteInfo, Search, Storage, StoredRecipe
+from storage import Baseline, Measurement, PaletteInfo, Search, Storage
 from storage.palette_store import PaletteStore
 from workers.evaluation.items import WorkItem
 from workers.evaluation.protocol import LINEAR8_BASELINE
 from workers.models import ModelSpec
-from workers.palette_formats import save_palette
-from workers.palettize import PaletteError
+from workers.palette_formats import PaletteError, save_palette
 from workers.weights import WeightShipper, fetch_pipeline
 
 HEARTBEAT_S = 5.0
@@ -40,7 +40,7 @@ class SearchFailed(RuntimeError):
     pass
 
 
-class SearchDriver:
+class SearchDriver(RecipePhases):
     def __init__(self, storage: Storage, search: Search, spec: ModelSpec, *, workers: int | None = None,
                  reporter: Reporter | None = None, actor_resources: dict | None = None, weights_dir=None):
         self.storage, self.search, self.spec = storage, search, spec
@@ -61,6 +61,8 @@ class SearchDriver:
         self.started = time.monotonic()
         self.first_result_s: float | None = None  # seconds from start to the first new stored result
         self.shipped_bytes = 0  # weights put into the object store for evaluators on other nodes
+        self.timings: dict[str, float] = {}  # wall seconds per phase (palettes overlap isolated)
+        self.actor_cpus = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------
     def request_stop(self, *_args) -> None:
@@ -80,10 +82,13 @@ class SearchDriver:
     def run(self) -> Search:
         sid = self.search.id
         started = self.started = time.monotonic()
-        handlers = self._install_signal_handlers()
+        with stop_on_signals(self.request_stop):
+            self._run_phases(sid, started)
+        return self.storage.get_search(sid)
+
+    def _run_phases(self, sid: str, started: float) -> None:
         try:
             self._start_pool()
-            self._phase_palettes()
             self._phase_isolated()
             self._phase_cumulative()
             self._phase_recipes()
@@ -104,20 +109,17 @@ class SearchDriver:
         finally:
             if self.pool:
                 self.pool.shutdown()
-            self._restore_signal_handlers(handlers)
-        return self.storage.get_search(sid)
 
     def run_recipes(self, keys: list[str]) -> None:
         """Measure stored recipes end to end (`search recipe`), whatever the search's status."""
-        handlers = self._install_signal_handlers()
-        try:
-            self._start_pool()
-            self._load_palettes()
-            self.measure_recipes(keys)
-        finally:
-            if self.pool:
-                self.pool.shutdown()
-            self._restore_signal_handlers(handlers)
+        with stop_on_signals(self.request_stop):
+            try:
+                self._start_pool()
+                self._load_palettes()
+                self.measure_recipes(keys)
+            finally:
+                if self.pool:
+                    self.pool.shutdown()
 
     def _load_palettes(self, wanted=None) -> None:
         """Put the stored palettes (those in ``wanted``, else all) in Ray's object store, checked."""
@@ -128,22 +130,13 @@ class SearchDriver:
                 except PaletteError as exc:
                     raise SearchFailed(str(exc)) from None
 
-    def _install_signal_handlers(self):
-        if threading.current_thread() is not threading.main_thread():
-            return None
-        return {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    @staticmethod
-    def _restore_signal_handlers(handlers) -> None:
-        for sig, handler in (handlers or {}).items():
-            signal.signal(sig, handler)
-
     def _start_pool(self) -> None:
         n, cpus, gpus, threads = plan_workers(self.requested_workers)
         cls = actor_class(cpus, gpus, self.actor_resources)
         spec, signal_spec = self.spec, self.config.signal_spec()
         kwargs = dict(precision=self.config.precision, fingerprint=self.search.fingerprint, threads=threads,
-                      min_size=self.config.min_size, default_nbits=self.config.default_nbits)
+                      min_size=self.config.min_size, default_nbits=self.config.default_nbits,
+                      prefix_reuse=self.config.prefix_reuse, compile=self.config.compile)
         auto = self.requested_workers is None
         shipper = self._weight_shipper()
         self.pool = EvaluatorPool(n, lambda: cls.remote(spec, signal_spec, weights=shipper.manifest(), **kwargs),
@@ -154,11 +147,18 @@ class SearchDriver:
             f"{len(self.pool.slots)} evaluator(s) now")
         self.reporter.message(f"starting {n} evaluator(s) ({'GPU' if gpus else 'CPU'}, {threads} thread(s) each)")
         self.storage.update_search(self.search.id, phase="starting")
+        t0 = time.monotonic()
         infos = self.pool.start()
+        self.timings["start"] = time.monotonic() - t0
+        self.actor_cpus = cpus * n
         self.reference_runs += len(infos)  # each computed its own reference
         d = infos[0]
-        self.reporter.message(f"evaluators ready on {d['device']} ({d['dtype']}), {d['candidates']} candidates; "
-                              f"one pipeline run takes {d['reference_s']:.2f} s")
+        self.reporter.message(
+            f"evaluators ready on {d['device']} ({d['dtype']}), {d['candidates']} candidates; one pipeline run takes "
+            f"{d['warm_s']:.3f} s warm (first run {d['reference_s']:.2f} s, model load {d['load_s']:.1f} s); "
+            f"prefix reuse {'on' if d.get('prefix_reuse') else 'off'}" + ("" if d.get("deterministic", True) else
+                                                                         "; [yellow]the device does not repeat "
+                                                                         "runs bit for bit"))
 
     def _weight_shipper(self) -> WeightShipper:
         """Evaluators on other nodes get the weights from this one, through Ray's object store."""
@@ -173,38 +173,66 @@ class SearchDriver:
             self.shipper = WeightShipper(root, self.search.fingerprint, on_shipped=shipped)
         return self.shipper
 
-    def _run_items(self, phase: str, items: list[WorkItem], submit: Callable, store: Callable) -> None:
+    def _run_items(self, phase: str, items: list[WorkItem], submit: Callable, store: Callable, *, feed=None,
+                   total: int | None = None) -> None:
         self.storage.update_search(self.search.id, phase=phase)
-        self.reporter.phase_start(phase, len(items))
-        for item, result in self.pool.run(items, submit, self._should_stop):
+        report = total != 0 or phase != "palettes"  # palettes alone: the feed reports them
+        if report:
+            self.reporter.phase_start(phase, len(items) if total is None else total)
+        t0 = time.monotonic()
+        for item, result in self.pool.run(items, submit, self._should_stop, feed=feed):
             store(item, result)
-            if self.first_result_s is None and item.phase != "palette":
+            if item.phase == "palette":
+                continue
+            if self.first_result_s is None:
                 self.first_result_s = time.monotonic() - self.started
             self.reporter.advance(phase)
-        self.reporter.phase_end(phase)
+        if report:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.monotonic() - t0
+            self.reporter.phase_end(phase)
         if self._stop.is_set():
             raise SearchInterrupted(f"search {self.search.id} interrupted")
 
     # -- phases ---------------------------------------------------------------------------
-    def _phase_palettes(self) -> None:
+    def _palette_feed(self, waiting: dict) -> PaletteFeed:
+        """Load the stored palettes; the missing ones are fitted by CPU tasks from histograms the
+        evaluators compute (`search.driver.palette_feed`). Unfit formats are skipped, said once."""
         sid, sizes = self.search.id, load_tables(self.storage, self.search.id).sizes
-        layers, skipped = list(sizes), set(unfit(self.config, sizes))
+        skipped = set(unfit(self.config, sizes))
         if skipped:
             self.reporter.message(f"[dim]{skipped_note(self.config, sizes)}")
-        wanted = {(layer, bits) for layer in layers for bits in self.config.nbits if (layer, bits) not in skipped}
-        self._load_palettes(wanted)
-        missing = wanted - set(self.palette_refs)
-        todo = [WorkItem(key=f"palette/{bits}/{layer}", phase="palette", bits=bits, layer=layer)
-                for layer in layers for bits in self.config.nbits if (layer, bits) in missing]
+        wanted = [(layer, bits) for layer in sizes for bits in self.config.nbits if (layer, bits) not in skipped]
+        self._load_palettes(set(wanted))
+        missing = [key for key in wanted if key not in self.palette_refs]
 
-        def store(item: WorkItem, res) -> None:
-            rel = self.palette_store.relative_path(sid, item.layer, item.bits)
-            save_palette(self.palette_store.path_for(sid, item.layer, item.bits), res.palette)
-            self.storage.add_palette(sid, PaletteInfo(item.layer, item.bits, res.palette.digest,
-                                                      float(res.palette.weight_mse), rel))
-            self.palette_refs[(item.layer, item.bits)] = ray.put(res.palette)
+        def store(layer: str, bits: int, palette) -> None:
+            rel = self.palette_store.relative_path(sid, layer, bits)
+            save_palette(self.palette_store.path_for(sid, layer, bits), palette)
+            self.storage.add_palette(sid, PaletteInfo(layer, bits, palette.digest, float(palette.weight_mse), rel))
+            self.palette_refs[(layer, bits)] = ray.put(palette)
 
-        self._run_items("palettes", todo, lambda actor, it: actor.fit_palette.remote(it), store)
+        cpus, in_flight = task_cpus(self.actor_cpus)
+        self.reporter.phase_start("palettes", len(missing))
+        return PaletteFeed(missing, store, cpus=cpus, in_flight=in_flight, waiting=waiting,
+                           on_fit=lambda: self.reporter.advance("palettes"))
+
+    def _fit_palettes(self, feed: PaletteFeed, phase: str, items: list[WorkItem], total: int) -> None:
+        """Run ``items`` while the feed fits the palettes (and releases what waited for them)."""
+        def store(item: WorkItem, result) -> None:
+            if item.phase == "palette":
+                feed.add_histogram(item, result)
+            else:
+                self._store_isolated(item, result)
+
+        self._run_items(phase, feed.histogram_items() + feed.ready_items() + items, self._submit, store, feed=feed,
+                        total=total)
+        self.timings["palettes"] = feed.fit_s
+        self.reporter.phase_end("palettes")
+        if feed.fits:
+            self.reporter.message(f"{feed.fits} palette(s) fitted by CPU tasks in {feed.fit_s:.1f} s")
+
+    def _submit(self, actor, item: WorkItem):
+        return actor.histogram.remote(item) if item.phase == "palette" else self._submit_eval(actor, item)
 
     def _submit_eval(self, actor, item: WorkItem):
         refs = {key: self.palette_refs[key] for key in item.assignment if is_palettized(key[1])}
@@ -217,19 +245,28 @@ class SearchDriver:
             r.duration_s))
 
     def _phase_isolated(self) -> None:
+        """Palettes and isolated measurements, pipelined: an isolated item goes to the evaluators
+        as soon as its palette exists (fast mode plans from every palette's MSE, so it waits)."""
         sid = self.search.id
         tables = load_tables(self.storage, sid)
-        mse = weight_mse(self.storage, sid)
         linear8 = LINEAR8_BASELINE[self.config.protocol]
         items = [WorkItem(f"baseline/{n}", "baseline", name=n, linear8=(n == linear8))
                  for n in ("original", linear8) if n not in tables.baselines]
-        items += self._isolated_items(isolated_plan(self.config, tables.sizes, mse))
-        self._run_items("isolated", items, self._submit_eval, self._store_isolated)
-        if self.config.evals == "fast":
-            refine = refinement_plan(self.config, load_tables(self.storage, sid), mse)
-            self.reporter.message(f"fast mode: {len(refine)} more isolated measurement(s) where a prediction "
-                                  "decides a choice")
-            self._run_items("refine", self._isolated_items(refine), self._submit_eval, self._store_isolated)
+        if self.config.evals == "full":
+            todo = self._isolated_items(isolated_plan(self.config, tables.sizes, {}))
+            waiting: dict = {}
+            for it in todo:
+                waiting.setdefault((it.layer, it.bits), []).append(it)
+            self._fit_palettes(self._palette_feed(waiting), "isolated", items, len(items) + len(todo))
+            return
+        self._fit_palettes(self._palette_feed({}), "palettes", [], 0)
+        mse = weight_mse(self.storage, sid)
+        self._run_items("isolated", items + self._isolated_items(isolated_plan(self.config, tables.sizes, mse)),
+                        self._submit_eval, self._store_isolated)
+        refine = refinement_plan(self.config, load_tables(self.storage, sid), mse)
+        self.reporter.message(f"fast mode: {len(refine)} more isolated measurement(s) where a prediction "
+                              "decides a choice")
+        self._run_items("refine", self._isolated_items(refine), self._submit_eval, self._store_isolated)
 
     def _isolated_items(self, pairs) -> list[WorkItem]:
         done = self.storage.measured_keys(self.search.id)
@@ -258,41 +295,6 @@ class SearchDriver:
         # Longest prefixes first: they take the longest, so the tail of the phase stays balanced.
         items.sort(key=lambda it: -it.position)
         self._run_items("cumulative", items, self._submit_eval, self._store_measurement)
-
-    def _phase_recipes(self) -> None:
-        sid = self.search.id
-        planned, notes = plan_recipes(self.config, load_tables(self.storage, sid), weight_mse(self.storage, sid))
-        for note in notes:
-            self.reporter.message(f"[dim]{note}")
-        for p in planned:
-            self.store_recipe(p)
-        self.measure_recipes([r.key for r in self.storage.recipes(sid) if r.psnr is None])
-
-    def store_recipe(self, p) -> str:
-        """Store a planned recipe under a free key; the same bit map is stored once."""
-        taken = {r.key: r.bits for r in self.storage.recipes(self.search.id)}
-        key = unique_key(p.recipe, taken)
-        if key is None:
-            return next(k for k, bits in taken.items() if bits == p.recipe.bits)
-        r = p.recipe
-        self.storage.add_recipe(self.search.id, StoredRecipe(key, r.strategy, r.threshold, p.target, r.bits,
-                                                             r.avg_bits, r.size_mb, p.predicted, None, None, None,
-                                                             None))
-        return key
-
-    def measure_recipes(self, keys: list[str]) -> None:
-        sid = self.search.id
-        by_key = {r.key: r for r in self.storage.recipes(sid)}
-        items = [WorkItem(f"recipe/{k}", "recipe", name=k,
-                          assignment=tuple(sorted((l, b) for l, b in by_key[k].bits.items() if is_palettized(b))))
-                 for k in keys if by_key[k].psnr is None]
-
-        def store(item: WorkItem, r) -> None:
-            self.evaluations += 1
-            self.storage.set_recipe_result(sid, item.name, psnr=r.psnr, per_prompt=r.per_prompt, node=r.node,
-                                           duration_s=r.duration_s)
-
-        self._run_items("recipes", items, self._submit_eval, store)
 
 
 __all__ = ["SearchDriver", "SearchInterrupted", "SearchFailed", "ensure_ray", "driver_id"]

@@ -105,11 +105,15 @@ class EvaluatorPool:
             self.grown += 1
 
     def run(self, items: Iterable[WorkItem], submit: Callable[[object, WorkItem], object],
-            should_stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[WorkItem, object]]:
-        """Yield (item, result) as results arrive. `submit(actor, item)` returns an ObjectRef."""
+            should_stop: Callable[[], bool] = lambda: False, feed=None) -> Iterator[tuple[WorkItem, object]]:
+        """Yield (item, result) as results arrive. `submit(actor, item)` returns an ObjectRef.
+
+        ``feed`` (optional, e.g. `search.driver.palette_feed.PaletteFeed`) runs other Ray work
+        alongside: its ``refs()`` are waited on too, ``collect(ref)`` returns the items a finished
+        one releases (queued at once), and the run lasts until it is ``done``."""
         queue = collections.deque(items)
         attempts: collections.Counter = collections.Counter()
-        while queue or any(s.in_flight for s in self.slots):
+        while queue or any(s.in_flight for s in self.slots) or (feed is not None and not feed.done):
             if should_stop():
                 return
             self._maybe_grow()
@@ -117,9 +121,15 @@ class EvaluatorPool:
                 while queue and len(slot.in_flight) < IN_FLIGHT_PER_ACTOR:
                     item = queue.popleft()
                     slot.in_flight[submit(slot.actor, item)] = item
-            pending = [ref for s in self.slots for ref in s.in_flight]
+            pending = [ref for s in self.slots for ref in s.in_flight] + (feed.refs() if feed is not None else [])
+            if not pending:
+                time.sleep(0.01)
+                continue
             ready, _ = ray.wait(pending, num_returns=1, timeout=1.0)
             for ref in ready:
+                if feed is not None and feed.owns(ref):
+                    queue.extend(feed.collect(ref))
+                    continue
                 slot = next(s for s in self.slots if ref in s.in_flight)
                 item = slot.in_flight.pop(ref)
                 try:

@@ -47,12 +47,12 @@ def request_hash(model_key: str, options: dict) -> str:
 
 def resolve_config(spec: ModelSpec, **options) -> SearchConfig:
     """Fill model-dependent defaults (min size, resolution) and validate everything. Apple's
-    protocol measures every Hub / local model at 768 px (SDXL too); the built-in tiny models
-    keep their own small size."""
+    protocol measures every Hub / local model at 768 px (SDXL too), and the full-architecture
+    built-ins (sdxl-arch, sd15-arch); the built-in tiny models keep their own small size."""
     options = {k: (tuple(v) if k in _TUPLES and isinstance(v, list) else v) for k, v in options.items()
                if v is not None}
     options.setdefault("min_size", spec.default_min_size)
-    apple = options.get("protocol", "apple") == "apple" and spec.source != "builtin"
+    apple = options.get("protocol", "apple") == "apple" and not spec.tiny
     options.setdefault("resolution", APPLE_RESOLUTION if apple else spec.default_resolution)
     return SearchConfig(**options)
 

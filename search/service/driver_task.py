@@ -75,7 +75,8 @@ def drive(db_path: str, progress_path: str, prepared, workers: int | None, hande
                 storage.update_search(sid, status="failed", error=first_line(exc))
             raise
         reporter.finish(evaluations=driver.evaluations, reference_runs=driver.reference_runs,
-                        first_result_s=driver.first_result_s, shipped_bytes=driver.shipped_bytes)
+                        first_result_s=driver.first_result_s, shipped_bytes=driver.shipped_bytes,
+                        timings=driver.timings)
         return {"id": sid, "status": search.status, "evaluations": driver.evaluations}
     finally:
         storage.close()

@@ -79,3 +79,17 @@ def test_grouped_errors():
         fit_palette(w, 16)
     with pytest.raises(PaletteError, match="do not match"):
         fit_palette(w, "4g16").indices(w[:32])
+
+
+def test_grouped_palette_from_device_histograms_equals_the_direct_fit():
+    """What the CPU palette tasks fit from the evaluators' per-group histograms is `fit_palette`."""
+    from workers.evaluation.device_ops import histogram_torch
+    from workers.palette_formats import palette_from_histograms
+
+    w = _weight(32, 320, seed=7)
+    for fmt in ("3g8", "4g16", "2g32"):
+        groups = 32 // PaletteFormat.of(fmt).group_size
+        counts = histogram_torch(torch.from_numpy(w), groups)
+        assert counts.shape == (groups, 1 << 16) and int(counts.sum()) == w.size
+        assert palette_from_histograms(counts, fmt) == fit_palette(w, fmt)
+    assert palette_from_histograms(histogram_torch(torch.from_numpy(w)), 4) == fit_palette(w, 4)

@@ -10,6 +10,7 @@ on the pristine weights against the pristine reference, as Apple's script does.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -21,12 +22,15 @@ import numpy as np
 import torch
 
 from common.formats import FLOAT16_BITS, is_palettized
+from workers.evaluation.device_ops import fake_int8_per_tensor_torch, histogram_torch
 from workers.evaluation.items import EvalResult, PaletteResult, WorkItem
+from workers.evaluation.prefix import PrefixCache
+from workers.evaluation.protocol import mean_db, psnr_per_prompt
+from workers.evaluation.signal import SignalRunner, SignalSpec
+from workers.evaluation.weights import InPlaceSwap, palettize_like_apple, weighted_modules
 from workers.models import ModelError, ModelSpec, candidate_layers, load_pipeline, pick_device, unet_fingerprint
 from workers.palette_formats import PALETTES, dequantize_torch, fit_palette
-from workers.palettize import Palette, kmeans_palette, linear_8bit
-from workers.evaluation.protocol import fake_int8_per_tensor, mean_db, psnr_per_prompt
-from workers.evaluation.signal import SignalRunner, SignalSpec
+from workers.palettize import Palette, linear_8bit
 
 
 # Fault injection for the failure-handling tests: work-item keys that always raise.
@@ -59,7 +63,8 @@ def _ray_identity() -> tuple[str, str]:
 class Evaluator:
     def __init__(self, spec: ModelSpec, signal: SignalSpec, *, precision: str = "auto",
                  fingerprint: str | None = None, device: str | None = None, threads: int | None = None,
-                 min_size: int = 0, default_nbits: int = FLOAT16_BITS, weights=None):
+                 min_size: int = 0, default_nbits: int = FLOAT16_BITS, weights=None, prefix_reuse: bool = True,
+                 compile: bool = False):
         if threads:
             torch.set_num_threads(threads)
         self.device = device or pick_device()
@@ -81,28 +86,59 @@ class Evaluator:
         self.protocol = signal.protocol
         self.runner = SignalRunner(self.pipe, signal, self.device)
         self.load_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.reference = self.runner.run()
-        self.reference_s = time.perf_counter() - t0
         self.node, self.worker = _ray_identity()
         self._palettes: dict[tuple[str, int], Palette] = {}
         # --default-nbits: keep the pristine weights and reference for baselines and recipes,
         # then palettize every UNet weight to the default depth; that pipeline is the analysis'.
         self.default_nbits = int(default_nbits)
         self.pristine: dict[str, torch.Tensor] | None = None
-        self.pristine_reference = self.reference
         self._pristine_palettes: dict[tuple[str, int], Palette] = {}
+        self.prefix = PrefixCache(unet, reuse=prefix_reuse, compile=compile) if prefix_reuse or compile else None
+        if self.prefix is not None:
+            self.runner.before_call = self.prefix.before_call
+        t0 = time.perf_counter()
+        self.reference = self.pristine_reference = self.runner.run()  # cold: includes compiling
+        self.reference_s = time.perf_counter() - t0
         if is_palettized(self.default_nbits):
-            self.pristine = {name: m.weight.data for name, m in _weighted_modules(unet)}
-            with torch.no_grad():
-                for name, m in _weighted_modules(unet):
-                    m.weight.data = _palettize_like_apple(m.weight.data, self.default_nbits).to(self.dtype)
+            self.pristine = {name: m.weight.data.clone() for name, m in weighted_modules(unet)}
+            with torch.no_grad():  # in place: a compiled UNet keeps its graphs
+                for name, m in weighted_modules(unet):
+                    m.weight.data.copy_(palettize_like_apple(m.weight.data, self.default_nbits).to(self.dtype))
             self.reference = self.runner.run()
+        self._record_reference()
+
+    def _record_reference(self) -> None:
+        """Warm-up done: time a warm run of the analysis' reference, record the prefix cache
+        during it, and check the device repeats itself bit for bit."""
+        t0 = time.perf_counter()
+        if self.prefix is None:
+            again = self.runner.run()
+        elif self.prefix.compiled:  # the hooks of the ordering pass must not enter compiled code
+            with self.prefix.ordering():
+                self.runner.run()
+            with self.prefix.recording():
+                again = self.runner.run()
+        else:
+            with self.prefix.ordering(), self.prefix.recording():
+                again = self.runner.run()
+        self.warm_s = time.perf_counter() - t0
+        self.deterministic = bool(torch.equal(again, self.reference))
+        self.reference = again  # the replayed activations are this run's
 
     def info(self) -> dict:
         return {"device": self.device, "dtype": str(self.dtype).replace("torch.", ""), "node": self.node,
                 "worker": self.worker, "host": socket.gethostname(), "load_s": self.load_s,
-                "reference_s": self.reference_s, "candidates": len(self.modules)}
+                "reference_s": self.reference_s, "warm_s": self.warm_s, "deterministic": self.deterministic,
+                "prefix_reuse": bool(self.prefix and self.prefix.reuse), "candidates": len(self.modules)}
+
+    def histogram(self, item: WorkItem) -> np.ndarray:
+        """The fp16 bit-pattern histogram of a candidate, computed where its weight is (one per
+        channel group when ``item.bits`` is a grouped format); the palettes are fitted from it by
+        CPU tasks (`workers.palette_formats.palette_from_histograms`)."""
+        weight = self.modules[item.layer].weight.data
+        if item.bits is None or not item.bits.grouped:
+            return histogram_torch(weight)
+        return histogram_torch(weight, weight.shape[0] // item.bits.group_size)
 
     def _weight16(self, layer: str) -> torch.Tensor:
         return self.modules[layer].weight.data.to(torch.float16)
@@ -140,14 +176,10 @@ class Evaluator:
 
     @contextmanager
     def _patched(self, item: WorkItem, palettes: dict):
-        """Swap in the modified weights for one run and always put the originals back."""
-        originals = {}
-        modules = dict(_weighted_modules(self.pipe.unet))
-
-        def swap(name: str, data: torch.Tensor) -> None:
-            originals.setdefault(name, modules[name].weight.data)
-            modules[name].weight.data = data
-
+        """Swap in the modified weights for one run (in place) and always put the originals back;
+        the run resumes from the reference's activations where the item allows it."""
+        modules = dict(weighted_modules(self.pipe.unet))
+        swap = InPlaceSwap(modules)
         try:
             with torch.no_grad():
                 if self._on_pristine(item):
@@ -155,6 +187,7 @@ class Evaluator:
                         swap(name, data)
                 if item.linear8:
                     self._swap_linear8(swap, modules)
+                changed = []
                 for layer, bits in item.assignment:
                     if not is_palettized(bits):
                         continue
@@ -162,16 +195,17 @@ class Evaluator:
                     pal = (self._pristine_palette(layer, bits) if self._on_pristine(item)
                            else self._palette(layer, bits, palettes))
                     swap(layer, dequantize_torch(weight.to(torch.float16), pal).to(self.dtype))
-            yield
+                    changed.append(layer)
+            full = self.prefix is None or item.linear8 or self._on_pristine(item) or item.phase == "baseline"
+            with (contextlib.nullcontext() if full else self.prefix.replaying(changed)):
+                yield
         finally:
-            for name, data in originals.items():
-                modules[name].weight.data = data
+            swap.restore()
 
     def _swap_linear8(self, swap, modules) -> None:
-        if self.protocol == "apple":  # every UNet weight, per tensor int8 (Apple's fake_int8_quantize)
+        if self.protocol == "apple":  # every UNet weight, per tensor int8 (Apple's fake_int8_quantize), on the device
             for name, module in modules.items():
-                w16 = module.weight.data.to(torch.float16).cpu().numpy()
-                swap(name, torch.from_numpy(fake_int8_per_tensor(w16)).to(self.device, self.dtype))
+                swap(name, fake_int8_per_tensor_torch(module.weight.data.to(torch.float16)).to(self.dtype))
         else:  # classic: the candidates, per output channel uint8
             for name, module in self.modules.items():
                 w16 = module.weight.data.to(torch.float16).cpu().numpy()
@@ -180,7 +214,8 @@ class Evaluator:
     def _fresh_copy_run(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Apple's "original": a deep copy of the pipeline run against a new run of the reference
         pipeline (on MPS this is the device's run-to-run floor; bit-exact devices give ~210 dB)."""
-        twin = copy.deepcopy(self.pipe)
+        with (self.prefix.detached() if self.prefix is not None else contextlib.nullcontext()):
+            twin = copy.deepcopy(self.pipe)
         try:
             test = SignalRunner(twin, self.runner.spec, self.device).run()
         finally:
@@ -212,25 +247,3 @@ class Evaluator:
     def pid(self) -> int:
         return os.getpid()
 
-
-def _weighted_modules(unet):
-    """Every UNet module with a weight tensor, in `named_modules` order (what Apple's
-    fake_int8_quantize and --default-nbits walk over: norms and small layers too)."""
-    for name, module in unet.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            yield name, module
-
-
-def _palettize_like_apple(weight: torch.Tensor, nbits: int) -> torch.Tensor:
-    """Apple's fake_palettize of one weight for --default-nbits: coremltools' k-means on the
-    fp16 values (its optimal 1-D k-means from 10,000 elements on, which `kmeans_palette`
-    reproduces exactly and much faster; scikit-learn's below that, so coremltools' own call)."""
-    w16 = weight.to(torch.float16).cpu().numpy()
-    if w16.size >= 10_000:
-        return dequantize_torch(weight.to(torch.float16), kmeans_palette(w16, nbits))
-    from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
-
-    lut, idx = _get_kmeans_lookup_table_and_weight(nbits, w16)
-    dense = lut.astype(np.float16)[np.asarray(idx, dtype=np.int64)].reshape(w16.shape)
-    return torch.from_numpy(dense).to(weight.device)

@@ -105,6 +105,7 @@ class SignalRunner:
             dtype = torch.float32
         self.latents = torch.randn(shape, generator=gen, dtype=dtype)
         self._gen_state = gen.get_state()
+        self.before_call = None  # optional callback(call index) before each pipeline call (prefix reuse)
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         negative = [""] * len(prompts)  # Apple's protocol: explicit empty negative prompts
@@ -143,8 +144,10 @@ class SignalRunner:
     def run(self) -> torch.Tensor:
         """Denoised latents, float32 on CPU, shape (num_prompts, C, h, w), prompt order."""
         outs = []
-        for start in range(0, len(self.spec.prompts), self.batch):
+        for call, start in enumerate(range(0, len(self.spec.prompts), self.batch)):
             stop = min(start + self.batch, len(self.spec.prompts))
+            if self.before_call is not None:
+                self.before_call(call)
             embeds = {k: v[start:stop] for k, v in self.embeds.items()}
             result = self.pipe(**embeds, **self.call_kwargs(start, stop))
             outs.append(result.images.detach().to("cpu", torch.float32))
