@@ -27,7 +27,7 @@ from workers.evaluation.items import EvalResult, PaletteResult, WorkItem
 from workers.evaluation.prefix import PrefixCache
 from workers.evaluation.protocol import mean_db, psnr_per_prompt
 from workers.evaluation.signal import SignalRunner, SignalSpec
-from workers.evaluation.weights import InPlaceSwap, palettize_like_apple, weighted_modules
+from workers.evaluation.weight_swap import InPlaceSwap, palettize_like_apple, weighted_modules
 from workers.models import ModelError, ModelSpec, candidate_layers, load_pipeline, pick_device, unet_fingerprint
 from workers.palette_formats import PALETTES, dequantize_torch, fit_palette
 from workers.palettize import Palette, linear_8bit
