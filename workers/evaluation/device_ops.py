@@ -8,12 +8,12 @@ import numpy as np
 import torch
 
 
-def histogram_torch(weight: torch.Tensor, groups: int = 1) -> np.ndarray:
+def histogram_torch(weight: torch.Tensor, groups: int | None = None) -> np.ndarray:
     """Counts of the 65,536 fp16 bit patterns of ``weight`` (rounded to fp16 first), computed
     with ``torch.bincount`` where the weight is; int64 numpy, as `fp16_histogram` returns.
-    ``groups`` > 1: one row of counts per group of output channels (axis 0 split evenly), in
-    one bincount over offset patterns."""
-    if groups == 1:
+    ``groups``: one row of counts per group of output channels (axis 0 split evenly; shape
+    (groups, 65536)), in one bincount over offset patterns."""
+    if groups is None:
         w16 = weight.detach().to(torch.float16).reshape(-1)
         idx = w16.view(torch.int16).to(torch.int32) & 0xFFFF
         return torch.bincount(idx, minlength=1 << 16).to("cpu", torch.int64).numpy()
