@@ -65,3 +65,11 @@ def test_apply_reads_the_download_back(run, model_cache, tmp_path):
     with Storage(run["db"]) as st:
         v = st.validations(run["id"])[key]
     assert v.structural_ok and v.numeric_ok is True, v.structural_detail
+
+
+def test_status_counts_only_the_pairs_measured(run, model_cache):
+    status = json.loads(run_cli("status", run["id"], "--db", run["db"], "--json", model_cache=model_cache).stdout)
+    pairs = 3 * 47 - 3  # three 32-channel layers skip 4g64
+    assert status["pairs"] == pairs
+    assert status["counts"]["isolated"] == {"done": pairs + 2, "total": pairs + 2}  # + the two baselines
+    assert status["counts"]["palettes"] == {"done": pairs, "total": pairs}
