@@ -64,10 +64,19 @@ def main(argv=None) -> int:
                     "refinement is extended to --refine-evals by `search recipe` (the same seeded path)")
     ap.add_argument("--refine-evals", type=int, default=REFINE_EVALS,
                     help=f"measured refinement per matched size [{REFINE_EVALS}, the search default]")
+    ap.add_argument("--grouped", action="store_true", help="issue 13: the grouped-channel + 3-bit search space "
+                    "against Apple's per-tensor recipes at matched size (benchmarks/grouped_quality.py)")
+    ap.add_argument("--formats", default=None, help="with --grouped: the formats searched")
+    ap.add_argument("--min-size", type=int, default=MIN_SIZE, help="with --grouped: candidate threshold")
+    ap.add_argument("--prompts", type=int, default=None, help="with --grouped: Apple's first K prompts only")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     db = args.db or Path(tempfile.mkdtemp(prefix="recipe-quality-")) / "searches.db"
     db.parent.mkdir(parents=True, exist_ok=True)
+    if args.grouped:
+        from grouped_quality import FORMATS, run_grouped
+
+        return run_grouped(db, args.workers, args.formats or FORMATS, args.model, args.min_size, args.prompts)
     # 64 px as the model was trained (a local directory would otherwise get Apple's 768 px)
     common = ["--workers", str(args.workers), "--min-size", str(MIN_SIZE), "--resolution", str(TINY_RESOLUTION),
               "--precision", args.precision,

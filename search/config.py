@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
-from common.formats import FLOAT16_BITS, PALETTE_NBITS, is_palettized
+from common.formats import FLOAT16_BITS, PALETTE_NBITS, PaletteFormat, is_palettized, parse_formats
 from workers.evaluation.protocol import PROTOCOLS, default_prompts
 from workers.evaluation.signal import SignalSpec
 from search.defaults import REFINE_EVALS
@@ -21,7 +21,8 @@ class ConfigError(ValueError):
 
 
 def parse_nbits(text: str, option: str = "--nbits") -> tuple[int, ...]:
-    """'1,2,4' -> (1, 2, 4); anything outside PALETTE_NBITS is an error, not a silent drop."""
+    """'1,2,4' -> (1, 2, 4): Apple's per-tensor depths only (3-bit and grouped formats need iOS 18
+    and are spelled with --formats); anything else is an error, not a silent drop."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     if not parts:
         raise ConfigError(f"{option} is empty; choose from " + ",".join(map(str, PALETTE_NBITS)))
@@ -30,8 +31,24 @@ def parse_nbits(text: str, option: str = "--nbits") -> tuple[int, ...]:
         try:
             values.append(int(p))
         except ValueError:
-            raise ConfigError(f"{option}: '{p}' is not an integer; choose from {','.join(map(str, PALETTE_NBITS))}") from None
+            raise ConfigError(f"{option}: '{p}' is not an integer; choose from {','.join(map(str, PALETTE_NBITS))} "
+                              "(--formats takes grouped formats such as 4g16)") from None
+    bad = [b for b in values if b not in PALETTE_NBITS]
+    if bad:
+        raise ConfigError(f"unsupported bit depth(s) {','.join(map(str, bad))} for {option}; choose from "
+                          f"{','.join(map(str, PALETTE_NBITS))} (3 bits and grouped formats: --formats)")
     return tuple(values)
+
+
+def parse_format_list(text: str, option: str = "--formats") -> tuple:
+    """'2,3g16,4' -> their JSON spellings (2, '3g16', 4): per-tensor formats stay ints, so a
+    search's stored options and config read exactly as before formats existed."""
+    if not str(text).strip():
+        raise ConfigError(f"{option} is empty; e.g. 2,3g16,4,4g16,6,8")
+    try:
+        return tuple(f.to_json() for f in parse_formats(text))
+    except ValueError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
 
 
 def parse_floats(text: str, option: str) -> tuple[float, ...]:
@@ -63,11 +80,25 @@ def parse_prompts_file(path: str) -> tuple[str, ...]:
     return prompts
 
 
+def _formats(values, what: str) -> tuple[PaletteFormat, ...]:
+    """Formats from ints / spellings / formats; float16 and bad spellings are one-line errors."""
+    out = []
+    for v in values:
+        try:
+            f = PaletteFormat.of(v)
+        except (ValueError, AttributeError) as exc:
+            raise ConfigError(f"bad {what} {v!r}: {exc}") from None
+        if not f.palettized:
+            raise ConfigError(f"unsupported bit depth(s) {v}; float16 is always a choice, list palette formats")
+        out.append(f)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """Everything that determines a search's measurements (its identity for resume)."""
 
-    nbits: tuple[int, ...] = PALETTE_NBITS
+    nbits: tuple[PaletteFormat, ...] = PALETTE_NBITS  # the formats searched (--nbits / --formats)
     num_recipes: int = 7
     min_size: int = 100_000
     prompts: tuple[str, ...] = ()          # () -> the protocol's own prompts
@@ -80,7 +111,7 @@ class SearchConfig:
     strategy: tuple[str, ...] = ("apple",)
     targets: tuple[float, ...] = ()       # average bits per weight of the optimal recipes to build
     evals: str = "full"                   # "fast": isolated impact at the anchors only, the rest predicted
-    anchors: tuple[int, ...] | None = None  # fast mode's measured depths; default: the one nearest 4
+    anchors: tuple[PaletteFormat, ...] | None = None  # fast mode's measured formats; default: the one nearest 4
     curves: bool | None = None            # cumulative curves; None: only when the Apple strategy needs them
     protocol: str = "apple"               # what a PSNR means (workers.evaluation.protocol)
     default_nbits: int = FLOAT16_BITS               # Apple's --default-nbits: every weight palettized first, fallback depth
@@ -90,11 +121,9 @@ class SearchConfig:
     compile: bool = False                 # torch.compile the UNet's blocks
 
     def __post_init__(self) -> None:
-        nbits = tuple(self.nbits)
-        bad = [b for b in nbits if b not in PALETTE_NBITS]
-        if bad or not nbits:
-            raise ConfigError(
-                f"unsupported bit depth(s) {','.join(map(str, bad)) or '(none)'}; choose from {','.join(map(str, PALETTE_NBITS))}")
+        nbits = _formats(self.nbits, "palette format")
+        if not nbits:
+            raise ConfigError(f"unsupported bit depth(s) (none); choose from {','.join(map(str, PALETTE_NBITS))}")
         if len(set(nbits)) != len(nbits):
             raise ConfigError(f"--nbits lists a bit depth twice: {','.join(map(str, nbits))}")
         object.__setattr__(self, "nbits", tuple(sorted(nbits)))
@@ -139,8 +168,8 @@ class SearchConfig:
         if self.evals not in EVALS:
             raise ConfigError(f"--evals must be full or fast, got '{self.evals}'")
         if self.anchors is None:
-            object.__setattr__(self, "anchors", (min(self.nbits, key=lambda b: (abs(b - 4), -b)),))
-        anchors = tuple(sorted(set(self.anchors)))
+            object.__setattr__(self, "anchors", (min(self.nbits, key=lambda f: (abs(f.bits - 4), -f.bits, f)),))
+        anchors = tuple(sorted(set(_formats(self.anchors, "anchor"))))
         if not anchors or any(a not in self.nbits for a in anchors):
             raise ConfigError(f"--anchors must be among the searched bit depths {','.join(map(str, self.nbits))}")
         object.__setattr__(self, "anchors", anchors)
@@ -155,8 +184,9 @@ class SearchConfig:
         """Requested targets, else num_recipes budgets spread over the searched bit depths."""
         if self.targets:
             return self.targets
-        hi = min(max(self.nbits), 8)
-        lo = min(self.nbits) if hi <= 2 else max(min(self.nbits), 2)
+        depths = [f.bits for f in self.nbits]
+        hi = min(max(depths), 8)
+        lo = min(depths) if hi <= 2 else max(min(depths), 2)
         n = self.num_recipes
         return tuple(round(hi - (hi - lo) * i / max(n - 1, 1), 2) for i in range(n)) if n > 1 else (float(hi),)
 
@@ -166,9 +196,11 @@ class SearchConfig:
                           guidance_scale=self.guidance_scale, batch_size=self.batch_size)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: formats stay values
         for key in ("nbits", "prompts", "strategy", "targets", "anchors"):
             d[key] = list(d[key]) if d[key] is not None else None
+        for key in ("nbits", "anchors"):  # per-tensor formats as ints: older configs' fingerprints hold
+            d[key] = [PaletteFormat.of(f).to_json() for f in d[key]] if d[key] is not None else None
         return d
 
     @classmethod

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from common.clock import utcnow
+from common.formats import PaletteFormat
 from storage import Search, Storage
 
 
@@ -34,17 +35,23 @@ def preparing(s: Search) -> dict | None:
     return {"done_bytes": s.prepare_done or 0, "total_bytes": s.prepare_total or 0}
 
 
-def phase_counts(storage: Storage, s: Search, candidates: int) -> dict:
+def format_pairs(storage: Storage, s: Search) -> int:
+    """(layer, format) pairs a search measures: every candidate in every format whose group size
+    divides its output channels (per-tensor formats fit every layer)."""
+    formats = [PaletteFormat.of(b) for b in s.config.get("nbits", ())]
+    return sum(f.fits(layer.shape[0]) for layer in storage.layers(s.id) for f in formats)
+
+
+def phase_counts(storage: Storage, s: Search, pairs: int) -> dict:
     """Absolute per-phase progress from the database (for searches without a progress file)."""
     counts = storage.count_measurements(s.id)
-    nb = len(s.config.get("nbits", ()))
     recipes = storage.recipes(s.id)
     baselines = len(storage.baselines(s.id))
     full = s.config.get("evals", "full") == "full"
     return {
-        "palettes": {"done": len(storage.palettes(s.id)), "total": candidates * nb},
-        "isolated": {"done": counts.get("isolated", 0) + baselines, "total": candidates * nb + 2 if full else None},
-        "cumulative": {"done": counts.get("cumulative", 0), "total": candidates * nb if s.config.get("curves") else 0},
+        "palettes": {"done": len(storage.palettes(s.id)), "total": pairs},
+        "isolated": {"done": counts.get("isolated", 0) + baselines, "total": pairs + 2 if full else None},
+        "cumulative": {"done": counts.get("cumulative", 0), "total": pairs if s.config.get("curves") else 0},
         "recipes": {"done": sum(1 for r in recipes if r.psnr is not None), "total": len(recipes)},
     }
 
@@ -53,16 +60,16 @@ def search_detail(storage: Storage, s: Search, now: datetime | None = None) -> d
     """`search status` / ``GET /searches/{id}``: the summary plus config, baselines, recipes,
     Core ML validations and per-phase counts."""
     info = search_summary(storage, s, now)
-    candidates = len(storage.layers(s.id))
+    candidates, pairs = len(storage.layers(s.id)), format_pairs(storage, s)
     info.update(
-        config=s.config, fingerprint=s.fingerprint, elapsed_s=s.elapsed_s, candidates=candidates,
+        config=s.config, fingerprint=s.fingerprint, elapsed_s=s.elapsed_s, candidates=candidates, pairs=pairs,
         updated_at=iso(s.updated_at), finished_at=iso(s.finished_at),
         baselines={k: b.psnr for k, b in storage.baselines(s.id).items()},
         recipes=[{"key": r.key, "strategy": r.strategy, "avg_bits": r.avg_bits, "size_mb": r.size_mb,
                   "threshold": r.threshold, "predicted_psnr": r.predicted_psnr, "psnr": r.psnr, "target": r.target}
                  for r in storage.recipes(s.id)],
         validations={k: asdict(v) for k, v in storage.validations(s.id).items()},
-        counts=phase_counts(storage, s, candidates),
+        counts=phase_counts(storage, s, pairs),
         eval_floor=eval_floor(storage, s),
     )
     return info

@@ -52,7 +52,13 @@ def _given(value) -> bool:
 def _nbits(value):
     from search.config import parse_nbits
 
-    return parse_nbits(_text(value))
+    return parse_nbits(_text(value)) if _given(value) else None
+
+
+def _formats(value):
+    from search.config import parse_format_list
+
+    return parse_format_list(_text(value)) if _given(value) else None
 
 
 def _strategy(value):
@@ -68,9 +74,9 @@ def _targets(value):
 
 
 def _anchors(value):
-    from search.config import parse_nbits
+    from search.config import parse_format_list
 
-    return parse_nbits(_text(value), "--anchors") if _given(value) else None
+    return parse_format_list(_text(value), "--anchors") if _given(value) else None
 
 
 def _prompts(value):
@@ -86,9 +92,14 @@ def _prompts(value):
 
 
 SEARCH_OPTIONS: tuple[SearchOption, ...] = (
-    SearchOption("nbits", ("--nbits",), str, ",".join(map(str, PALETTE_NBITS)),
-                 "bit depths to analyse, from " + ",".join(map(str, PALETTE_NBITS)),
-                 json_type=Union[str, int, list[int]], parse=_nbits),
+    SearchOption("nbits", ("--nbits",), Optional[str], None,
+                 "per-tensor bit depths to analyse, from " + ",".join(map(str, PALETTE_NBITS)) +
+                 " [default: all]", json_type=Union[str, int, list[int], None], parse=_nbits),
+    SearchOption("formats", ("--formats",), Optional[str], None,
+                 "palette formats to analyse (generalizes --nbits): 4 is one 4-bit LUT per tensor, 4g16 one per "
+                 "16 output channels; bits 1,2,3,4,6,8, e.g. 2,3g16,4,4g16,6,8 (3 bits and grouped formats need "
+                 "iOS 18 / macOS 15) [default: --nbits]",
+                 json_type=Union[str, int, list[Union[int, str]], None], parse=_formats),
     SearchOption("num_recipes", ("--num-recipes",), int, 7, "PSNR thresholds, one recipe each"),
     SearchOption("min_size", ("--min-size",), Optional[int], None, "candidate weights have more elements than this "
                  "[default: 100000; tiny models: smaller]"),
@@ -117,8 +128,8 @@ SEARCH_OPTIONS: tuple[SearchOption, ...] = (
                  json_type=Union[str, float, list[float], None], parse=_targets),
     SearchOption("evals", ("--evals",), str, "full", "full, or fast: isolated impact at the anchor bit depths only "
                  "(optimal strategy)"),
-    SearchOption("anchors", ("--anchors",), Optional[str], None, "anchor bit depths measured by --evals fast "
-                 "[default: the searched depth nearest 4]", json_type=Union[str, int, list[int], None],
+    SearchOption("anchors", ("--anchors",), Optional[str], None, "anchor formats measured by --evals fast "
+                 "[default: the searched depth nearest 4]", json_type=Union[str, int, list[Union[int, str]], None],
                  parse=_anchors),
     SearchOption("refine_evals", ("--refine-evals",), int, REFINE_EVALS, REFINE_EVALS_HELP),
     SearchOption("prefix_reuse", ("--prefix-reuse/--no-prefix-reuse",), bool, True, "resume every evaluation's "
@@ -137,10 +148,16 @@ def parse_search_options(values: Mapping[str, Any]) -> dict:
     ConfigError before any model is loaded. None means "SearchConfig's or the model's default"."""
     from search.config import SearchConfig
 
+    from search.config import ConfigError
+
     options = {}
     for o in SEARCH_OPTIONS:
         value = values.get(o.name, o.default)
         options[o.name] = o.parse(value) if o.parse else value
+    formats = options.pop("formats")  # the search space is one config field; --nbits is its per-tensor spelling
+    if formats is not None and options["nbits"] is not None:
+        raise ConfigError("give --formats or --nbits, not both (--formats 1,2,4,6,8 is --nbits 1,2,4,6,8)")
+    options["nbits"] = formats or options["nbits"] or PALETTE_NBITS
     if options["prompts"] is None:
         del options["prompts"]
     SearchConfig(**{k: v for k, v in options.items() if v is not None})

@@ -10,10 +10,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.sqlite import insert
 
 from common.clock import utcnow
+from common.formats import PaletteFormat, formats_json, recipe_formats
 from storage import schema as s
 from storage.engine import SessionFactory, open_engine
 from storage.errors import StorageError
-from storage.records import ACTIVE, Baseline, Layer, Measurement, PaletteInfo, Search, StoredRecipe, Validation
+from storage.records import (ACTIVE, Baseline, Layer, Measurement, PaletteInfo, Search, StoredRecipe, Validation,
+                             stored_format)
 
 
 def _search(row: s.SearchRow) -> Search:
@@ -31,7 +33,7 @@ def _recipe(row: s.RecipeRow) -> StoredRecipe:
     return StoredRecipe(
         key=row.key, strategy=row.strategy, threshold=row.threshold,
         target=json.loads(row.target_json) if row.target_json else None,
-        bits=json.loads(row.bits_json), avg_bits=row.avg_bits, size_mb=row.size_mb,
+        bits=recipe_formats(json.loads(row.bits_json)), avg_bits=row.avg_bits, size_mb=row.size_mb,
         predicted_psnr=row.predicted_psnr, psnr=row.psnr,
         per_prompt=tuple(json.loads(row.per_prompt_json)) if row.per_prompt_json else None,
         node=row.node, duration_s=row.duration_s,
@@ -178,7 +180,9 @@ class Storage:
 
     # -- palettes -------------------------------------------------------------------------
     def add_palette(self, search_id: str, info: PaletteInfo) -> bool:
-        stmt = insert(s.PaletteRow).values(search_id=search_id, layer=info.layer, bits=info.bits, digest=info.digest,
+        fmt = PaletteFormat.of(info.bits)
+        stmt = insert(s.PaletteRow).values(search_id=search_id, layer=info.layer, bits=fmt.bits,
+                                           group_size=fmt.group_size or 0, digest=info.digest,
                                            weight_mse=info.weight_mse, path=info.path).on_conflict_do_nothing()
         with self.session_scope() as db:
             return db.execute(stmt).rowcount == 1
@@ -186,13 +190,16 @@ class Storage:
     def palettes(self, search_id: str) -> dict[tuple[str, int], PaletteInfo]:
         with self.session_scope() as db:
             rows = db.scalars(select(s.PaletteRow).where(s.PaletteRow.search_id == search_id))
-            return {(r.layer, r.bits): PaletteInfo(r.layer, r.bits, r.digest, r.weight_mse, r.path) for r in rows}
+            return {(r.layer, f): PaletteInfo(r.layer, f, r.digest, r.weight_mse, r.path)
+                    for r in rows for f in [stored_format(r.bits, r.group_size)]}
 
     # -- measurements ---------------------------------------------------------------------
     def add_measurement(self, search_id: str, m: Measurement) -> bool:
         """Insert once; a second insert of the same key is a no-op (returns False)."""
+        fmt = None if m.bits is None else PaletteFormat.of(m.bits)
         stmt = insert(s.MeasurementRow).values(
-            search_id=search_id, key=m.key, phase=m.phase, bits=m.bits, layer=m.layer, position=m.position,
+            search_id=search_id, key=m.key, phase=m.phase, bits=fmt and fmt.bits, group_size=fmt and fmt.group_size or 0,
+            layer=m.layer, position=m.position,
             psnr=m.psnr, per_prompt_json=json.dumps(list(m.per_prompt)), node=m.node, worker=m.worker,
             duration_s=m.duration_s, created_at=utcnow(),
         ).on_conflict_do_nothing()
@@ -209,8 +216,8 @@ class Storage:
             q = q.where(s.MeasurementRow.phase == phase)
         with self.session_scope() as db:
             return [
-                Measurement(r.key, r.phase, r.bits, r.layer, r.position, r.psnr, tuple(json.loads(r.per_prompt_json)),
-                            r.node, r.worker, r.duration_s)
+                Measurement(r.key, r.phase, stored_format(r.bits, r.group_size), r.layer, r.position, r.psnr,
+                            tuple(json.loads(r.per_prompt_json)), r.node, r.worker, r.duration_s)
                 for r in db.scalars(q.order_by(s.MeasurementRow.id))
             ]
 
@@ -247,7 +254,7 @@ class Storage:
         stmt = insert(s.RecipeRow).values(
             search_id=search_id, key=r.key, strategy=r.strategy, threshold=r.threshold,
             target_json=json.dumps(r.target) if r.target is not None else None,
-            bits_json=json.dumps(r.bits, sort_keys=True), avg_bits=r.avg_bits, size_mb=r.size_mb,
+            bits_json=json.dumps(formats_json(r.bits), sort_keys=True), avg_bits=r.avg_bits, size_mb=r.size_mb,
             predicted_psnr=r.predicted_psnr, created_at=utcnow(),
         ).on_conflict_do_nothing()
         with self.session_scope() as db:

@@ -34,7 +34,26 @@ def _v3_preparing(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_searches_request_hash ON searches (request_hash)")
 
 
-STEPS: list[Callable[[Connection], None]] = [_v1_initial, _v2_validations, _v3_preparing]
+def _v4_palette_formats(conn: Connection) -> None:
+    """Grouped palette formats (``4g16``): palettes and measurements get a ``group_size`` column,
+    0 for per tensor, so every existing row reads as the per-tensor format it was. The palettes'
+    uniqueness must include it (4 and 4g16 of one layer are two palettes), and SQLite cannot
+    alter a constraint, so that table is rebuilt with its rows (ids kept)."""
+    def columns(table: str) -> set[str]:
+        return {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({table})")}
+
+    if "group_size" not in columns("measurements"):
+        conn.exec_driver_sql("ALTER TABLE measurements ADD COLUMN group_size INTEGER NOT NULL DEFAULT 0")
+    if "group_size" not in columns("palettes"):
+        conn.exec_driver_sql("ALTER TABLE palettes RENAME TO palettes_v3")
+        conn.exec_driver_sql("DROP INDEX IF EXISTS ix_palettes_search_id")
+        schema.Base.metadata.create_all(conn, tables=[schema.PaletteRow.__table__])
+        conn.exec_driver_sql("INSERT INTO palettes (id, search_id, layer, bits, group_size, digest, weight_mse, path) "
+                             "SELECT id, search_id, layer, bits, 0, digest, weight_mse, path FROM palettes_v3")
+        conn.exec_driver_sql("DROP TABLE palettes_v3")
+
+
+STEPS: list[Callable[[Connection], None]] = [_v1_initial, _v2_validations, _v3_preparing, _v4_palette_formats]
 LATEST_VERSION = len(STEPS)
 
 

@@ -1,5 +1,6 @@
 """Where the exact LUTs of a search live on disk: next to the database, keyed by search,
-layer and bit depth, so the Core ML step can reuse what was measured bit for bit."""
+layer and palette format (``<layer>.4bit.npz``, ``<layer>.4g16bit.npz``), so the Core ML step
+can reuse what was measured bit for bit."""
 from __future__ import annotations
 
 import re

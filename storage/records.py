@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 
+from common.formats import PaletteFormat
 from common.processes import process_gone
 
 # A running search whose driver stopped beating for this long is shown as interrupted
@@ -65,10 +66,15 @@ class Layer:
     kind: str
 
 
+def stored_format(bits: int | None, group_size: int) -> PaletteFormat | None:
+    """A row's format: ``group_size`` 0 (every row from before schema v4) is per tensor."""
+    return None if bits is None else PaletteFormat(bits, group_size or None)
+
+
 @dataclass(frozen=True)
 class PaletteInfo:
     layer: str
-    bits: int
+    bits: PaletteFormat  # the palette's format (a per-tensor one equals its int depth)
     digest: str
     weight_mse: float
     path: str
@@ -78,7 +84,7 @@ class PaletteInfo:
 class Measurement:
     key: str
     phase: str
-    bits: int | None
+    bits: PaletteFormat | None  # the format measured (isolated, cumulative); None for the rest
     layer: str | None
     position: int | None
     psnr: float
@@ -103,7 +109,7 @@ class StoredRecipe:
     strategy: str
     threshold: float | None
     target: dict | None
-    bits: dict[str, int]
+    bits: dict[str, PaletteFormat]  # every candidate's format (16: float16)
     avg_bits: float
     size_mb: float
     predicted_psnr: float | None

@@ -53,11 +53,12 @@ class LayerRow(Base):
 
 class PaletteRow(Base):
     __tablename__ = "palettes"
-    __table_args__ = (UniqueConstraint("search_id", "layer", "bits"),)
+    __table_args__ = (UniqueConstraint("search_id", "layer", "bits", "group_size"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
     layer: Mapped[str] = mapped_column(Text)
     bits: Mapped[int] = mapped_column(Integer)
+    group_size: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # v4; 0: per tensor
     digest: Mapped[str] = mapped_column(String(64))
     weight_mse: Mapped[float] = mapped_column(Float)
     path: Mapped[str] = mapped_column(Text)  # relative to the palette store root
@@ -71,6 +72,7 @@ class MeasurementRow(Base):
     key: Mapped[str] = mapped_column(Text)
     phase: Mapped[str] = mapped_column(String(16))
     bits: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    group_size: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # v4; 0: per tensor
     layer: Mapped[str | None] = mapped_column(Text, nullable=True)
     position: Mapped[int | None] = mapped_column(Integer, nullable=True)
     psnr: Mapped[float] = mapped_column(Float)

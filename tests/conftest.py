@@ -71,6 +71,7 @@ def completed_tiny_search(tiny_sdxl_spec, tmp_path_factory):
     real k-means palettes saved in the PaletteStore, two recipes whose end-to-end PSNR was
     measured by the real Evaluator. Returns {"db", "search_id", "recipes": {key: (bits, psnr)}}.
     Tests must not change the recipes, palettes or measurements (they may add validations)."""
+    from common.formats import formats_json
     from search.config import SearchConfig
     from search.recipes.apple_rule import make_recipe
     from storage import Layer, PaletteInfo, Storage, StoredRecipe
@@ -119,7 +120,7 @@ def completed_tiny_search(tiny_sdxl_spec, tmp_path_factory):
         res = ev.evaluate(item, palettes)
         storage.set_recipe_result(search.id, r.key, psnr=res.psnr, per_prompt=res.per_prompt, node=res.node,
                                   duration_s=res.duration_s)
-        out[r.key] = (dict(r.bits), res.psnr)
+        out[r.key] = (formats_json(r.bits), res.psnr)  # the recipe as a file holds it
     storage.update_search(search.id, status="completed", phase="done", finished=True)
     storage.close()
     return {"db": db, "search_id": search.id, "recipes": out}

@@ -1,5 +1,7 @@
 """Palettization primitives: exact fp16 k-means LUTs, 65,536-entry index tables, linear 8-bit.
 
+A per-tensor format is one `Palette`; a grouped format (``4g16``) is a `GroupedPalette`, one
+`Palette` per group of output channels (`workers.grouped_palette`). `fit_palette` fits either.
 `kmeans_palette` computes what coremltools' ``mode="kmeans"`` computes for fp16 tensors
 (optimal weighted 1-D k-means over the distinct values, weights = counts) but works on a
 histogram of the 65,536 fp16 bit patterns, so it never sorts the tensor; the resulting
@@ -17,7 +19,7 @@ from functools import cached_property
 import numpy as np
 
 from common.files import atomic_write_bytes
-from common.formats import PALETTE_NBITS
+from common.formats import LUT_NBITS, PaletteFormat
 
 _PATTERNS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
 _VALUES = _PATTERNS.view(np.float16).astype(np.float64)  # value of every fp16 bit pattern
@@ -34,8 +36,10 @@ class PaletteError(ValueError):
 
 
 def _check_nbits(nbits) -> int:
-    if isinstance(nbits, bool) or not isinstance(nbits, (int, np.integer)) or int(nbits) not in PALETTE_NBITS:
-        raise PaletteError(f"nbits must be one of {PALETTE_NBITS}, got {nbits!r}")
+    if isinstance(nbits, PaletteFormat) and not nbits.grouped:  # a per-tensor format is its depth
+        nbits = nbits.bits
+    if isinstance(nbits, bool) or not isinstance(nbits, (int, np.integer)) or int(nbits) not in LUT_NBITS:
+        raise PaletteError(f"nbits must be one of {LUT_NBITS}, got {nbits!r}")
     return int(nbits)
 
 
@@ -73,6 +77,10 @@ class Palette:
         lut.flags.writeable = code.flags.writeable = False
         for name, value in (("nbits", nbits), ("lut", lut), ("code", code), ("weight_mse", float(self.weight_mse))):
             object.__setattr__(self, name, value)
+
+    @property
+    def format(self) -> PaletteFormat:
+        return PaletteFormat(self.nbits)
 
     @cached_property
     def digest(self) -> str:

@@ -79,11 +79,12 @@ def print_uncut(table: Table) -> None:
 def status(info: dict) -> None:
     """`search status`: header, counts, error, recipes, Core ML validations."""
     n, nb = info["candidates"], len(info["config"]["nbits"])
+    pairs = info.get("pairs", n * nb)  # fewer where a group size does not divide a layer's channels
     m = info.get("measurements", {})
     out.print(f"search [bold]{info['id']}[/]  model {info['model']}  status [bold]{info['status']}[/]  phase "
               f"{info['phase']}", highlight=False)
-    out.print(f"candidates {n} × bit depths {info['config']['nbits']}: isolated {m.get('isolated', 0)}/{n * nb}, "
-              f"cumulative {m.get('cumulative', 0)}/{n * nb}; pipeline runs stored {info['evaluations']}; "
+    out.print(f"candidates {n} × formats {','.join(map(str, info['config']['nbits']))}: isolated "
+              f"{m.get('isolated', 0)}/{pairs}, cumulative {m.get('cumulative', 0)}/{pairs}; pipeline runs stored {info['evaluations']}; "
               f"driver time {info['elapsed_s']:.1f} s", highlight=False)
     if info.get("preparing"):
         out.print(f"model weights fetched: {fetched(info['preparing']) or '0.0 MB'} (not yet fingerprinted)",

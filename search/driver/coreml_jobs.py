@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from common.errors import first_line
-from common.formats import FLOAT16_BITS, average_bits, is_palettized
+from common.formats import FLOAT16_BITS, LayerSizes, average_bits, is_palettized
 from search.config import SearchConfig
 from search.driver.cluster import ensure_ray
 from search.driver.palettes import load_stored_palette
@@ -181,7 +181,8 @@ def apply_recipes(storage: Storage, search_id: str, *, out_dir: str | os.PathLik
     other_model = model is not None and model != search.model
     notes: list[str] = []
     if recipe_file is not None:
-        sizes = {l.name: l.numel for l in storage.layers(search.id)}
+        layers = storage.layers(search.id)
+        sizes = LayerSizes({l.name: l.numel for l in layers}, {l.name: l.shape[0] for l in layers})
         recipes, notes = _file_recipes(Path(recipe_file), search, stored, sizes, recipe)
         lut_source = "kmeans"
     else:

@@ -19,14 +19,14 @@ from search.driver.pool import EvaluatorPool, ItemFailed, PoolError, actor_class
 from search.driver.progress import NullReporter, Reporter
 from search.driver.recipe_phase import RecipePhases
 from search.driver.signals import stop_on_signals
-from search.recipes.strategy import floor_plan, isolated_plan, refinement_plan
+from search.recipes.strategy import floor_plan, isolated_plan, refinement_plan, skipped_note, unfit
 from search.recipes.tables import load_tables, weight_mse
 from storage import Baseline, Measurement, PaletteInfo, Search, Storage
 from storage.palette_store import PaletteStore
 from workers.evaluation.items import WorkItem
 from workers.evaluation.protocol import LINEAR8_BASELINE
 from workers.models import ModelSpec
-from workers.palettize import PaletteError, save_palette
+from workers.palette_formats import PaletteError, save_palette
 from workers.weights import WeightShipper, fetch_pipeline
 
 HEARTBEAT_S = 5.0
@@ -154,12 +154,10 @@ class SearchDriver(RecipePhases):
         self.actor_cpus = cpus * n
         self.reference_runs += len(infos)  # each computed its own reference
         d = infos[0]
-        self.reporter.message(
-            f"evaluators ready on {d['device']} ({d['dtype']}), {d['candidates']} candidates; one pipeline run takes "
-            f"{d['warm_s']:.3f} s warm (first run {d['reference_s']:.2f} s, model load {d['load_s']:.1f} s); "
-            f"prefix reuse {'on' if d.get('prefix_reuse') else 'off'}" + ("" if d.get("deterministic", True) else
-                                                                         "; [yellow]the device does not repeat "
-                                                                         "runs bit for bit"))
+        odd = "" if d.get("deterministic", True) else "; [yellow]the device does not repeat runs bit for bit"
+        self.reporter.message(f"evaluators ready on {d['device']} ({d['dtype']}), {d['candidates']} candidates; one "
+                              f"pipeline run takes {d['warm_s']:.3f} s warm (first run {d['reference_s']:.2f} s, model "
+                              f"load {d['load_s']:.1f} s); prefix reuse {'on' if d.get('prefix_reuse') else 'off'}{odd}")
 
     def _weight_shipper(self) -> WeightShipper:
         """Evaluators on other nodes get the weights from this one, through Ray's object store."""
@@ -196,12 +194,14 @@ class SearchDriver(RecipePhases):
 
     # -- phases ---------------------------------------------------------------------------
     def _palette_feed(self, waiting: dict) -> PaletteFeed:
-        """Load the stored palettes; the missing ones are fitted by CPU tasks from histograms
-        the evaluators compute (`search.driver.palette_feed`)."""
-        sid, layers = self.search.id, list(load_tables(self.storage, self.search.id).sizes)
-        self._load_palettes({(layer, bits) for layer in layers for bits in self.config.nbits})
-        missing = [(layer, bits) for layer in layers for bits in self.config.nbits
-                   if (layer, bits) not in self.palette_refs]
+        """Load the stored palettes; the missing ones are fitted by CPU tasks from histograms the
+        evaluators compute (`search.driver.palette_feed`). Unfit formats are skipped, said once."""
+        sid, sizes = self.search.id, load_tables(self.storage, self.search.id).sizes
+        if skipped := set(unfit(self.config, sizes)):
+            self.reporter.message(f"[dim]{skipped_note(self.config, sizes)}")
+        wanted = [(layer, bits) for layer in sizes for bits in self.config.nbits if (layer, bits) not in skipped]
+        self._load_palettes(set(wanted))
+        missing = [key for key in wanted if key not in self.palette_refs]
 
         def store(layer: str, bits: int, palette) -> None:
             rel = self.palette_store.relative_path(sid, layer, bits)
@@ -218,7 +218,7 @@ class SearchDriver(RecipePhases):
         """Run ``items`` while the feed fits the palettes (and releases what waited for them)."""
         def store(item: WorkItem, result) -> None:
             if item.phase == "palette":
-                feed.add_histogram(item.layer, result)
+                feed.add_histogram(item, result)
             else:
                 self._store_isolated(item, result)
 
@@ -285,7 +285,7 @@ class SearchDriver(RecipePhases):
             return
         tables = load_tables(self.storage, self.search.id)
         items = []
-        for b in self.config.nbits:
+        for b in (b for b in self.config.nbits if tables.isolated.get(b)):  # a format may fit no layer
             order = tables.order(b)
             for pos in range(1, len(order) + 1):
                 if pos in tables.cumulative.get(b, {}):

@@ -17,9 +17,9 @@ from ray.exceptions import RayError
 
 from search.driver.pool import ItemFailed
 from workers.evaluation.items import WorkItem
-from workers.palettize import palette_from_histogram
+from workers.palette_formats import palette_from_histograms
 
-_fit = ray.remote(max_retries=3, retry_exceptions=False)(palette_from_histogram)
+_fit = ray.remote(max_retries=3, retry_exceptions=False)(palette_from_histograms)
 
 
 def task_cpus(actor_cpus: float) -> tuple[float, int]:
@@ -34,13 +34,15 @@ class PaletteFeed:
 
     ``store(layer, bits, palette)`` keeps a palette (file, database, object store);
     ``waiting[(layer, bits)]`` lists the work items to release when that palette exists.
+    A layer gets one histogram for its per-tensor formats and one per group size of its grouped
+    formats (a row of counts per channel group), so each format is fitted from its own counts.
     """
 
     def __init__(self, missing: list[tuple[str, int]], store: Callable, *, cpus: float, in_flight: int,
                  waiting: dict | None = None, on_fit: Callable[[], None] = lambda: None):
-        self.bits_of: dict[str, list[int]] = {}
+        self.bits_of: dict[tuple[str, int | None], list] = {}  # (layer, group size) -> formats
         for layer, bits in missing:
-            self.bits_of.setdefault(layer, []).append(bits)
+            self.bits_of.setdefault((layer, getattr(bits, "group_size", None)), []).append(bits)
         self.store, self.on_fit = store, on_fit
         self.waiting = waiting or {}
         self.cpus, self.max_in_flight = cpus, max(1, in_flight)
@@ -52,11 +54,13 @@ class PaletteFeed:
         self._t0: float | None = None
 
     def histogram_items(self) -> list[WorkItem]:
-        return [WorkItem(f"histogram/{layer}", "palette", layer=layer) for layer in self.bits_of]
+        """One per (layer, group size); a grouped one carries a format of that group size."""
+        return [WorkItem(f"histogram/{layer}" if g is None else f"histogram/g{g}/{layer}", "palette", layer=layer,
+                         bits=None if g is None else bits[0]) for (layer, g), bits in self.bits_of.items()]
 
     def ready_items(self) -> list[WorkItem]:
         """Waiting items whose palettes all exist already (stored by an earlier run)."""
-        missing = {(layer, b) for layer, bits in self.bits_of.items() for b in bits}
+        missing = {(layer, b) for (layer, _), bits in self.bits_of.items() for b in bits}
         out = []
         for key in [k for k in self.waiting if k not in missing]:
             out += self.waiting.pop(key)
@@ -66,13 +70,14 @@ class PaletteFeed:
     def done(self) -> bool:
         return not self.histograms_left and not self.backlog and not self.pending
 
-    def add_histogram(self, layer: str, counts) -> None:
-        """A histogram came back from an evaluator: fit every missing depth of that layer."""
+    def add_histogram(self, item: WorkItem, counts) -> None:
+        """A histogram item came back from an evaluator: fit every missing format it serves."""
         if self._t0 is None:
             self._t0 = time.monotonic()
         ref = ray.put(counts)
         self.histograms_left -= 1
-        self.backlog += [(layer, bits, ref) for bits in self.bits_of[layer]]
+        group = None if item.bits is None else item.bits.group_size
+        self.backlog += [(item.layer, bits, ref) for bits in self.bits_of[(item.layer, group)]]
 
     def refs(self) -> list:
         """Submit what fits in flight; the task refs to wait on."""

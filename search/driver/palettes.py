@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from storage import PaletteInfo
 from storage.palette_store import PaletteStore
-from workers.palettize import Palette, PaletteError, load_palette
+from workers.palette_formats import GroupedPalette, load_palette
+from workers.palettize import Palette, PaletteError
 
 
-def load_stored_palette(store: PaletteStore, info: PaletteInfo) -> Palette:
+def load_stored_palette(store: PaletteStore, info: PaletteInfo) -> Palette | GroupedPalette:
     """The palette file ``info`` points to, checked against the digest stored with it.
 
     Raises PaletteError (one line, saying what to restore) when the file is missing, corrupt or

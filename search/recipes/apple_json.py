@@ -10,6 +10,12 @@ and plot can read our downloads:
                       layer: [psnr per prompt] in cumulative order},
      "mbp_search": {...this project's own fields...}}
 
+Apple's sections hold only what Apple's tools read: per-tensor integer depths (1, 2, 4, 6, 8,
+16). A recipe using any other format (3 bits, grouped ``4g16``) goes into
+``mbp_search.format_recipes`` (its PSNR in ``mbp_search.recipe_info``), and the isolated and
+cumulative measurements of those formats into ``mbp_search.format_single_layer`` /
+``format_cumulative``, keyed by spelling; `parse_recipe_file` reads both sections back.
+
 Strict JSON (no NaN/Infinity): a PSNR of +inf (bit-exact output) is written as
 ``JSON_INF_PSNR`` (1000 dB, above anything the PSNR formula's 1e-10 epsilon allows, ~200 dB),
 -inf as ``-JSON_INF_PSNR``, NaN as null. In ``mbp_search`` non-finite floats become null.
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.formats import RECIPE_BITS
+from common.formats import RECIPE_BITS, PaletteFormat, formats_json
 from search.recipes.apple_rule import Recipe, unique_key
 from workers.evaluation.protocol import LINEAR8_BASELINE, round_db
 
@@ -102,9 +108,17 @@ def _json_safe(obj: Any, where: str = "mbp_search") -> Any:
     raise TypeError(f"{where}: {type(obj).__name__} is not JSON-serialisable")
 
 
-def _metadata(nbits: int, cumulative: bool) -> dict[str, Any]:
-    # Apple's benchmark_signal_integrity metadata; we never group channels (1, 1).
-    return {"nbits": nbits, "out_ngroups": 1, "in_ngroups": 1, "cumulative": cumulative}
+def _metadata(fmt, cumulative: bool) -> dict[str, Any]:
+    # Apple's benchmark_signal_integrity metadata (per tensor: 1, 1); grouped formats say their group size.
+    f = PaletteFormat.of(fmt)
+    if f.grouped:
+        return {"nbits": f.bits, "group_size": f.group_size, "cumulative": cumulative}
+    return {"nbits": f.bits, "out_ngroups": 1, "in_ngroups": 1, "cumulative": cumulative}
+
+
+def is_apple_recipe(bits: Mapping[str, Any]) -> bool:
+    """Whether Apple's tools can read the recipe: per-tensor depths they know only."""
+    return all(PaletteFormat.of(b) in RECIPE_BITS for b in bits.values())
 
 
 def to_apple_json(report: SearchReport) -> dict:
@@ -127,13 +141,17 @@ def to_apple_json(report: SearchReport) -> dict:
         baselines.setdefault(name, json_psnr(v))
 
     recipes: dict[str, dict[str, int]] = {}
+    format_recipes: dict[str, dict[str, Any]] = {}
     info: dict[str, dict[str, Any]] = {}
     for recipe, psnr in report.recipes:
-        key = unique_key(recipe, recipes)
+        key = unique_key(recipe, {**recipes, **format_recipes})
         if key is None:
             continue
-        recipes[key] = {layer: int(b) for layer, b in recipe.bits.items()}
-        if psnr is not None:  # Apple's script rounds a recipe's mean PSNR once more to 0.1 dB
+        if not is_apple_recipe(recipe.bits):
+            format_recipes[key] = formats_json(recipe.bits)
+        else:
+            recipes[key] = {layer: int(PaletteFormat.of(b).bits) for layer, b in recipe.bits.items()}
+        if psnr is not None and key in recipes:  # Apple's script rounds a recipe's mean PSNR once more to 0.1 dB
             baselines[key] = json_psnr(round_db(psnr) if apple and math.isfinite(psnr) else psnr)
         info[key] = {
             "avg_bits": recipe.avg_bits,
@@ -144,15 +162,15 @@ def to_apple_json(report: SearchReport) -> dict:
         }
 
     single_layer: dict[str, dict[str, Any]] = {}
-    for b in sorted(report.single_layer):
+    for b in sorted(report.single_layer, key=PaletteFormat.of):
         # Apple's final JSON has no metadata under single_layer (its sort pops it).
-        entry: dict[str, Any] = {} if apple else {"metadata": _metadata(int(b), False)}
+        entry: dict[str, Any] = {} if apple else {"metadata": _metadata(b, False)}
         for layer, psnrs in report.single_layer[b].items():
             entry[layer] = [json_psnr(p) for p in psnrs]
         single_layer[str(b)] = entry
 
     cumulative: dict[str, dict[str, Any]] = {}
-    for b in sorted(set(report.cumulative) | set(report.order)):
+    for b in sorted(set(report.cumulative) | set(report.order), key=PaletteFormat.of):
         measured = report.cumulative.get(b, {})
         order = list(report.order.get(b) or measured)
         in_order = set(order)
@@ -162,7 +180,7 @@ def to_apple_json(report: SearchReport) -> dict:
         missing = [layer for layer in order if layer not in report.sizes]
         if missing:
             raise ValueError(f"cumulative[{b}] order has layers without a size: {missing[:3]}")
-        meta = _metadata(int(b), True)
+        meta = _metadata(b, True)
         meta.update(candidates=order, sizes=[int(report.sizes[c]) for c in order])
         entry = {"metadata": meta}
         for layer in order:
@@ -171,6 +189,11 @@ def to_apple_json(report: SearchReport) -> dict:
         cumulative[str(b)] = entry
 
     mbp = {"recipe_info": info, "protocol": PROTOCOL_NOTES[report.protocol]}
+    other = [k for k in {**single_layer, **cumulative} if PaletteFormat.of(k) not in RECIPE_BITS]
+    if format_recipes or other:
+        mbp.update(format_recipes=format_recipes,
+                   format_single_layer={k: single_layer.pop(k) for k in other if k in single_layer},
+                   format_cumulative={k: cumulative.pop(k) for k in other if k in cumulative})
     mbp.update(_json_safe(dict(report.extra)))
     return {
         "model_version": report.model_version,
@@ -212,23 +235,24 @@ def _reject_constant(name: str) -> Any:
     raise RecipeFileError(f"{name} is not allowed")
 
 
-def _check_recipe(key: str, recipe: Any) -> dict[str, int]:
+def _check_recipe(key: str, recipe: Any) -> dict[str, PaletteFormat]:
     if not isinstance(recipe, Mapping):
         raise RecipeFileError(f"recipe {key!r} is not an object of {{layer: bits}}")
     if not recipe:
         raise RecipeFileError(f"recipe {key!r} is empty")
-    out: dict[str, int] = {}
+    out: dict[str, PaletteFormat] = {}
     for layer, b in recipe.items():
         if not isinstance(layer, str):
             raise RecipeFileError(f"recipe {key!r}: layer name {layer!r} is not a string")
         if isinstance(b, float) and b.is_integer():
             b = int(b)
-        if isinstance(b, bool) or not isinstance(b, int) or b not in RECIPE_BITS:
+        try:
+            out[layer] = PaletteFormat.of(b)
+        except (ValueError, AttributeError, TypeError):
             raise RecipeFileError(
                 f"recipe {key!r}: layer {layer!r} has bits {b!r}, expected one of "
-                f"{sorted(RECIPE_BITS)}"
-            )
-        out[layer] = b
+                f"{sorted(RECIPE_BITS)} or a palette format such as 3 or 4g16"
+            ) from None
     return out
 
 
@@ -251,6 +275,10 @@ def parse_recipe_file(data: dict | str | bytes | Path) -> tuple[str | None, dict
         recipes = obj["recipes"]
         if not isinstance(recipes, Mapping):
             raise RecipeFileError("'recipes' must be an object of {key: {layer: bits}}")
+        extra = obj.get("mbp_search")
+        extra = extra.get("format_recipes") if isinstance(extra, Mapping) else None
+        if isinstance(extra, Mapping):  # this project's mixed-format recipes (not for Apple's tools)
+            recipes = {**recipes, **extra}
         if not recipes:
             raise RecipeFileError("'recipes' is empty: no recipes")
         out = {}

@@ -20,17 +20,19 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from common.formats import FLOAT16_BITS, PALETTE_NBITS, RECIPE_BITS, average_bits, check_bits, check_sizes, size_mb
+from common.formats import (FLOAT16_BITS, RECIPE_BITS, PaletteFormat, average_bits, check_bits, check_sizes,
+                            out_channels, size_mb)
 
 ALLOWED_BITS = RECIPE_BITS  # the name tests/search/test_end_to_end.py imports
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """One mixed-bit recipe; ``bits`` covers every candidate layer (plain ``{layer: bits}``)."""
+    """One mixed-bit recipe; ``bits`` covers every candidate layer (``{layer: format}``; a
+    per-tensor format equals its int depth)."""
 
     key: str
-    bits: dict[str, int]
+    bits: dict[str, PaletteFormat]
     avg_bits: float
     size_mb: float
     threshold: float | None
@@ -80,7 +82,7 @@ def make_recipe(
 ) -> Recipe:
     """Build a Recipe over every candidate (layers absent from ``bits`` become 16)."""
     check_bits(bits, sizes)
-    full = {layer: int(bits.get(layer, FLOAT16_BITS)) for layer in sizes}
+    full = {layer: PaletteFormat.of(bits.get(layer, FLOAT16_BITS)) for layer in sizes}
     avg = average_bits(full, sizes)
     return Recipe(recipe_key(avg), full, avg, size_mb(full, sizes), threshold, strategy)
 
@@ -155,15 +157,22 @@ def _check_cumulative(
 ) -> dict[int, dict[str, float]]:
     if not cumulative:
         raise ValueError("cumulative is empty: no bit depth measured")
-    clean: dict[int, dict[str, float]] = {}
+    clean: dict[PaletteFormat, dict[str, float]] = {}
     for b, per_layer in cumulative.items():
-        if isinstance(b, bool) or b not in PALETTE_NBITS:
-            raise ValueError(f"bit depth {b!r} not in {PALETTE_NBITS}")
-        clean[int(b)] = {}
+        try:
+            f = PaletteFormat.of(b)
+        except (ValueError, AttributeError):
+            f = None
+        if f is None or not f.palettized:
+            raise ValueError(f"bit depth {b!r} is not a palette format")
+        clean[f] = {}
         for layer, v in per_layer.items():
             if layer not in sizes:
                 raise ValueError(f"cumulative[{b}] has layer {layer!r} that is not in sizes")
-            clean[int(b)][layer] = _psnr(v, f"cumulative[{b}][{layer!r}]")
+            channels = out_channels(sizes, layer)
+            if channels is not None and not f.fits(channels):
+                raise ValueError(f"cumulative[{b}] has layer {layer!r} whose channels the group size does not divide")
+            clean[f][layer] = _psnr(v, f"cumulative[{b}][{layer!r}]")
     if not any(clean.values()):
         raise ValueError("cumulative has no measurements")
     return dict(sorted(clean.items()))
@@ -173,7 +182,7 @@ def apple_recipes(
     cumulative: Mapping[int, Mapping[str, float]],
     sizes: Mapping[str, int],
     thresholds: Sequence[float],
-    default_bits: int = FLOAT16_BITS,
+    default_bits: int | PaletteFormat = FLOAT16_BITS,
 ) -> list[Recipe]:
     """One recipe per threshold (in the order given) by Apple's rule.
 
@@ -181,7 +190,8 @@ def apple_recipes(
     up to and including ``layer`` in that depth's cumulative order. A layer gets the lowest
     ``b`` with ``cumulative[b][layer] > threshold``; layers with no such depth (or not
     measured at any depth) get ``default_bits`` (Apple's ``--default-nbits``, 16 unless
-    given). Depths may be a subset of PALETTE_NBITS.
+    given). Depths may be any palette formats: "lowest" is `PaletteFormat`'s order (fewer
+    bits, then fewer LUTs); a layer a grouped format skipped has no entry in its curve.
 
     Duplicates: a threshold whose bit map equals an earlier one is dropped. Distinct maps
     whose keys round to the same 2-decimal average behave as in Apple's script, where the
@@ -196,8 +206,9 @@ def apple_recipes(
     if any(not math.isfinite(t) for t in ts):
         raise ValueError(f"thresholds must be finite, got {ts}")
 
+    default_bits = PaletteFormat.of(default_bits)
     out: list[Recipe] = []
-    seen_maps: set[tuple[int, ...]] = set()
+    seen_maps: set[tuple[PaletteFormat, ...]] = set()
     index_by_key: dict[str, int] = {}
     for t in ts:
         bits = {}

@@ -12,7 +12,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from common.formats import check_sizes
+from common.formats import check_sizes, fits
 from search.recipes.knapsack import hull_greedy, knapsack_problem
 from search.recipes.noise_model import NoiseTable, check_nbits, check_number
 
@@ -25,14 +25,16 @@ def fast_plan(weight_mse, sizes: Mapping[str, int], nbits: Sequence[int], anchor
     nbits, anchors = sorted({check_nbits(b) for b in nbits}), sorted({check_nbits(a) for a in anchors})
     if not anchors or not set(anchors) <= set(nbits):
         raise ValueError(f"anchors {anchors} must be a non-empty subset of nbits {nbits}")
-    plan: dict[int, list[str]] = {a: list(sizes) for a in anchors}
+    plan: dict = {a: [l for l in sizes if fits(sizes, l, a)] for a in anchors}
     for l in sizes:
-        if any(l not in weight_mse.get(b, {}) for b in nbits):
+        usable = [b for b in nbits if fits(sizes, l, b)]  # a group size that does not divide: skipped
+        if any(l not in weight_mse.get(b, {}) for b in usable):
             raise ValueError(f"weight_mse misses layer {l!r} at one of {nbits} bits")
-        mse = {b: check_number(weight_mse[b][l], f"weight_mse[{b}][{l!r}]") for b in nbits}
-        other = [b for b in nbits if mse[b] > 0]
-        if all(mse[a] == 0 for a in anchors) and other:
-            plan.setdefault(min(other, key=lambda b: (min(abs(b - a) for a in anchors), -b)), []).append(l)
+        mse = {b: check_number(weight_mse[b][l], f"weight_mse[{b}][{l!r}]") for b in usable}
+        other = [b for b in usable if mse[b] > 0]
+        if all(mse[a] == 0 for a in anchors if a in mse) and other:
+            plan.setdefault(min(other, key=lambda b: (min(abs(b.bits - a.bits) for a in anchors), -b.bits, b)),
+                            []).append(l)
     return dict(sorted(plan.items()))
 
 

@@ -20,22 +20,23 @@ from typing import Mapping
 
 import numpy as np
 
-from common.formats import FLOAT16_BITS, check_sizes, stored_bits
+from common.formats import FLOAT16, check_sizes, fits, layer_bits
 from search.recipes.apple_rule import Recipe, make_recipe
 from search.recipes.noise_model import NoiseTable, check_number, psnr_of_noise
 
 
 def knapsack_problem(table: NoiseTable, sizes: Mapping[str, int], by_size: bool):
-    """Noise (L, K, P) and integer costs (L, K) in bits (LUTs included when by_size); K = bits + 16."""
+    """Noise (L, K, P) and integer costs (L, K) in bits (every LUT included when by_size, else
+    `average_bits`' count); K = formats + 16. A format a layer cannot take costs one bit more
+    than float16 (and its noise is infinite): a choice no solver picks."""
     check_sizes(sizes)
     diff = sorted(set(sizes) ^ set(table.layers))
     if diff:
         raise ValueError(f"sizes and the noise table differ on {len(diff)} layers, e.g. {diff[0]!r}")
-    choices = table.bits + (FLOAT16_BITS,)
-    n = np.array([int(sizes[l]) for l in table.layers], dtype=np.int64)[:, None]
-    b = np.array(choices, dtype=np.int64)[None, :]
-    cost = stored_bits(n, b) if by_size else n * b
-    zeros = np.zeros_like(table.floor)[None].repeat(len(n), 0)
+    choices = table.bits + (FLOAT16,)
+    cost = np.array([[layer_bits(sizes, l, f, by_size) if fits(sizes, l, f) else layer_bits(sizes, l, FLOAT16) + 1
+                      for f in choices] for l in table.layers], dtype=np.int64)
+    zeros = np.zeros_like(table.floor)[None].repeat(len(table.layers), 0)
     return np.stack([table.noise[c] for c in table.bits] + [zeros], 1), cost, choices
 
 

@@ -23,6 +23,9 @@ error in each noise power, independent between layers, so it shrinks relative to
 The model works from the per-prompt values as stored (the unrounded ones are never kept, and
 the end-to-end measurement the prediction is compared with is rounded the same way); where an
 isolated power and the floor are within the rounding of each other the clamp at 0 applies.
+
+Entries are per (layer, palette format). A format a layer cannot take (a group size that does
+not divide its output channels; ``unfit``) has infinite noise, so no recipe ever picks it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from common.formats import FLOAT16_BITS, PALETTE_NBITS
+from common.formats import FLOAT16_BITS, PALETTE_NBITS, PaletteFormat
 
 
 def check_number(v: object, where: str, allow_inf: bool = False) -> float:
@@ -46,10 +49,20 @@ def check_number(v: object, where: str, allow_inf: bool = False) -> float:
     return f
 
 
-def check_nbits(b: object) -> int:
-    if isinstance(b, bool) or b not in PALETTE_NBITS:
-        raise ValueError(f"unknown bit depth {b!r}; palettized depths are {PALETTE_NBITS}")
-    return int(b)  # type: ignore[arg-type]
+def check_nbits(b: object) -> PaletteFormat:
+    """A palette format (int depths and spellings accepted); float16 and anything else are errors."""
+    try:
+        f = PaletteFormat.of(b)
+    except (ValueError, AttributeError):
+        f = None
+    if f is None or not f.palettized:
+        raise ValueError(f"unknown bit depth {b!r}; palettized depths are {PALETTE_NBITS} (or formats such as 4g16)")
+    return f
+
+
+def nearest(anchors, b: PaletteFormat):
+    """The anchor to predict ``b`` from: nearest in bits, ties to the higher (less saturated) one."""
+    return min(anchors, key=lambda a: (abs(a.bits - b.bits), -a.bits, a != b))
 
 
 FLOOR_PROBES = 8  # probes of the evaluation floor, spread over the candidates in module order
@@ -102,19 +115,20 @@ class NoiseTable:
     """Relative noise power per (layer, bits) per prompt; ``predicted`` marks fast-mode entries."""
 
     layers: tuple[str, ...]
-    bits: tuple[int, ...]
-    noise: dict[int, np.ndarray]  # bits -> (n_layers, n_prompts)
+    bits: tuple[PaletteFormat, ...]
+    noise: dict[PaletteFormat, np.ndarray]  # format -> (n_layers, n_prompts)
     floor: np.ndarray  # (n_prompts,): the unmodified pipeline run again, or the evaluation floor
     predicted: frozenset = field(default_factory=frozenset)  # {(layer, bits)} not measured
     eval_floor: np.ndarray | None = None  # (n_prompts,): taken out of every isolated power
 
     @classmethod
-    def from_isolated(cls, isolated, original_per_prompt, layers, eval_floor=None) -> "NoiseTable":
+    def from_isolated(cls, isolated, original_per_prompt, layers, eval_floor=None, unfit=()) -> "NoiseTable":
         layers, floor = tuple(layers), _floor(original_per_prompt, layers, eval_floor)
         got = _noises(isolated, set(layers), len(floor), eval_floor)
         bits = tuple(sorted(check_nbits(b) for b in isolated))
         if not bits:
             raise ValueError("isolated is empty: no bit depth measured")
+        got |= {(l, check_nbits(b)): np.full(len(floor), np.inf) for l, b in unfit}
         for b in bits:
             missing = [l for l in layers if (l, b) not in got]
             if missing:
@@ -124,7 +138,7 @@ class NoiseTable:
 
     @classmethod
     def from_anchors(cls, isolated_at_anchors, weight_mse, original_per_prompt, layers,
-                     bits: Sequence[int] = PALETTE_NBITS, eval_floor=None) -> "NoiseTable":
+                     bits: Sequence[int] = PALETTE_NBITS, eval_floor=None, unfit=()) -> "NoiseTable":
         """Fast mode: ``noise(l,b) = noise(l,a) * mse(l,b) / mse(l,a)``, ``a`` the depth measured
         for that layer nearest to ``b`` (ties: the higher, less saturated one) with ``mse > 0``.
         Measured entries are used as they are; ``mse(l,b) == 0`` (exact palette) is no noise."""
@@ -137,9 +151,12 @@ class NoiseTable:
         bits = sorted({check_nbits(b) for b in bits})
         if not bits:
             raise ValueError("bits is empty")
+        unfit = {(l, check_nbits(b)) for l, b in unfit}
         mse = {}
         for b in set(bits) | {a for _, a in got}:
             for l in layers:
+                if (l, b) in unfit:
+                    continue
                 if l not in weight_mse.get(b, {}):
                     raise ValueError(f"weight_mse misses layer {l!r} at {b} bits")
                 mse[l, b] = check_number(weight_mse[b][l], f"weight_mse[{b}][{l!r}]")
@@ -149,13 +166,16 @@ class NoiseTable:
         for i, l in enumerate(layers):
             anchors = [a for (m, a) in got if m == l and mse[l, a] > 0]
             for b in bits:
+                if (l, b) in unfit:
+                    noise[b][i] = np.inf
+                    continue
                 if (l, b) in got:
                     noise[b][i] = got[l, b]
                     continue
                 predicted.add((l, b))
                 if mse[l, b] > 0 and not anchors:
                     raise ValueError(f"layer {l!r}: no measured depth with weight MSE > 0 to predict {b} bits")
-                a = min(anchors, key=lambda a: (abs(a - b), -a)) if anchors else None
+                a = nearest(anchors, b) if anchors else None
                 noise[b][i] = base[l, a] * (mse[l, b] / mse[l, a]) if mse[l, b] > 0 else 0.0
         return cls(layers, tuple(bits), noise, floor, frozenset(predicted), eval_floor)
 

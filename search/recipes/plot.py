@@ -1,7 +1,8 @@
 """PSNR-vs-size figure of a search, in the spirit of Apple's pre-analysis plot.
 
 x is the size reduction of the candidate layers relative to float16 (numel-weighted bits,
-as Apple computes it, LUTs ignored), y the mean PSNR over prompts. Uses a bare
+as Apple computes it: a per-tensor LUT ignored, a grouped format's LUTs counted, as in
+``common.formats.average_bits``), y the mean PSNR over prompts; one curve per format. Uses a bare
 ``Figure`` with the Agg canvas (no pyplot), so it needs no display and touches no global
 matplotlib state, which matters in a server process.
 """
@@ -17,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from search.recipes.apple_json import SearchReport
-from common.formats import FLOAT16_BITS
+from common.formats import FLOAT16_BITS, layer_bits
 from workers.evaluation.protocol import LINEAR8_BASELINE
 
 PLOT_MAX_PSNR = 150.0  # above this (bit-exact runs: ~200 dB or inf) values are clipped / not drawn
@@ -38,7 +39,7 @@ def reduction_percent(avg_bits: float) -> float:
     return 100.0 * (1.0 - avg_bits / FLOAT16_BITS)
 
 
-def cumulative_curve(report: SearchReport, nbits: int) -> tuple[list[float], list[float]]:
+def cumulative_curve(report: SearchReport, nbits) -> tuple[list[float], list[float]]:
     """(x, y) of one depth's cumulative curve: point i = first i layers of the order palettized.
 
     Only measured points are returned, so partial (and non-contiguous) data plots fine.
@@ -48,10 +49,11 @@ def cumulative_curve(report: SearchReport, nbits: int) -> tuple[list[float], lis
     total = sum(report.sizes.values())
     if not order or total <= 0 or any(layer not in report.sizes for layer in order):
         return [], []
-    done = np.cumsum([report.sizes[layer] for layer in order])
-    scale = 100.0 * (FLOAT16_BITS - nbits) / FLOAT16_BITS / total
+    saved = np.cumsum([FLOAT16_BITS * report.sizes[layer] - layer_bits(report.sizes, layer, nbits, False)
+                       for layer in order])
+    scale = 100.0 / FLOAT16_BITS / total
     xs, ys = [], []
-    for layer, cum in zip(order, done):
+    for layer, cum in zip(order, saved):
         y = _mean(measured.get(layer))
         if y is not None:
             xs.append(float(cum) * scale)
@@ -78,7 +80,7 @@ def plot_report(
     ax = fig.add_subplot(1, 1, 1)
     drawn = False
 
-    for nbits in sorted(set(report.cumulative) | set(report.order)):
+    for nbits in sorted(set(report.cumulative) | set(report.order)):  # formats: "4-bit", "4g16-bit"
         xs, ys = cumulative_curve(report, nbits)
         if xs:
             ax.plot(xs, ys, "-", marker="." if len(xs) < 30 else None, label=f"{nbits}-bit")

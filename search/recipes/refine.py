@@ -25,6 +25,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from common.formats import PaletteFormat, formats_json
 from search.recipes.knapsack import budget_problem
 from search.recipes.noise_model import NoiseTable, psnr_of_noise
 
@@ -35,7 +36,7 @@ TOP = 8
 
 def candidate_key(bits: Mapping[str, int]) -> str:
     """Storage key of a measured candidate: the bit map's digest (the same map is measured once)."""
-    text = json.dumps(dict(sorted(bits.items())), separators=(",", ":"))
+    text = json.dumps(dict(sorted(formats_json(bits).items())), separators=(",", ":"))
     return "candidate/" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -58,7 +59,7 @@ def refine(table: NoiseTable, sizes: Mapping[str, int], starts: Mapping[str, Map
     noise, cost, choices, budget = budget_problem(table, sizes, max_avg_bits=max_avg_bits, max_size_mb=max_size_mb)
     layers, rows = list(table.layers), np.arange(len(table.layers))
     level = {c: k for k, c in enumerate(choices)}  # choices rise in cost: bits..., 16
-    as_map = lambda p: {l: int(choices[k]) for l, k in zip(layers, p)}  # noqa: E731
+    as_map = lambda p: {l: PaletteFormat.of(choices[k]) for l, k in zip(layers, p)}  # noqa: E731
     pred = lambda p: float(psnr_of_noise(table.floor + noise[rows, p].sum(0)))  # noqa: E731
     spent = lambda p: int(cost[rows, p].sum())  # noqa: E731
     if not starts:
@@ -93,7 +94,8 @@ def refine(table: NoiseTable, sizes: Mapping[str, int], starts: Mapping[str, Map
         kids = {}
         for _ in range(OFFSPRING):
             child = _mutate(best, cost, budget, top, rng)
-            if child is not None and child.tobytes() not in seen:
+            # a format a layer cannot take (unfit: infinite noise) is never measured
+            if child is not None and child.tobytes() not in seen and np.isfinite(noise[rows, child]).all():
                 kids.setdefault(child.tobytes(), child)
         if not kids:
             break

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from common.formats import fits
 from search.config import SearchConfig
 from search.recipes.apple_rule import Recipe, apple_recipes, thresholds
 from search.recipes.apple_rule import apple_thresholds as exact_apple_thresholds
@@ -23,10 +24,27 @@ class Planned:
     target: dict | None = None
 
 
+def unfit(config: SearchConfig, sizes: dict[str, int]) -> list[tuple[str, object]]:
+    """(layer, format) pairs the search skips: group sizes that do not divide the layer's channels."""
+    return [(l, b) for b in config.nbits for l in sizes if not fits(sizes, l, b)]
+
+
+def skipped_note(config: SearchConfig, sizes: dict[str, int]) -> str | None:
+    """The one line that says which formats skip which layers (None: none skipped)."""
+    pairs = unfit(config, sizes)
+    if not pairs:
+        return None
+    by_format: dict = {}
+    for l, b in pairs:
+        by_format.setdefault(b, []).append(l)
+    return "skipped (group size does not divide the output channels): " + "; ".join(
+        f"{b} for {len(ls)} layer(s), e.g. {ls[0]}" for b, ls in by_format.items())
+
+
 def isolated_plan(config: SearchConfig, sizes: dict[str, int], weight_mse: dict[int, dict[str, float]]) -> list[tuple[str, int]]:
     """(layer, bits) the isolated phase measures first: everything, or fast mode's anchors."""
     if config.evals == "full":
-        return [(l, b) for b in config.nbits for l in sizes]
+        return [(l, b) for b in config.nbits for l in sizes if fits(sizes, l, b)]
     plan = fast_plan(weight_mse, sizes, config.nbits, config.anchors)
     return [(l, b) for b, layers in plan.items() for l in layers]
 
@@ -44,7 +62,7 @@ def refinement_plan(config: SearchConfig, tables: Tables, weight_mse) -> list[tu
     first = set(isolated_plan(config, tables.sizes, weight_mse))
     iso = {b: {l: m.per_prompt for l, m in per.items() if (l, b) in first} for b, per in tables.isolated.items()}
     table = NoiseTable.from_anchors({b: v for b, v in iso.items() if v}, weight_mse, _original(tables),
-                                    list(tables.sizes), config.nbits, eval_floor(tables))
+                                    list(tables.sizes), config.nbits, eval_floor(tables), unfit(config, tables.sizes))
     todo = refine_candidates(table, tables.sizes, config.optimal_targets(), REFINE_MARGIN_DB)
     return sorted(todo, key=lambda lb: (lb[1], list(tables.sizes).index(lb[0])))
 
@@ -60,10 +78,11 @@ def eval_floor(tables: Tables):
 
 def noise_table(config: SearchConfig, tables: Tables, weight_mse) -> NoiseTable:
     iso = {b: {l: m.per_prompt for l, m in per.items()} for b, per in tables.isolated.items() if per}
+    skip = unfit(config, tables.sizes)
     if config.evals == "full":
-        return NoiseTable.from_isolated(iso, _original(tables), list(tables.sizes), eval_floor(tables))
+        return NoiseTable.from_isolated(iso, _original(tables), list(tables.sizes), eval_floor(tables), skip)
     return NoiseTable.from_anchors(iso, weight_mse, _original(tables), list(tables.sizes), config.nbits,
-                                   eval_floor(tables))
+                                   eval_floor(tables), skip)
 
 
 def apple_thresholds(config: SearchConfig, tables: Tables) -> tuple[list[float], str | None]:

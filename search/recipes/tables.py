@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.formats import LayerSizes, PaletteFormat, fits
 from search.recipes.apple_json import SearchReport
 from search.recipes.apple_rule import Recipe, cumulative_order
 from storage import Measurement, Search, Storage
@@ -10,9 +11,9 @@ from storage import Measurement, Search, Storage
 
 @dataclass(frozen=True)
 class Tables:
-    sizes: dict[str, int]                              # candidate -> numel, module order
-    isolated: dict[int, dict[str, Measurement]]        # bits -> layer -> measurement
-    cumulative: dict[int, dict[int, Measurement]]      # bits -> position (1-based) -> measurement
+    sizes: LayerSizes                                  # candidate -> numel, module order (+ channels)
+    isolated: dict[PaletteFormat, dict[str, Measurement]]    # format -> layer -> measurement
+    cumulative: dict[PaletteFormat, dict[int, Measurement]]  # format -> position (1-based) -> measurement
     baselines: dict[str, float]
     baseline_per_prompt: dict[str, tuple[float, ...]]
     floor_probes: dict[str, Measurement] = field(default_factory=dict)  # layer -> floor probe
@@ -30,7 +31,8 @@ class Tables:
 
 
 def load_tables(storage: Storage, search_id: str) -> Tables:
-    sizes = {l.name: l.numel for l in storage.layers(search_id)}
+    layers = storage.layers(search_id)
+    sizes = LayerSizes({l.name: l.numel for l in layers}, {l.name: l.shape[0] for l in layers})
     isolated: dict[int, dict[str, Measurement]] = {}
     cumulative: dict[int, dict[int, Measurement]] = {}
     probes: dict[str, Measurement] = {}
@@ -59,11 +61,12 @@ def weight_mse(storage: Storage, search_id: str) -> dict[int, dict[str, float]]:
 
 def build_report(storage: Storage, search: Search) -> SearchReport:
     t = load_tables(storage, search.id)
-    nbits = search.config["nbits"]
+    nbits = [PaletteFormat.of(b) for b in search.config["nbits"]]
     stored = storage.recipes(search.id)
     recipes = [(Recipe(r.key, r.bits, r.avg_bits, r.size_mb, r.threshold, r.strategy), r.psnr) for r in stored]
     baselines = dict(t.baselines)
-    order = {b: t.order(b) for b in nbits if t.cumulative.get(b) and len(t.isolated.get(b, {})) == len(t.sizes)}
+    complete = {b for b in nbits if len(t.isolated.get(b, {})) == sum(fits(t.sizes, l, b) for l in t.sizes)}
+    order = {b: t.order(b) for b in nbits if t.cumulative.get(b) and b in complete}
     cumulative = {b: {m.layer: list(m.per_prompt) for _, m in sorted(t.cumulative.get(b, {}).items())}
                   for b in nbits if t.cumulative.get(b)}
     single = {b: {layer: list(t.isolated[b][layer].per_prompt) for layer in t.sizes if layer in t.isolated[b]}

@@ -26,7 +26,7 @@ def _table(seed, n_layers, n_prompts, bits=(1, 2, 4, 8), scatter=2.0, floor_db=2
 
 def _brute(table, sizes):
     """Every recipe: (true prediction, prediction of the mean noise, avg bits, size_mb)."""
-    L, choices = len(table.layers), table.bits + (16,)
+    L, choices = len(table.layers), tuple(b.bits for b in table.bits) + (16,)  # per-tensor formats: their depths
     combos = np.array(list(itertools.product(range(len(choices)), repeat=L)))
     zeros = np.zeros_like(table.noise[table.bits[0]])
     noise = np.stack([table.noise[b] for b in table.bits] + [zeros], 1)
@@ -247,7 +247,7 @@ def test_validation_errors():
     cases = [
         (lambda: NoiseTable.from_isolated({4: {"a": (math.nan,), "b": (1.0,)}}, [90.0], ["a", "b"]), "not finite"),
         (lambda: NoiseTable.from_isolated({4: {"a": (-math.inf,), "b": (1.0,)}}, [90.0], ["a", "b"]), "not finite"),
-        (lambda: NoiseTable.from_isolated({3: iso[4]}, [90.0], ["a", "b"]), "unknown bit depth"),
+        (lambda: NoiseTable.from_isolated({5: iso[4]}, [90.0], ["a", "b"]), "unknown bit depth"),
         (lambda: NoiseTable.from_isolated({4: {"a": (40.0,)}}, [90.0], ["a", "b"]), "misses"),
         (lambda: NoiseTable.from_isolated({4: {**iso[4], "c": (1.0,)}}, [90.0], ["a", "b"]), "not in the table"),
         (lambda: NoiseTable.from_isolated(iso, [90.0, 90.0], ["a", "b"]), "expected 2 per-prompt"),

@@ -51,8 +51,8 @@ def test_size_mb_by_hand():
 def test_arithmetic_validation():
     with pytest.raises(ValueError, match="'zz'.*not a candidate"):
         average_bits({"zz": 4}, SIZES)
-    with pytest.raises(ValueError, match="bits 3"):
-        size_mb({"a": 3}, SIZES)
+    with pytest.raises(ValueError, match="bits 5"):
+        size_mb({"a": 5}, SIZES)
     with pytest.raises(ValueError, match="empty"):
         average_bits({}, {})
     with pytest.raises(ValueError, match="positive integer"):
@@ -190,8 +190,8 @@ def test_infinite_psnr_is_very_high():
     "cum, sizes, ts, match",
     [
         ({4: {"zz": 40.0}}, SIZES, [30.0], "'zz' that is not in sizes"),
-        ({3: {"a": 40.0}}, SIZES, [30.0], "bit depth 3 not in"),
-        ({16: {"a": 40.0}}, SIZES, [30.0], "bit depth 16 not in"),
+        ({5: {"a": 40.0}}, SIZES, [30.0], "bit depth 5 is not a palette format"),
+        ({16: {"a": 40.0}}, SIZES, [30.0], "bit depth 16 is not a palette format"),
         ({4: {"a": float("nan")}}, SIZES, [30.0], r"cumulative\[4\]\['a'\]: PSNR is NaN"),
         ({4: {"a": "40"}}, SIZES, [30.0], "not a number"),
         ({}, SIZES, [30.0], "cumulative is empty"),

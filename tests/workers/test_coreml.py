@@ -176,7 +176,7 @@ def test_structural_check_detects_changes(applied, tiny_unet):
     assert set(dense) == set(m.layers)
     e = next(iter(luts.values()))
     for lut, indices, words in ((e.lut[::-1].copy(), e.indices, "LUT differs"),
-                                (e.lut, (e.indices + 1) % (1 << e.bits), "indices differ")):
+                                (e.lut, (e.indices + 1) % (1 << e.bits.bits), "indices differ")):
         wrong = {**luts, e.const: LayerLut(e.layer, e.const, e.bits, lut, indices.astype(np.uint8), "", None)}
         bad, _ = check_structure(program, base_consts, wrong)
         assert not bad.ok and f"{e.layer}: {words}" in bad.detail

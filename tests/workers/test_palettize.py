@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.formats import PALETTE_NBITS as SUPPORTED_NBITS
+from common.formats import LUT_NBITS as SUPPORTED_NBITS
 from workers import palettize as P
 from workers.palettize import (
     Palette,
@@ -186,7 +186,7 @@ def test_load_errors(tmp_path):
         (np.zeros(100, np.float32), 4, "float16"),
         ([0.5, 1.0], 4, "float16"),
         (np.zeros(0, np.float16), 4, "empty"),
-        (np.zeros(100, np.float16), 3, r"\(1, 2, 4, 6, 8\)"),
+        (np.zeros(100, np.float16), 5, r"\(1, 2, 3, 4, 6, 8\)"),
         (np.zeros(100, np.float16), 16, "nbits"),
         (np.zeros(100, np.float16), True, "nbits"),
         (np.zeros(100, np.float16), "4", "nbits"),

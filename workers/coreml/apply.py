@@ -3,7 +3,12 @@
 Each palettized const gets ``OpPalettizerConfig(mode="custom", lut_function=f)`` where ``f``
 returns the search palette's per-tensor LUT (2^bits float16 values) and the index of every
 weight (``Palette.indices``, C order), after checking it was handed the very float16 values
-that palette was fitted to. Layers at 16 bits are not touched. For recipes made elsewhere
+that palette was fitted to. A grouped format (``4g16``) adds ``granularity="per_grouped_channel",
+group_size, channel_axis=0``: coremltools 9 (``grouped_channelwise_compress``) splits axis 0
+into the groups and calls ``f`` once per group, in order, with that group's values, then
+stacks the LUTs; ``f`` recognises the group by the fp16 content digest of its values and
+returns that group's searched LUT and indices. Those recipes, and 3-bit ones, need an
+iOS 18 / macOS 15 model (`needs_ios18`). Layers at 16 bits are not touched. For recipes made elsewhere
 the LUTs come from ``workers.palettize.kmeans_lut`` (the same optimal k-means).
 
 Next to every ``<key>.mlpackage`` a ``<key>.mbp.json`` manifest records what was applied
@@ -26,7 +31,8 @@ from common.files import atomic_write_text
 from workers.coreml.common import (ERROR_CHARS, CoreMLError, LayerMatch, fp16_digest, listing, load_mlmodel,
                                   quiet_coremltools)
 from workers.coreml.convert import save_package
-from workers.palettize import Palette, kmeans_lut
+from common.formats import PaletteFormat, formats_json, recipe_formats
+from workers.palette_formats import fit_palette
 
 MANIFEST_FORMAT = 1
 LUT_SOURCES = ("search", "kmeans")
@@ -39,8 +45,8 @@ class LayerLut:
 
     layer: str
     const: str
-    bits: int
-    lut: np.ndarray  # float16, (2**bits,)
+    bits: PaletteFormat
+    lut: np.ndarray  # float16, (2**bits,) per tensor; (groups, 2**bits) grouped, in channel order
     indices: np.ndarray  # uint8, flat, C order of the weight
     weight_digest: str  # float16 content digest of the weight the indices belong to
     palette_digest: str | None  # the search palette's digest (None: k-means recomputed)
@@ -50,7 +56,7 @@ class LayerLut:
 class Manifest:
     recipe_key: str
     search_id: str
-    bits: dict[str, int]  # every recipe layer, 16 included
+    bits: dict[str, PaletteFormat]  # every recipe layer, 16 included
     avg_bits: float
     lut_source: str  # "search" | "kmeans"
     model: str
@@ -88,21 +94,23 @@ def torch_weights(unet, layers) -> dict[str, np.ndarray]:
     return out
 
 
-def layer_luts(weights: Mapping[str, np.ndarray], bits: Mapping[str, int], matches: Mapping[str, LayerMatch],
-               palettes: Mapping[tuple[str, int], Palette] | None) -> dict[str, LayerLut]:
+def needs_ios18(bits: Mapping[str, object]) -> list[str]:
+    """The formats of a recipe that Core ML has only from iOS 18 / macOS 15 on (3 bits, grouped)."""
+    return sorted({str(f) for f in map(PaletteFormat.of, bits.values()) if f.needs_ios18})
+
+
+def layer_luts(weights: Mapping[str, np.ndarray], bits: Mapping[str, object], matches: Mapping[str, LayerMatch],
+               palettes: Mapping | None) -> dict[str, LayerLut]:
     """{const name: LayerLut} for every palettized layer; ``palettes=None`` recomputes k-means."""
     out, absent = {}, []
     for layer, w in weights.items():
-        b = int(bits[layer])
-        if palettes is None:
-            lut, idx = kmeans_lut(w, b)
-            digest = None
-        else:
-            pal = palettes.get((layer, b))
-            if pal is None:
-                absent.append(f"{layer}@{b}")
-                continue
-            lut, idx, digest = pal.lut, pal.indices(w), pal.digest
+        b = PaletteFormat.of(bits[layer])
+        pal = fit_palette(w, b) if palettes is None else palettes.get((layer, b))
+        if pal is None:
+            absent.append(f"{layer}@{b}")
+            continue
+        lut = pal.luts if b.grouped else pal.lut
+        idx, digest = pal.indices(w), None if palettes is None else pal.digest
         out[matches[layer].const] = LayerLut(layer, matches[layer].const, b, np.array(lut, dtype=np.float16),
                                              np.ascontiguousarray(idx, dtype=np.uint8).reshape(-1),
                                              fp16_digest(w), digest)
@@ -111,25 +119,42 @@ def layer_luts(weights: Mapping[str, np.ndarray], bits: Mapping[str, int], match
     return out
 
 
-def palettize(base: str | os.PathLike, out: str | os.PathLike, luts: Mapping[str, LayerLut]) -> None:
-    """Save ``base`` with every const in ``luts`` replaced by its exact LUT (``constexpr_lut_to_dense``)."""
+def palettize(base: str | os.PathLike, out: str | os.PathLike, luts: Mapping[str, LayerLut],
+              weights: Mapping[str, np.ndarray]) -> None:
+    """Save ``base`` with every const in ``luts`` replaced by its exact LUTs (``constexpr_lut_to_dense``);
+    ``weights`` ({torch layer: float16 weight}) tell a grouped layer's channel groups apart."""
     import coremltools as ct
 
     quiet_coremltools()
     called: set[str] = set()
 
-    def exact(entry: LayerLut):
+    def exact(entry: LayerLut, group_digests):
         def lut_function(weight):
             w = np.asarray(weight)
+            if entry.bits.grouped:  # one call per channel group: which one is told by its content
+                g = group_digests.get(fp16_digest(w)) if w.dtype == np.float16 else None
+                if g is None:
+                    raise CoreMLError(f"Core ML weight {entry.const}: a channel group that is not one of {entry.layer}'s")
+                called.add(entry.const)
+                n = entry.indices.size // len(entry.lut)
+                return entry.lut[g].copy(), entry.indices[g * n:(g + 1) * n].copy()
             if w.dtype != np.float16 or w.size != entry.indices.size or fp16_digest(w) != entry.weight_digest:
                 raise CoreMLError(f"Core ML weight {entry.const} is not the float16 weight of {entry.layer}")
             called.add(entry.const)
             return entry.lut.copy(), entry.indices.copy()
         return lut_function
 
+    def op_config(entry: LayerLut, weight):
+        if not entry.bits.grouped:
+            return ct.optimize.coreml.OpPalettizerConfig(mode="custom", lut_function=exact(entry, None),
+                                                         weight_threshold=0)
+        rows = np.ascontiguousarray(weight).reshape(len(entry.lut), -1)
+        return ct.optimize.coreml.OpPalettizerConfig(
+            mode="custom", lut_function=exact(entry, {fp16_digest(r): g for g, r in enumerate(rows)}),
+            granularity="per_grouped_channel", group_size=entry.bits.group_size, channel_axis=0, weight_threshold=0)
+
     config = ct.optimize.coreml.OptimizationConfig(op_name_configs={
-        const: ct.optimize.coreml.OpPalettizerConfig(mode="custom", lut_function=exact(entry), weight_threshold=0)
-        for const, entry in luts.items()})
+        const: op_config(entry, weights[entry.layer]) for const, entry in luts.items()})
     try:
         model = ct.optimize.coreml.palettize_weights(load_mlmodel(base), config)
     except CoreMLError:
@@ -144,7 +169,7 @@ def palettize(base: str | os.PathLike, out: str | os.PathLike, luts: Mapping[str
 
 def write_manifest(package: str | os.PathLike, m: Manifest) -> None:
     path = manifest_path(package)
-    data = {"format": MANIFEST_FORMAT, **m.__dict__}
+    data = {"format": MANIFEST_FORMAT, **m.__dict__, "bits": formats_json(m.bits)}
     atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
@@ -154,7 +179,7 @@ def read_manifest(package: str | os.PathLike) -> Manifest:
         data = json.loads(path.read_text())
         if data.pop("format") != MANIFEST_FORMAT:
             raise ValueError("unknown format")
-        m = Manifest(**data)
+        m = Manifest(**{**data, "bits": recipe_formats(data["bits"])})
     except FileNotFoundError:
         raise CoreMLError(f"{path} is missing: {package} was not written by `search apply` "
                           "(or was moved without its .mbp.json)") from None

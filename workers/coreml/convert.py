@@ -28,6 +28,10 @@ from workers.coreml.common import ERROR_CHARS, CoreMLError, describe_program, qu
 
 OUTPUT_NAME = "noise_pred"
 BASE_FORMAT = "1"  # bump when the conversion changes: cached base models are rebuilt
+# Minimum deployment targets: per-tensor 1/2/4/6/8-bit recipes keep macOS 14 / iOS 17 (the opset
+# Apple's recipes target); 3-bit and grouped LUTs exist from macOS 15 / iOS 18 on (spec version 9).
+TARGETS = {False: "macOS14", True: "macOS15"}
+IOS18_SPEC_VERSION = 9
 
 
 @dataclass(frozen=True)
@@ -110,8 +114,9 @@ class _UNetForCoreML(torch.nn.Module):
                          return_dict=False)[0]
 
 
-def convert_unet(unet, inputs: UNetInputs, path: str | os.PathLike) -> None:
-    """Trace ``unet`` in float32 on the CPU and save it as a float16 ML program at ``path``."""
+def convert_unet(unet, inputs: UNetInputs, path: str | os.PathLike, ios18: bool = False) -> None:
+    """Trace ``unet`` in float32 on the CPU and save it as a float16 ML program at ``path``
+    (minimum deployment target macOS 14, or macOS 15 / iOS 18 for 3-bit and grouped formats)."""
     import coremltools as ct
 
     quiet_coremltools()
@@ -126,7 +131,7 @@ def convert_unet(unet, inputs: UNetInputs, path: str | os.PathLike) -> None:
             traced = torch.jit.trace(wrapper, example, strict=False, check_trace=False)
             model = ct.convert(
                 traced, convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
-                minimum_deployment_target=ct.target.macOS14, skip_model_load=True,
+                minimum_deployment_target=getattr(ct.target, TARGETS[ios18]), skip_model_load=True,
                 inputs=[ct.TensorType(name=n, shape=a.shape, dtype=np.float32)
                         for n, a in zip(inputs.names, inputs.arrays)],
                 outputs=[ct.TensorType(name=OUTPUT_NAME)])
@@ -147,15 +152,18 @@ def save_package(model, path: str | os.PathLike) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _cache_key(fingerprint: str, inputs: UNetInputs) -> str:
+def _cache_key(fingerprint: str, inputs: UNetInputs, ios18: bool = False) -> str:
     import coremltools as ct
 
-    text = json.dumps({"fingerprint": fingerprint, "inputs": inputs.shapes(), "coremltools": ct.__version__,
-                       "format": BASE_FORMAT}, sort_keys=True)
+    key = {"fingerprint": fingerprint, "inputs": inputs.shapes(), "coremltools": ct.__version__, "format": BASE_FORMAT}
+    if ios18:  # (the macOS 14 key stays what it was, so earlier cached conversions are reused)
+        key["target"] = TARGETS[True]
+    text = json.dumps(key, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def ensure_base_model(unet, fingerprint: str, inputs: UNetInputs, cache_dir: str | os.PathLike) -> BaseModel:
+def ensure_base_model(unet, fingerprint: str, inputs: UNetInputs, cache_dir: str | os.PathLike,
+                      ios18: bool = False) -> BaseModel:
     """The converted UNet for these weights and input shapes, converting only on a cache miss.
 
     ``cache_dir/unet-<key>.mlpackage`` plus ``unet-<key>.json`` (written last, with the const
@@ -163,7 +171,7 @@ def ensure_base_model(unet, fingerprint: str, inputs: UNetInputs, cache_dir: str
     an interrupted conversion and is redone.
     """
     t0 = time.perf_counter()
-    key = _cache_key(fingerprint, inputs)
+    key = _cache_key(fingerprint, inputs, ios18)
     path = Path(cache_dir) / f"unet-{key}.mlpackage"
     sidecar = path.with_suffix(".json")
     try:
@@ -173,11 +181,18 @@ def ensure_base_model(unet, fingerprint: str, inputs: UNetInputs, cache_dir: str
             return BaseModel(str(path), True, True, meta["consts"], weights, time.perf_counter() - t0)
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    convert_unet(unet, inputs, path)
+    convert_unet(unet, inputs, path, ios18)
     consts, weights = describe_program(read_program(path))
     atomic_write_text(sidecar, json.dumps({"key": key, "fingerprint": fingerprint, "inputs": inputs.shapes(),
                                            "consts": consts, "weights": weights}))
     return BaseModel(str(path), True, False, consts, weights, time.perf_counter() - t0)
+
+
+def spec_version(path: str | os.PathLike) -> int:
+    """The package's Core ML specification version (9 and up: iOS 18 / macOS 15)."""
+    from workers.coreml.common import load_mlmodel
+
+    return int(load_mlmodel(path).get_spec().specificationVersion)
 
 
 def user_base_model(path: str | os.PathLike) -> BaseModel:

@@ -13,14 +13,16 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.errors import first_line, typed_line
-from common.formats import average_bits, is_palettized
+from common.formats import LayerSizes, average_bits, is_palettized
 from workers.coreml.common import CoreMLError, LayerMatch, listing, match_layers, package_size, read_program
-from workers.coreml.apply import (Manifest, layer_luts, package_name, palettize, read_manifest, torch_weights,
-                                  write_manifest)
-from workers.coreml.convert import BaseModel, capture_unet_inputs, ensure_base_model, load_base_model, user_base_model
+from workers.coreml.apply import (Manifest, layer_luts, needs_ios18, package_name, palettize, read_manifest,
+                                  torch_weights, write_manifest)
+from workers.coreml.convert import (IOS18_SPEC_VERSION, BaseModel, capture_unet_inputs, ensure_base_model,
+                                    load_base_model, spec_version, user_base_model)
 from workers.coreml.validate import check_numeric, check_runtime, check_structure
 from workers.evaluation.items import EvaluatorSettings
 
@@ -32,7 +34,7 @@ BASE_DIR = ".base"  # converted base models are cached under the output director
 @dataclass(frozen=True)
 class RecipeJob:
     key: str
-    bits: dict[str, int] | None  # None (validate): the bits recorded in the package's manifest
+    bits: dict | None  # {layer: format}; None (validate): the formats recorded in the package's manifest
     avg_bits: float | None
     measured_psnr: float | None  # the search's end-to-end PSNR; None for recipes made elsewhere
     mlpackage: str | None = None  # validate: the package to check
@@ -113,11 +115,29 @@ def _average_bits(unet, bits: dict[str, int], min_size: int) -> float:
     """Apple's average over the model's candidates (absent ones at 16) and the recipe's layers."""
     from workers.models import candidate_layers
 
-    sizes = {c.name: c.numel for c in candidate_layers(unet, min_size)}
+    shapes = {c.name: tuple(c.shape) for c in candidate_layers(unet, min_size)}
     for layer in bits:
-        if layer not in sizes:
-            sizes[layer] = unet.get_submodule(layer).weight.numel()
+        if layer not in shapes:
+            shapes[layer] = tuple(unet.get_submodule(layer).weight.shape)
+    sizes = LayerSizes({l: int(np.prod(s)) for l, s in shapes.items()}, {l: s[0] for l, s in shapes.items()})
     return average_bits(bits, sizes)
+
+
+def _bases(job: CoreMLJob, ev, fingerprint: str, targets: set[bool]) -> dict[bool, BaseModel]:
+    """The float16 package per deployment target needed ({needs iOS 18: base}): the user's one,
+    which must be new enough for 3-bit / grouped recipes, or conversions of the torch UNet."""
+    if job.mlpackage:
+        base = user_base_model(job.mlpackage)
+        version = spec_version(job.mlpackage)
+        late = [r for r in job.recipes if needs_ios18(r.bits)]
+        if late and version < IOS18_SPEC_VERSION:
+            raise CoreMLError(f"recipe {late[0].key} uses {', '.join(needs_ios18(late[0].bits))}, which Core ML has "
+                              f"from iOS 18 / macOS 15 on, but {Path(job.mlpackage).name} targets an older OS "
+                              f"(specification version {version}); convert it with minimum_deployment_target iOS18")
+        return {t: base for t in targets}
+    inputs, _ = capture_unet_inputs(ev.pipe, ev.runner)
+    return {t: ensure_base_model(ev.pipe.unet, fingerprint, inputs, Path(job.out_dir) / BASE_DIR, t)
+            for t in sorted(targets)}
 
 
 def _apply(job: CoreMLJob, ev, fingerprint: str) -> tuple[BaseModel, list[RecipeOutcome]]:
@@ -135,26 +155,23 @@ def _apply(job: CoreMLJob, ev, fingerprint: str) -> tuple[BaseModel, list[Recipe
                                      for r in job.recipes))
     wanted = {r.key: {l: b for l, b in r.bits.items() if is_palettized(b)} for r in job.recipes}
     weights = torch_weights(unet, sorted({l for layers in wanted.values() for l in layers}))
-    if job.mlpackage:
-        base = user_base_model(job.mlpackage)
-    else:
-        inputs, _ = capture_unet_inputs(ev.pipe, ev.runner)
-        base = ensure_base_model(unet, fingerprint, inputs, out_dir / BASE_DIR)
-    matches = match_layers(weights, base.weights, where=Path(base.path).name)  # every recipe, before writing
+    late = {r.key: bool(needs_ios18(r.bits)) for r in job.recipes}  # 3-bit / grouped: iOS 18 target
+    bases = _bases(job, ev, fingerprint, set(late.values()))
+    matches = {t: match_layers(weights, b.weights, where=Path(b.path).name) for t, b in bases.items()}
     palettes = job.palettes if job.lut_source == "search" else None
-    plans = [(r, layer_luts({l: weights[l] for l in wanted[r.key]}, r.bits, matches, palettes))
+    plans = [(r, layer_luts({l: weights[l] for l in wanted[r.key]}, r.bits, matches[late[r.key]], palettes))
              for r in job.recipes]  # all LUTs first: a missing palette fails before any output
     outcomes = []
     for recipe, luts in plans:
         t0 = time.perf_counter()
-        package = out_dir / f"{package_name(recipe.key)}.mlpackage"
-        palettize(base.path, package, luts)
+        package, base = out_dir / f"{package_name(recipe.key)}.mlpackage", bases[late[recipe.key]]
+        palettize(base.path, package, luts, weights)
         write_manifest(package, Manifest(
             recipe.key, job.search_id, dict(recipe.bits), float(recipe.avg_bits), job.lut_source, job.model,
             fingerprint, base.path, {e.layer: c for c, e in luts.items()},
             {e.layer: e.palette_digest for e in luts.values() if e.palette_digest}, recipe.measured_psnr))
         outcomes.append(_check(ev, package, base, luts, recipe, recipe.avg_bits, job.lut_source, t0))
-    return base, outcomes
+    return bases[min(bases)], outcomes
 
 
 def _has_weight(unet, layer: str) -> bool:

@@ -1,7 +1,8 @@
 """Validate a palettized UNet package: structure, numerics in torch, Core ML prediction (macOS).
 
 1. structural: read back from the saved package, every palettized weight is a
-   ``constexpr_lut_to_dense`` with 2^bits float16 LUT entries equal to the expected LUT, and
+   ``constexpr_lut_to_dense`` with 2^bits float16 LUT entries (one LUT per channel group for a
+   grouped format) equal to the expected LUTs, and
    its unpacked indices equal the expected indices; every other const is bit-identical to
    the base model's and no other weight was compressed.
 2. numeric: the weights decompressed from the package replace the torch UNet's, the search's
@@ -50,7 +51,8 @@ class RuntimeResult:
 
 
 def _unpack(op) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-    """(lut, flat indices, shape) of a per-tensor constexpr_lut_to_dense (iOS16 or iOS18 form)."""
+    """(luts, flat indices, shape) of a constexpr_lut_to_dense (iOS16 or iOS18 form); ``luts`` is
+    (groups, entries): one row per tensor, or one per channel group along axis 0 (iOS18)."""
     lut = np.asarray(op.lut.val)
     if "shape" in op.inputs:  # iOS16: packed uint8 indices and an explicit shape
         from coremltools.optimize import _utils as optimize_utils
@@ -58,11 +60,17 @@ def _unpack(op) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
         shape = tuple(int(d) for d in op.shape.val)
         nbits = int(np.log2(lut.size))
         idx = optimize_utils.restore_elements_from_packed_bits(op.indices.val, nbits, int(np.prod(shape)))
-        return lut.reshape(-1), np.asarray(idx).reshape(-1), shape
+        return lut.reshape(1, -1), np.asarray(idx).reshape(-1), shape
     indices = np.asarray(op.indices.val)
-    if int(np.prod(lut.shape[:-2])) != 1 or lut.shape[-1] != 1:
-        raise CoreMLError(f"{op.name}: not a per-tensor scalar LUT (lut shape {lut.shape})")
-    return lut.reshape(-1), indices.reshape(-1), tuple(int(d) for d in indices.shape)
+    if int(np.prod(lut.shape[1:-2])) != 1 or lut.shape[-1] != 1:
+        raise CoreMLError(f"{op.name}: not a scalar LUT grouped along axis 0 (lut shape {lut.shape})")
+    return lut.reshape(lut.shape[0], -1), indices.reshape(-1), tuple(int(d) for d in indices.shape)
+
+
+def _dense(luts: np.ndarray, idx: np.ndarray, shape) -> np.ndarray:
+    """luts[group of the weight, index]: what constexpr_lut_to_dense computes (groups along axis 0)."""
+    rows = idx.reshape(len(luts), -1).astype(np.int64)
+    return np.take_along_axis(luts, rows, axis=1).reshape(shape)
 
 
 def check_structure(program, base_consts: Mapping[str, str], luts: Mapping[str, LayerLut], source: str = "expected"
@@ -79,11 +87,13 @@ def check_structure(program, base_consts: Mapping[str, str], luts: Mapping[str, 
         if const in ops:
             problems.append(f"{entry.layer}: the float16 weight {const} is still present")
         lut, idx, shape = _unpack(op)
-        if idx.size == int(np.prod(shape)) and int(idx.max(initial=0)) < lut.size:
-            dense[entry.layer] = lut[idx].reshape(shape)  # whatever the package holds, for the numeric check
-        if lut.size != 1 << entry.bits:
-            problems.append(f"{entry.layer}: {lut.size} LUT entries, expected {1 << entry.bits} ({entry.bits} bits)")
-        elif lut.dtype != np.float16 or not np.array_equal(lut.view(np.uint16), entry.lut.view(np.uint16)):
+        expected = entry.lut.reshape(-1, 1 << entry.bits.bits)  # (groups, entries)
+        if idx.size == int(np.prod(shape)) and idx.size % len(lut) == 0 and int(idx.max(initial=0)) < lut.shape[1]:
+            dense[entry.layer] = _dense(lut, idx, shape)  # whatever the package holds, for the numeric check
+        if lut.shape != expected.shape:
+            problems.append(f"{entry.layer}: {lut.shape[0]} LUT(s) of {lut.shape[1]} entries, expected "
+                            f"{expected.shape[0]} of {expected.shape[1]} ({entry.bits})")
+        elif lut.dtype != np.float16 or not np.array_equal(lut.view(np.uint16), expected.view(np.uint16)):
             problems.append(f"{entry.layer}: LUT differs from the {source} one")
         elif idx.size != entry.indices.size or not np.array_equal(idx.astype(np.uint8), entry.indices):
             problems.append(f"{entry.layer}: indices differ from the {source} ones")
@@ -106,7 +116,7 @@ def check_structure(program, base_consts: Mapping[str, str], luts: Mapping[str, 
         head = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}: "
         return StructuralResult(False, head + "; ".join(problems[:5])), dense
     hist = Counter(e.bits for e in luts.values())
-    depths = ", ".join(f"{n} at {b} bits" for b, n in sorted(hist.items())) or "none"
+    depths = ", ".join(f"{n} at {b}{'' if b.grouped else ' bits'}" for b, n in sorted(hist.items())) or "none"
     return StructuralResult(True, f"{len(luts)} weights are constexpr_lut_to_dense ({depths}) with the {source} "
                                   f"LUTs and indices; the {len(others)} other weights are unchanged"), dense
 

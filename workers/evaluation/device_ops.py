@@ -8,12 +8,20 @@ import numpy as np
 import torch
 
 
-def histogram_torch(weight: torch.Tensor) -> np.ndarray:
+def histogram_torch(weight: torch.Tensor, groups: int | None = None) -> np.ndarray:
     """Counts of the 65,536 fp16 bit patterns of ``weight`` (rounded to fp16 first), computed
-    with ``torch.bincount`` where the weight is; int64 numpy, as `fp16_histogram` returns."""
-    w16 = weight.detach().to(torch.float16).reshape(-1)
-    idx = w16.view(torch.int16).to(torch.int32) & 0xFFFF
-    return torch.bincount(idx, minlength=1 << 16).to("cpu", torch.int64).numpy()
+    with ``torch.bincount`` where the weight is; int64 numpy, as `fp16_histogram` returns.
+    ``groups``: one row of counts per group of output channels (axis 0 split evenly; shape
+    (groups, 65536)), in one bincount over offset patterns."""
+    if groups is None:
+        w16 = weight.detach().to(torch.float16).reshape(-1)
+        idx = w16.view(torch.int16).to(torch.int32) & 0xFFFF
+        return torch.bincount(idx, minlength=1 << 16).to("cpu", torch.int64).numpy()
+    w16 = weight.detach().to(torch.float16).contiguous().reshape(groups, -1)
+    offset = torch.arange(groups, device=w16.device, dtype=torch.int64)[:, None] << 16
+    idx = (w16.view(torch.int16).to(torch.int64) & 0xFFFF) + offset
+    counts = torch.bincount(idx.reshape(-1), minlength=groups << 16)
+    return counts.reshape(groups, 1 << 16).to("cpu", torch.int64).numpy()
 
 
 def fake_int8_per_tensor_torch(weight: torch.Tensor) -> torch.Tensor:

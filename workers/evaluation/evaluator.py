@@ -29,7 +29,8 @@ from workers.evaluation.protocol import mean_db, psnr_per_prompt
 from workers.evaluation.signal import SignalRunner, SignalSpec
 from workers.evaluation.weight_swap import InPlaceSwap, palettize_like_apple, weighted_modules
 from workers.models import ModelError, ModelSpec, candidate_layers, load_pipeline, pick_device, unet_fingerprint
-from workers.palettize import Palette, dequantize_torch, kmeans_palette, linear_8bit
+from workers.palette_formats import PALETTES, dequantize_torch, fit_palette
+from workers.palettize import Palette, linear_8bit
 
 
 # Fault injection for the failure-handling tests: work-item keys that always raise.
@@ -131,9 +132,13 @@ class Evaluator:
                 "prefix_reuse": bool(self.prefix and self.prefix.reuse), "candidates": len(self.modules)}
 
     def histogram(self, item: WorkItem) -> np.ndarray:
-        """The fp16 bit-pattern histogram of a candidate, computed where its weight is; the
-        palettes are fitted from it by CPU tasks (`workers.palettize.palette_from_histogram`)."""
-        return histogram_torch(self.modules[item.layer].weight.data)
+        """The fp16 bit-pattern histogram of a candidate, computed where its weight is (one per
+        channel group when ``item.bits`` is a grouped format); the palettes are fitted from it by
+        CPU tasks (`workers.palette_formats.palette_from_histograms`)."""
+        weight = self.modules[item.layer].weight.data
+        if item.bits is None or not item.bits.grouped:
+            return histogram_torch(weight)
+        return histogram_torch(weight, weight.shape[0] // item.bits.group_size)
 
     def _weight16(self, layer: str) -> torch.Tensor:
         return self.modules[layer].weight.data.to(torch.float16)
@@ -141,7 +146,7 @@ class Evaluator:
     def fit_palette(self, item: WorkItem) -> PaletteResult:
         t0 = time.perf_counter()
         w = self._weight16(item.layer).cpu().numpy()
-        palette = kmeans_palette(w, item.bits)
+        palette = fit_palette(w, item.bits)
         self._palettes[(item.layer, item.bits)] = palette
         return PaletteResult(item.key, item.layer, item.bits, palette, self.node, self.worker, time.perf_counter() - t0)
 
@@ -151,7 +156,7 @@ class Evaluator:
             value = provided.get(key)
             if value is None:
                 raise KeyError(f"no palette for {layer} at {bits} bits was sent to this evaluator")
-            if not isinstance(value, Palette):
+            if not isinstance(value, PALETTES):
                 import ray
 
                 value = ray.get(value)
@@ -163,7 +168,7 @@ class Evaluator:
         pristine weight, as Apple's recipe step palettizes the pristine pipeline."""
         key = (layer, bits)
         if key not in self._pristine_palettes:
-            self._pristine_palettes[key] = kmeans_palette(self.pristine[layer].to(torch.float16).cpu().numpy(), bits)
+            self._pristine_palettes[key] = fit_palette(self.pristine[layer].to(torch.float16).cpu().numpy(), bits)
         return self._pristine_palettes[key]
 
     def _on_pristine(self, item: WorkItem) -> bool:
