@@ -23,7 +23,7 @@ def _problem(seed):
     unfit = [(l, f) for l in sizes for f in FORMATS if f.grouped and sizes.channels[l] % f.group_size]
     iso = {f: {l: (float(rng.uniform(20, 40) + 5 * f.bits + (4 if f.grouped else 0)),) for l in sizes
                if (l, f) not in unfit} for f in FORMATS}
-    return NoiseTable.from_isolated(iso, [120.0], list(sizes), unfit), sizes, unfit
+    return NoiseTable.from_isolated(iso, [120.0], list(sizes), unfit=unfit), sizes, unfit
 
 
 def _bits_by_hand(layer, f):

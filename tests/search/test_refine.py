@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.formats import PaletteFormat
 from search.recipes.knapsack import optimal_for_budget
 from search.recipes.noise_model import NoiseTable, floor_noise, floor_probe_layers, predict_psnr
 from search.recipes.refine import candidate_key, refine
@@ -75,7 +76,7 @@ def test_refined_never_below_its_starts_and_within_budget(target):
     r = refine(table, SIZES, {"knapsack": one_shot, "apple": other}, measure, evals=12, max_avg_bits=target)
     assert r.psnr >= max(truth(one_shot), truth(other))
     assert r.psnr == truth(r.bits)
-    avg = sum(SIZES[l] * b for l, b in r.bits.items()) / sum(SIZES.values())
+    avg = sum(SIZES[l] * PaletteFormat.of(b).bits for l, b in r.bits.items()) / sum(SIZES.values())
     assert avg <= target
     assert r.evals == len(calls) == len(set(calls)) <= 12  # every map measured once
 
