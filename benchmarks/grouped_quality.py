@@ -24,12 +24,25 @@ import time
 from pathlib import Path
 
 from bench_model import MIN_SIZE, ensure_bench_model
-from bench_searches import add_apple_recipes, load, log, optimal_for, submit
+from quality_runs import add_apple_recipes, cli, load, log, submit
 
 FORMATS = "1,2,3,4,6,8,2g16,3g16,4g16,3g8,4g8"  # Apple's depths, 3 bits, LUTs per 8 / 16 output channels
 TARGET_BITS = (3.0, 4.0)
 TARGET_DB = 3.0
 
+
+def optimal_for(db: Path, sid: str, **target):
+    """Run ``search recipe`` one-shot (``--refine-evals 0``: the formats are compared, not the
+    refinement) and return the stored recipe it built, found by its bit map, computed with the
+    same pure function the command calls."""
+    from search.recipes.strategy import target_recipe
+
+    flag, value = next(iter(target.items()))
+    cli("recipe", sid, f"--{flag.replace('_', '-')}", repr(float(value)), "--workers", "1", "--refine-evals", "0",
+        db=db)
+    storage, _, config, tables, wmse = load(db, sid)
+    planned = target_recipe(config, tables, wmse, **{flag: value})
+    return next(r for r in storage.recipes(sid) if r.bits == planned.recipe.bits)
 
 def _near(recipes, bits: float):
     """The measured Apple recipe nearest ``bits`` average bits (within 0.5)."""
