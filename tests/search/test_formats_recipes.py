@@ -80,3 +80,30 @@ def test_apple_json_keeps_apples_sections_per_tensor_and_reads_both_back():
     _, recipes = parse_recipe_file(data)
     assert recipes == {per_tensor.key: per_tensor.bits, grouped.key: grouped.bits}
     assert math.isclose(grouped.avg_bits, (6400 * 3 + 4 * 16 * 8 + 2400 * 4) / 8800)
+
+
+
+def test_refinement_over_grouped_formats_never_measures_an_unfit_format():
+    """The measured refinement moves layers between formats: every map it asks to measure, and
+    the map it returns, stay within the budget (sizes by hand, LUTs included) and never give a
+    layer a group size that does not divide its output channels."""
+    from search.recipes.refine import refine
+
+    moved = 0
+    for seed in range(6):
+        table, sizes, unfit = _problem(seed)
+        budget = 0.6 * sum(_bits_by_hand(l, FLOAT16) for l in LAYERS) / 8 / 1e6  # room to move up and down
+        start = optimal_for_budget(table, sizes, max_size_mb=budget).bits
+        asked = []
+
+        def measure(maps):
+            asked.extend(maps)
+            return [predict_psnr(table, m) - 0.1 * sum(PaletteFormat.of(f).grouped for f in m.values()) for m in maps]
+
+        r = refine(table, sizes, {"knapsack": start}, measure, evals=12, max_size_mb=budget)
+        assert r.bits in asked and asked[0] == start
+        moved += len(asked) - 1
+        for m in asked:
+            assert not any((l, f) in unfit for l, f in m.items()), m
+            assert sum(_bits_by_hand(l, PaletteFormat.of(f)) for l, f in m.items()) / 8 / 1e6 <= budget + 1e-12
+    assert moved > 0  # the refinement did explore other formats
