@@ -25,8 +25,7 @@ def _search(row: s.SearchRow) -> Search:
         config_hash=row.config_hash, status=row.status, phase=row.phase, error=row.error, owner=row.owner,
         created_at=row.created_at, updated_at=row.updated_at, heartbeat_at=row.heartbeat_at,
         finished_at=row.finished_at, evaluations=row.evaluations, elapsed_s=row.elapsed_s,
-        request_hash=row.request_hash, prepare_done=row.prepare_done, prepare_total=row.prepare_total,
-    )
+        request_hash=row.request_hash, prepare_done=row.prepare_done, prepare_total=row.prepare_total)
 
 
 def _recipe(row: s.RecipeRow) -> StoredRecipe:
