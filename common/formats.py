@@ -141,6 +141,16 @@ def parse_formats(text: str) -> tuple[PaletteFormat, ...]:
     return tuple(out)
 
 
+def palettized_format(value) -> PaletteFormat | None:
+    """``value`` as a palettized format (int depths and spellings accepted), or None for float16
+    and anything that is not a format: callers word the error for their own input."""
+    try:
+        fmt = PaletteFormat.of(value)
+    except (ValueError, AttributeError):
+        return None
+    return fmt if fmt.palettized else None
+
+
 def is_palettized(fmt) -> bool:
     """Whether a layer in ``fmt`` is palettized (has a LUT), i.e. not left in float16."""
     return PaletteFormat.of(fmt).palettized

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from common.formats import (FLOAT16_BITS, RECIPE_BITS, PaletteFormat, average_bits, check_bits, check_sizes,
-                            out_channels, size_mb)
+                            out_channels, palettized_format, size_mb)
 
 ALLOWED_BITS = RECIPE_BITS  # the name tests/search/test_end_to_end.py imports
 
@@ -159,11 +159,8 @@ def _check_cumulative(
         raise ValueError("cumulative is empty: no bit depth measured")
     clean: dict[PaletteFormat, dict[str, float]] = {}
     for b, per_layer in cumulative.items():
-        try:
-            f = PaletteFormat.of(b)
-        except (ValueError, AttributeError):
-            f = None
-        if f is None or not f.palettized:
+        f = palettized_format(b)
+        if f is None:
             raise ValueError(f"bit depth {b!r} is not a palette format")
         clean[f] = {}
         for layer, v in per_layer.items():

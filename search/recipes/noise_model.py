@@ -37,7 +37,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from common.formats import FLOAT16_BITS, PALETTE_NBITS, PaletteFormat
+from common.formats import FLOAT16_BITS, PALETTE_NBITS, PaletteFormat, palettized_format
 
 
 def check_number(v: object, where: str, allow_inf: bool = False) -> float:
@@ -51,11 +51,8 @@ def check_number(v: object, where: str, allow_inf: bool = False) -> float:
 
 def check_nbits(b: object) -> PaletteFormat:
     """A palette format (int depths and spellings accepted); float16 and anything else are errors."""
-    try:
-        f = PaletteFormat.of(b)
-    except (ValueError, AttributeError):
-        f = None
-    if f is None or not f.palettized:
+    f = palettized_format(b)
+    if f is None:
         raise ValueError(f"unknown bit depth {b!r}; palettized depths are {PALETTE_NBITS} (or formats such as 4g16)")
     return f
 
