@@ -6,13 +6,13 @@ On the bench model (``benchmarks/bench_model.py``: tiny-sdxl's UNet trained on s
 photographs, built once and cached) it runs, through the real CLI (``python -m search.cli.app``):
 
 1. ``search submit --strategy apple`` (Apple's full analysis: isolated + cumulative + its recipes;
-   every search also measures the 8 evaluation-floor probes);
+   every search also measures the evaluation-floor probes: 8 layers at 1 and 4 ulps);
 2. Apple's recipes with average bits in [3, 8]; where Apple's default thresholds leave a grid point
    (3, 4, ..., 8 bits) uncovered (on bit-exact CPU float32 they all lie above 8 bits), Apple's own
    rule at further thresholds on the same cumulative curves, measured end to end (marked ``+``);
 3. for each of those Apple recipes, ``search recipe ID --bits <its average bits> --refine-evals N``
-   on the same search: the one-shot optimal recipe (knapsack on the floor-aware noise model,
-   measured) and the refined one (evolutionary search from the better measured of Apple's
+   on the same search: the one-shot optimal recipe (knapsack on the floor-aware noise model; its
+   prediction calibrated on the search's end-to-end measurements so far, then measured) and the refined one (evolutionary search from the better measured of Apple's
    recipe at that budget and the knapsack's); ``--refine-evals 0`` above 6 bits (one-shot only);
 4. ``search submit --strategy optimal --evals fast --targets <the matched bits up to 6>``: refined
    fast mode (isolated at the anchor depth, predicted elsewhere, refinement included).

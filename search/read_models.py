@@ -76,18 +76,20 @@ def search_detail(storage: Storage, s: Search, now: datetime | None = None) -> d
 
 
 def eval_floor(storage: Storage, s: Search) -> dict | None:
-    """The evaluation floor from the stored floor probes: mean over prompts of the dB of the
-    probes' mean noise power per prompt (what the noise model takes out), and the probe count."""
+    """The evaluation floor the noise model takes out (``strategy.eval_floor``): mean over prompts
+    of its dB, and the probe count."""
     import numpy as np
 
-    from search.recipes.noise_model import floor_noise
+    from search.recipes.strategy import eval_floor as floor_power
+    from search.recipes.tables import load_tables
 
-    probes = [m.per_prompt for m in storage.measurements(s.id, phase="floor")]
-    if not probes:
+    tables = load_tables(storage, s.id)
+    power = floor_power(tables)
+    if power is None:
         return None
     with np.errstate(divide="ignore"):
-        psnr = float(np.mean(-10 * np.log10(floor_noise(probes))))
-    return {"psnr": psnr, "probes": len(probes)}
+        psnr = float(np.mean(-10 * np.log10(power)))
+    return {"psnr": psnr if np.isfinite(psnr) else None, "probes": len(tables.floor_probes)}  # None: no floor
 
 
 def recipes_json(storage: Storage, s: Search) -> str:

@@ -44,9 +44,9 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 def floor_probes(candidates: int) -> int:
     """How many evaluation-floor probes a search with this many candidates measures (each is one
     pipeline run, stored under the phase ``floor``): what search.recipes.noise_model picks."""
-    from search.recipes.noise_model import floor_probe_layers
+    from search.recipes.noise_model import floor_probe_plan
 
-    return len(floor_probe_layers([f"layer{i}" for i in range(candidates)]))
+    return len(floor_probe_plan([f"layer{i}" for i in range(candidates)]))
 
 
 def refined_lines(stderr: str) -> list[tuple[float, int]]:

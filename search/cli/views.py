@@ -91,8 +91,9 @@ def status(info: dict) -> None:
                   highlight=False)
     floor = info.get("eval_floor")
     if floor:
-        out.print(f"evaluation floor {floor['psnr']:.2f} dB ({floor['probes']} probes: a float16 mantissa bit "
-                  "flipped in one layer); taken out of each isolated noise power before summing", highlight=False)
+        level = "none (the probes' response is linear)" if floor["psnr"] is None else f"{floor['psnr']:.2f} dB"
+        out.print(f"evaluation floor {level} ({floor['probes']} probes: float16 mantissa bit 0 or 2 flipped in one "
+                  "layer); taken out of each isolated noise power before summing", highlight=False)
     if m.get("candidate"):
         out.print(f"refinement: {m['candidate']} candidate recipes measured", highlight=False)
     if info.get("error"):

@@ -7,7 +7,7 @@ from common.formats import is_palettized
 from search.recipes.apple_rule import make_recipe
 from search.recipes.noise_model import predict_psnr
 from search.recipes.refine import Refined, candidate_key, refine
-from search.recipes.strategy import Planned, apple_at_budget, noise_table
+from search.recipes.strategy import Planned, apple_at_budget, calibration, noise_table
 from search.recipes.tables import load_tables, weight_mse
 from workers.evaluation.items import WorkItem
 
@@ -51,7 +51,7 @@ def refine_target(driver, config, weight_mse, one_shot: Planned, evals: int, *, 
     recipe = make_recipe(result.bits, tables.sizes, None, "refined")
     target = dict(one_shot.target or {}, refine_evals=evals, evals_used=result.evals, start=result.start,
                   start_psnr=result.start_psnr)
-    key = driver.store_recipe(Planned(recipe, predict_psnr(table, recipe.bits), target))
+    key = driver.store_recipe(Planned(recipe, calibration(tables, table).apply(predict_psnr(table, recipe.bits)), target))
     stored = next(r for r in driver.storage.recipes(driver.search.id) if r.key == key)
     if stored.psnr is None:
         m = next(m for m in driver.storage.measurements(driver.search.id, phase="candidate")

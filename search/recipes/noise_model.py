@@ -6,17 +6,21 @@ palettization error is independent noise on the output; its power relative to th
 peak is ``n = 10**(-psnr/10)`` from the isolated PSNR. A recipe's prediction for prompt i is
 ``-10*log10(floor_i + sum_l n[l, b_l, i])``, averaged over prompts like the measured PSNR.
 ``knapsack`` chooses recipes on this model, ``fast_plan`` decides what to measure for it;
-``calibrate`` fits the prediction to end-to-end measurements.
+``calibration`` corrects what it predicts with the search's own end-to-end measurements.
 
 The evaluation floor. In float16 arithmetic (every GPU/MPS search, ``--precision float16``)
 any change to a layer re-rounds everything downstream, so every isolated measurement carries
 the evaluation's own noise ``f_i`` (~82 dB on the bench model, 84-86 dB on SDXL at 512 px);
 summing N isolated powers would count it N times. ``f_i`` is measured by floor probes
-(``floor_probe_layers``: a layer's weight with its lowest float16 mantissa bit flipped, far
-below any palette's error but touching every output) and taken out of each isolated power,
-``max(n - f, 0)``, before summing; it is counted once per recipe. On bit-exact float32 the
-probes read the real response to a one-ulp change (127.8 dB on the bench model), not a floor:
-taking it out makes 7-8 bit predictions optimistic there (benchmarks/RESULTS-issue-12.md).
+(``floor_probe_plan``: a layer's float16 weight moved by one ulp, its lowest mantissa bit
+flipped, and again by four ulps the same way: far below any palette's error but touching every
+output) and taken out of each
+isolated power, ``max(n - f, 0)``, before summing; it is counted once per recipe. Two
+magnitudes separate the floor from the probe's own response: with the same signs, a linear
+response grows exactly 16x in power from 1 to 4 ulps, a rounding floor does not, so ``f = (16 p1 - p4) / 15``. On bit-exact
+float32 that is ~0 (the 1-ulp probe reads the real response, 127.8 dB on the bench model, and
+the 4-ulp one 12 dB less), so nothing is taken out there; searches stored before the second
+magnitude existed keep the one-magnitude estimate ``f = p1``.
 
 Rounding. Under Apple's protocol the stored per-prompt PSNRs are rounded to 0.1 dB: a +-1.2 %
 error in each noise power, independent between layers, so it shrinks relative to the sum.
@@ -63,6 +67,7 @@ def nearest(anchors, b: PaletteFormat):
 
 
 FLOOR_PROBES = 8  # probes of the evaluation floor, spread over the candidates in module order
+PROBE_ULPS = (1, 4)  # how far a probe moves each float16 weight (same signs): 16x apart in response power
 
 
 def floor_probe_layers(layers: Sequence[str], n: int = FLOOR_PROBES) -> list[str]:
@@ -73,12 +78,30 @@ def floor_probe_layers(layers: Sequence[str], n: int = FLOOR_PROBES) -> list[str
     return [layers[round(i * (len(layers) - 1) / (n - 1))] for i in range(n)] if n > 1 else layers[:1]
 
 
-def floor_noise(probes: Iterable[Sequence[float]]) -> np.ndarray:
-    """Per-prompt noise power of the evaluation floor: the mean power of the probes' PSNRs."""
-    rows = [[check_number(p, "floor probe", True) for p in ps] for ps in probes]
-    if not rows or len({len(r) for r in rows}) != 1:
-        raise ValueError("floor probes: need at least one, all with the same number of prompts")
-    return np.mean(10.0 ** (-np.array(rows) / 10), axis=0)
+def floor_probe_plan(layers: Sequence[str]) -> list[tuple[str, int]]:
+    """(layer, ulps) of every floor probe a search measures."""
+    return [(l, ulps) for l in floor_probe_layers(layers) for ulps in PROBE_ULPS]
+
+
+def floor_noise(probes: Mapping[int, Iterable[Sequence[float]]] | Iterable[Sequence[float]]) -> np.ndarray:
+    """Per-prompt noise power of the evaluation floor from the probes' per-prompt PSNRs.
+
+    ``{ulps: [probe, ...]}`` with 1 and 4 ulps: ``(16 p1 - p4) / 15`` of their mean powers
+    ``p1``, ``p4``, kept within ``[0, p1]``. One ulp alone (or a plain list of probes): ``p1``."""
+    by_ulps = dict(probes) if isinstance(probes, Mapping) else {1: probes}
+    if set(by_ulps) - set(PROBE_ULPS) or 1 not in by_ulps:
+        raise ValueError(f"floor probes of {sorted(by_ulps)} ulps; need 1 (and optionally 4)")
+    power = {}
+    for ulps, runs in by_ulps.items():
+        rows = [[check_number(p, "floor probe", True) for p in ps] for ps in runs]
+        if not rows or len({len(r) for r in rows}) != 1:
+            raise ValueError("floor probes: need at least one, all with the same number of prompts")
+        power[ulps] = np.mean(10.0 ** (-np.array(rows) / 10), axis=0)
+    if 4 not in power:
+        return power[1]
+    if power[4].shape != power[1].shape:
+        raise ValueError("floor probes: both magnitudes need the same number of prompts")
+    return np.clip((16 * power[1] - power[4]) / 15, 0.0, power[1])
 
 
 def _noises(isolated, layers, n_prompts: int, eval_floor=None) -> dict[tuple[str, int], np.ndarray]:
@@ -194,32 +217,3 @@ def predict_psnr(table: NoiseTable, bits: Mapping[str, int]) -> float:
                 raise ValueError(f"layer {l!r}: bits {b!r} not in the table's {table.bits} (or 16)")
             total += table.noise[b][index[l]]
     return float(psnr_of_noise(total))
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """measured ~= a + b * predicted (dB) from end-to-end recipe runs; identity below 2 points."""
-
-    a: float = 0.0
-    b: float = 1.0
-    residuals: tuple[float, ...] = ()  # measured - corrected prediction, per pair
-
-    @property
-    def rms(self) -> float:
-        return float(np.sqrt(np.mean(np.square(self.residuals)))) if self.residuals else 0.0
-
-    def apply(self, predicted: float) -> float:
-        return self.a + self.b * float(predicted)
-
-
-def calibrate(pairs: Iterable[tuple[float, float]]) -> Calibration:
-    """Least squares on (predicted, measured) dB; a slope <= 0 (or equal predictions) falls back to
-    an offset only, so a correction never inverts the order of recipes."""
-    pts = [(check_number(p, "predicted"), check_number(m, "measured")) for p, m in pairs]
-    if len(pts) < 2:
-        return Calibration(residuals=tuple(m - p for p, m in pts))
-    x, y = np.array(pts).T
-    b = float(np.polyfit(x, y, 1)[0]) if np.ptp(x) > 0 else 0.0
-    b = b if b > 0 else 1.0
-    a = float(np.mean(y - b * x))
-    return Calibration(a, b, tuple(float(r) for r in y - (a + b * x)))

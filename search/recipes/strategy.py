@@ -9,9 +9,10 @@ from search.config import SearchConfig
 from search.recipes.apple_rule import Recipe, apple_recipes, thresholds
 from search.recipes.apple_rule import apple_thresholds as exact_apple_thresholds
 from workers.evaluation.protocol import LINEAR8_BASELINE
+from search.recipes.calibration import Calibration, calibrate
 from search.recipes.fast_plan import fast_plan, refine_candidates
 from search.recipes.knapsack import optimal_for_budget, optimal_for_psnr
-from search.recipes.noise_model import NoiseTable, floor_noise, floor_probe_layers, predict_psnr
+from search.recipes.noise_model import NoiseTable, floor_noise, floor_probe_plan, predict_psnr
 from search.recipes.tables import Tables
 
 REFINE_MARGIN_DB = 1.0  # fast mode: measure a predicted entry if an error this large would change a choice
@@ -49,9 +50,10 @@ def isolated_plan(config: SearchConfig, sizes: dict[str, int], weight_mse: dict[
     return [(l, b) for b, layers in plan.items() for l in layers]
 
 
-def floor_plan(tables: Tables) -> list[str]:
-    """The layers whose evaluation-floor probes every search measures (``noise_model.floor_probe_layers``)."""
-    return floor_probe_layers(list(tables.sizes))
+def floor_plan(tables: Tables) -> list[tuple[str, str, int]]:
+    """(key, layer, ulps) of the evaluation-floor probes every search measures
+    (``noise_model.floor_probe_plan``); the 1-ulp probe keeps the key it had before 4 ulps."""
+    return [(f"floor/{layer}" + (f"/x{u}" if u != 1 else ""), layer, u) for layer, u in floor_probe_plan(list(tables.sizes))]
 
 
 def refinement_plan(config: SearchConfig, tables: Tables, weight_mse) -> list[tuple[str, int]]:
@@ -73,7 +75,12 @@ def _original(tables: Tables) -> tuple[float, ...]:
 
 def eval_floor(tables: Tables):
     """Per-prompt noise power of the evaluation floor from the stored probes (None: not measured)."""
-    return floor_noise([m.per_prompt for m in tables.floor_probes.values()]) if tables.floor_probes else None
+    if not tables.floor_probes:
+        return None
+    by_ulps: dict[int, list] = {}
+    for (_, ulps), m in tables.floor_probes.items():
+        by_ulps.setdefault(ulps, []).append(m.per_prompt)
+    return floor_noise(by_ulps)
 
 
 def noise_table(config: SearchConfig, tables: Tables, weight_mse) -> NoiseTable:
@@ -83,6 +90,23 @@ def noise_table(config: SearchConfig, tables: Tables, weight_mse) -> NoiseTable:
         return NoiseTable.from_isolated(iso, _original(tables), list(tables.sizes), eval_floor(tables), skip)
     return NoiseTable.from_anchors(iso, weight_mse, _original(tables), list(tables.sizes), config.nbits,
                                    eval_floor(tables), skip)
+
+
+def calibration(tables: Tables, table: NoiseTable) -> Calibration:
+    """``calibration.calibrate`` on every end-to-end measurement whose bit map is known: the points
+    of the cumulative curves (their order re-derived and checked against the stored layer) and
+    the measured recipes."""
+    pairs = []
+    for b, per in tables.cumulative.items():
+        order = tables.order(b) if len(tables.isolated.get(b, {})) == len(tables.sizes) else []
+        pairs += [(predict_psnr(table, {l: b for l in order[:pos]}), m.psnr) for pos, m in per.items()
+                  if pos <= len(order) and order[pos - 1] == m.layer]
+    for bits, psnr in tables.recipes:
+        try:
+            pairs.append((predict_psnr(table, bits), psnr))
+        except ValueError:  # a recipe with a format this table has no entry for
+            continue
+    return calibrate(pairs)
 
 
 def apple_thresholds(config: SearchConfig, tables: Tables) -> tuple[list[float], str | None]:
@@ -116,13 +140,14 @@ def plan_recipes(config: SearchConfig, tables: Tables, weight_mse) -> tuple[list
     """Every recipe the config asks for, with predicted PSNRs where the noise table exists."""
     notes: list[str] = []
     table = noise_table(config, tables, weight_mse)
+    cal = calibration(tables, table)
     out: list[Planned] = []
     if "apple" in config.strategy:
         ts, note = apple_thresholds(config, tables)
         notes += [note] if note else []
         cumulative = {b: tables.cumulative_by_layer(b) for b in config.nbits}
         recipes = apple_recipes(cumulative, tables.sizes, ts, default_bits=config.default_nbits)
-        out += [Planned(r, predict_psnr(table, r.bits)) for r in recipes]
+        out += [Planned(r, cal.apply(predict_psnr(table, r.bits))) for r in recipes]
     if "optimal" in config.strategy:
         for t in config.optimal_targets():
             try:
@@ -130,7 +155,7 @@ def plan_recipes(config: SearchConfig, tables: Tables, weight_mse) -> tuple[list
             except ValueError as exc:
                 notes.append(f"target {t:g} bits skipped: {exc}")
                 continue
-            out.append(Planned(r, predict_psnr(table, r.bits), {"avg_bits": t}))
+            out.append(Planned(r, cal.apply(predict_psnr(table, r.bits)), {"avg_bits": t}))
     return out, notes
 
 
@@ -144,13 +169,14 @@ def target_recipe(config: SearchConfig, tables: Tables, weight_mse, *, bits: flo
     if not math.isfinite(value):
         raise ValueError(f"--{kind.replace('_', '-')} must be a finite number")
     table = noise_table(config, tables, weight_mse)
+    cal = calibration(tables, table)
     if kind == "avg_bits":
         r = optimal_for_budget(table, tables.sizes, max_avg_bits=value)
     elif kind == "size_mb":
         r = optimal_for_budget(table, tables.sizes, max_size_mb=value)
     else:
-        r = optimal_for_psnr(table, tables.sizes, value)
-    return Planned(r, predict_psnr(table, r.bits), {kind: value})
+        r = optimal_for_psnr(table, tables.sizes, cal.invert(value))
+    return Planned(r, cal.apply(predict_psnr(table, r.bits)), {kind: value})
 
 
 

@@ -16,8 +16,9 @@ class Tables:
     cumulative: dict[PaletteFormat, dict[int, Measurement]]  # format -> position (1-based) -> measurement
     baselines: dict[str, float]
     baseline_per_prompt: dict[str, tuple[float, ...]]
-    floor_probes: dict[str, Measurement] = field(default_factory=dict)  # layer -> floor probe
+    floor_probes: dict[tuple[str, int], Measurement] = field(default_factory=dict)  # (layer, ulps) -> probe
     candidates: dict[str, Measurement] = field(default_factory=dict)    # key -> refinement candidate
+    recipes: tuple[tuple[dict, float], ...] = ()  # (bit map, measured PSNR) of every measured recipe
 
     def isolated_psnr(self, bits: int) -> dict[str, float]:
         return {layer: m.psnr for layer, m in self.isolated.get(bits, {}).items()}
@@ -35,7 +36,7 @@ def load_tables(storage: Storage, search_id: str) -> Tables:
     sizes = LayerSizes({l.name: l.numel for l in layers}, {l.name: l.shape[0] for l in layers})
     isolated: dict[int, dict[str, Measurement]] = {}
     cumulative: dict[int, dict[int, Measurement]] = {}
-    probes: dict[str, Measurement] = {}
+    probes: dict[tuple[str, int], Measurement] = {}
     candidates: dict[str, Measurement] = {}
     for m in storage.measurements(search_id):
         if m.phase == "isolated":
@@ -43,13 +44,14 @@ def load_tables(storage: Storage, search_id: str) -> Tables:
         elif m.phase == "cumulative":
             cumulative.setdefault(m.bits, {})[m.position] = m
         elif m.phase == "floor":
-            probes[m.layer] = m
+            probes[m.layer, m.position or 1] = m  # position: the probe's ulps (None: 1)
         elif m.phase == "candidate":
             candidates[m.key] = m
     stored = storage.baselines(search_id)
     baselines = {name: b.psnr for name, b in stored.items()}
+    measured = tuple((r.bits, r.psnr) for r in storage.recipes(search_id) if r.psnr is not None)
     return Tables(sizes, isolated, cumulative, baselines, {name: b.per_prompt for name, b in stored.items()},
-                  probes, candidates)
+                  probes, candidates, measured)
 
 
 def weight_mse(storage: Storage, search_id: str) -> dict[int, dict[str, float]]:

@@ -1,4 +1,4 @@
-"""search.recipes.{noise_model,knapsack,fast_plan}: the noise model, the knapsack against brute force, fast mode, calibration."""
+"""search.recipes.{noise_model,knapsack,fast_plan}: the noise model, the knapsack against brute force, fast mode."""
 
 import itertools
 import math
@@ -10,7 +10,7 @@ import pytest
 from common.formats import average_bits, size_mb
 from search.recipes.fast_plan import fast_plan, refine_candidates
 from search.recipes.knapsack import frontier, optimal_for_budget, optimal_for_psnr
-from search.recipes.noise_model import NoiseTable, calibrate, predict_psnr
+from search.recipes.noise_model import NoiseTable, predict_psnr
 
 
 def _table(seed, n_layers, n_prompts, bits=(1, 2, 4, 8), scatter=2.0, floor_db=200.0):
@@ -214,27 +214,6 @@ def test_refine_candidates():
     assert refine_candidates(fast, sizes, [3.0], margin_db=60.0) > small
     full = NoiseTable.from_isolated(iso, [90.0] * 2, layers)  # all measured: nothing to refine
     assert refine_candidates(full, sizes, [3.0, 5.0], margin_db=6.0) == set()
-
-
-# ---------------------------------------------------------------- calibration
-
-
-def test_calibrate():
-    rng = np.random.default_rng(0)
-    pred = rng.uniform(50, 80, 12)
-    cal = calibrate([(p, 3.0 + 0.9 * p + rng.normal(0, 0.1)) for p in pred])
-    assert cal.a == pytest.approx(3.0, abs=1.0) and cal.b == pytest.approx(0.9, abs=0.02)
-    assert cal.rms < 0.2 and len(cal.residuals) == 12
-    assert cal.apply(70.0) == pytest.approx(66.0, abs=0.2)
-    one = calibrate([(60.0, 58.0)])
-    assert (one.a, one.b, one.residuals) == (0.0, 1.0, (-2.0,)) and one.apply(61.0) == 61.0
-    assert calibrate([]).apply(5.0) == 5.0
-    flat = calibrate([(60.0, 58.0), (60.0, 57.0)])  # equal predictions: offset only
-    assert flat.b == 1.0 and flat.apply(60.0) == pytest.approx(57.5)
-    inverted = calibrate([(50.0, 60.0), (60.0, 50.0)])  # never invert the ranking
-    assert inverted.b == 1.0
-    with pytest.raises(ValueError, match="not finite"):
-        calibrate([(60.0, math.nan)])
 
 
 # ---------------------------------------------------------------- validation

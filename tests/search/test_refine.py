@@ -6,7 +6,7 @@ import pytest
 
 from common.formats import PaletteFormat
 from search.recipes.knapsack import optimal_for_budget
-from search.recipes.noise_model import NoiseTable, floor_noise, floor_probe_layers, predict_psnr
+from search.recipes.noise_model import NoiseTable, floor_noise, floor_probe_layers, floor_probe_plan, predict_psnr
 from search.recipes.refine import candidate_key, refine
 
 SIZES = {f"l{i}": 1000 * (i + 1) for i in range(8)}
@@ -30,6 +30,31 @@ def test_floor_estimate_is_the_mean_power_of_repeated_probe_runs():
     assert np.allclose(floor_noise(runs), plain)
     assert floor_probe_layers(list(SIZES), 3) == ["l0", "l4", "l7"]
     assert floor_probe_layers(["a", "b"], 8) == ["a", "b"]
+
+
+def _db(power):
+    return list(np.round(-10 * np.log10(power), 1))  # stored like Apple's protocol: 0.1 dB
+
+
+@pytest.mark.parametrize("floor_db", [None, 82.0, 127.0])
+def test_two_probe_magnitudes_separate_the_floor_from_the_linear_response(floor_db):
+    """p(ulps) = floor + r * ulps**2 per probe: the floor is what does not grow from 1 to 4 ulps.
+    Reference: the floor that generated the probes, recovered within the 0.1 dB rounding."""
+    rng = np.random.default_rng(3)
+    floor = np.zeros(3) if floor_db is None else 10 ** (-(floor_db + rng.uniform(-1.5, 1.5, 3)) / 10)
+    responses = [10 ** (-rng.uniform(110, 130, 3) / 10) for _ in range(8)]  # each probe layer's own
+    probes = {ulps: [_db(floor + r * ulps ** 2) for r in responses] for ulps in (1, 4)}
+    got = floor_noise(probes)
+    p1 = np.mean([10 ** (-np.array(p) / 10) for p in probes[1]], axis=0)
+    if floor_db is None:  # bit-exact arithmetic: nothing to take out (the one-magnitude estimate took p1)
+        assert np.all(got <= 0.05 * p1)
+        assert np.allclose(floor_noise(probes[1]), p1)
+    else:
+        assert np.allclose(got, floor, rtol=0.1, atol=0.05 * np.mean(responses, axis=0))
+    assert np.all((0 <= got) & (got <= p1))  # never negative, never above the 1-ulp probe
+    assert floor_probe_plan(list(SIZES))[:2] == [("l0", 1), ("l0", 4)] and len(floor_probe_plan(list(SIZES))) == 16
+    with pytest.raises(ValueError, match="need 1"):
+        floor_noise({4: probes[4]})  # the 4-ulp probes alone are not a floor
 
 
 def test_floor_is_counted_once_not_per_layer():

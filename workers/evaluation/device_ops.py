@@ -1,7 +1,7 @@
 """Weight transforms computed with torch on the weights' own device (GPU), equal bit for bit to
 their numpy definitions: the fp16 bit-pattern histogram the palettes are fitted on
 (`workers.palettize.fp16_histogram`) and Apple's per-tensor int8 ``linear_8bit``
-(`workers.evaluation.protocol.fake_int8_per_tensor`)."""
+(`workers.evaluation.protocol.fake_int8_per_tensor`); and the floor probes' weights."""
 from __future__ import annotations
 
 import numpy as np
@@ -45,3 +45,14 @@ def fake_int8_per_tensor_torch(weight: torch.Tensor) -> torch.Tensor:
     q = torch.round(val * (qmax - qmin) / span) + zero.to(val.dtype)
     q = torch.clamp(q, qmin, qmax).to(torch.int8)
     return (q.to(val.dtype) - zero.to(val.dtype)) * scale
+
+
+def floor_probe_weight(weight: torch.Tensor, ulps: int = 1) -> torch.Tensor:
+    """A floor probe's float16 weight: every element moved by ``ulps`` float16 ulps, the direction
+    set by its lowest mantissa bit (flipping that bit is the 1-ulp move). Probes of 1 and 4 ulps
+    share their signs, so a linear response grows exactly 16x in power between them."""
+    w16 = weight.to(torch.float16)
+    one = (w16.view(torch.int16) ^ 1).view(torch.float16)
+    if ulps == 1:
+        return one
+    return (w16.float() + ulps * (one.float() - w16.float())).to(torch.float16)

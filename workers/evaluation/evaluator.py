@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from common.formats import FLOAT16_BITS, is_palettized
-from workers.evaluation.device_ops import fake_int8_per_tensor_torch, histogram_torch
+from workers.evaluation.device_ops import fake_int8_per_tensor_torch, floor_probe_weight, histogram_torch
 from workers.evaluation.items import EvalResult, PaletteResult, WorkItem
 from workers.evaluation.prefix import PrefixCache
 from workers.evaluation.protocol import mean_db, psnr_per_prompt
@@ -189,8 +189,7 @@ class Evaluator:
                     self._swap_linear8(swap, modules)
                 changed = []
                 if item.phase == "floor":
-                    w16 = modules[item.layer].weight.data.to(torch.float16)
-                    swap(item.layer, (w16.view(torch.int16) ^ 1).view(torch.float16).to(self.dtype))
+                    swap(item.layer, floor_probe_weight(modules[item.layer].weight.data, item.position or 1).to(self.dtype))
                     changed.append(item.layer)
                 for layer, bits in item.assignment:
                     if not is_palettized(bits):

@@ -12,9 +12,9 @@ PHASES = ("palette", "isolated", "cumulative", "baseline", "recipe", "floor", "c
 class WorkItem:
     """One unit of work. `assignment` lists the (layer, bits) palettized together;
     `linear8` quantizes every candidate with per-channel int8 instead (the baseline). Phase
-    ``floor``: `layer`'s float16 weight with its lowest mantissa bit flipped (a perturbation too
-    small to matter that still changes every output of the layer: the evaluation's own noise
-    floor); ``candidate``: a recipe measured by the refinement, like ``recipe``."""
+    ``floor``: `layer`'s float16 weight moved by `position` ulps (None: 1; ``floor_probe_weight``),
+    a perturbation too small to matter that still changes every output of the layer: the
+    evaluation's own noise floor; ``candidate``: a recipe measured by the refinement, like ``recipe``."""
 
     key: str
     phase: str
