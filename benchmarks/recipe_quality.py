@@ -115,11 +115,12 @@ def main(argv=None) -> int:
     apple_evals = m.get("isolated", 0) + m.get("cumulative", 0) + len(st_apple["baselines"]) + len(apple)
     fast_evals, fm = st_fast["evaluations"], st_fast["measurements"]
     floor = st_apple.get("eval_floor") or {}
+    level = "none (the probes respond linearly)" if floor.get("psnr") is None else f"{floor['psnr']:.2f} dB"
 
     print(f"\n### {args.precision}: {model if args.model else 'bench model (tiny-sdxl trained)'}\n")
     print(f"searches apple {apple_id}, fast {fast_id}; {len(apple_tables.sizes)} candidates, nbits "
           f"{','.join(map(str, apple_cfg.nbits))}; original {st_apple['baselines']['original']:.2f} dB, linear_8bit "
-          f"{st_apple['baselines']['linear_8bit']:.2f} dB; evaluation floor {floor.get('psnr', float('nan')):.2f} dB "
+          f"{st_apple['baselines']['linear_8bit']:.2f} dB; evaluation floor {level} "
           f"({floor.get('probes', 0)} probes); refine-evals {args.refine_evals}\n")
     print("| Apple bits | Apple dB | one-shot bits | one-shot dB | pred dB | \\|pred − meas\\| | refined bits | "
           "refined dB | vs Apple | evals (start) | fast one-shot dB (\\|err\\|) | fast refined dB | fast vs Apple |")

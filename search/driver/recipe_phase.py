@@ -1,11 +1,11 @@
 """The recipes phase of a search (`SearchDriver` inherits it): Apple's and the optimal recipes
-planned from the stored tables, stored under free keys, measured end to end, then each optimal
-size target refined with measurements (`search.driver.refinement`)."""
+planned from the stored tables, stored under free keys, measured end to end, each optimal size
+target refined with measurements (`search.driver.refinement`)."""
 from __future__ import annotations
 
 from search.driver.refinement import refine_targets
 from search.recipes.apple_rule import unique_key
-from search.recipes.strategy import plan_recipes
+from search.recipes.strategy import plan_recipes, target_recipe
 from search.recipes.tables import load_tables, weight_mse
 from storage import StoredRecipe
 from common.formats import is_palettized
@@ -17,15 +17,23 @@ class RecipePhases:
     ``_run_items`` and ``_submit_eval``."""
 
     def _phase_recipes(self) -> None:
+        """Apple's recipes first, measured together; then each optimal size target in turn, planned
+        again just before it is stored, so its prediction is calibrated on every recipe measured
+        so far (``strategy.calibration``; the bit map does not depend on it), measured, refined."""
         sid = self.search.id
         planned, notes = plan_recipes(self.config, load_tables(self.storage, sid), weight_mse(self.storage, sid))
         for note in notes:
             self.reporter.message(f"[dim]{note}")
+        targets = [p.target["avg_bits"] for p in planned if p.target and "avg_bits" in p.target]
         for p in planned:
-            self.store_recipe(p)
+            if not (p.target and "avg_bits" in p.target):
+                self.store_recipe(p)
         self.measure_recipes([r.key for r in self.storage.recipes(sid) if r.psnr is None])
-        if self.config.refine_evals > 0:
-            refine_targets(self, planned)  # measured refinement of every size target
+        for bits in targets:
+            p = target_recipe(self.config, load_tables(self.storage, sid), weight_mse(self.storage, sid), bits=bits)
+            self.measure_recipes([self.store_recipe(p)])
+            if self.config.refine_evals > 0:
+                refine_targets(self, [p])  # measured refinement of the size target
 
     def store_recipe(self, p) -> str:
         """Store a planned recipe under a free key; the same bit map is stored once."""

@@ -44,6 +44,34 @@ def test_fast_mode_measures_anchors_plus_refinements_only(fast):
     assert status["evaluations"] == n + refined + probes + 2 + 3 + m["candidate"]  # + 2 baselines + 3 recipe runs
 
 
+def test_status_floor_is_the_two_magnitude_estimate_of_the_stored_probes(fast):
+    """Reference: (16 p1 - p4) / 15 per prompt, from the stored probes by a plain loop; on bit-exact
+    CPU float32 the 4-ulp probes read ~12 dB below the 1-ulp ones, so the floor is far below p1."""
+    import math
+
+    from storage import Storage
+
+    with Storage(fast["db"]) as st:
+        probes = st.measurements(fast["id"], phase="floor")
+    power = {1: [], 4: []}
+    for m in probes:
+        power[m.position or 1].append([10 ** (-v / 10) for v in m.per_prompt])
+    assert len(power[1]) == len(power[4]) == floor_probes(fast["status"]["candidates"]) // 2
+    ref = []
+    for i in range(len(power[1][0])):
+        p1 = sum(r[i] for r in power[1]) / len(power[1])
+        p4 = sum(r[i] for r in power[4]) / len(power[4])
+        assert 10 < 10 * math.log10(p4 / p1) < 14  # a linear response: 12.04 dB
+        ref.append(min(max((16 * p1 - p4) / 15, 0.0), p1))
+        assert ref[-1] <= 0.2 * p1
+    floor = fast["status"]["eval_floor"]
+    assert floor["probes"] == floor_probes(fast["status"]["candidates"])
+    if min(ref) > 0:
+        assert floor["psnr"] == pytest.approx(sum(-10 * math.log10(r) for r in ref) / len(ref))
+    else:
+        assert floor["psnr"] is None
+
+
 def test_targets_are_met_exactly_and_predicted(fast, model_cache):
     report = json.loads(run_cli("download", fast["id"], "-o", "-", "--db", fast["db"], model_cache=model_cache).stdout)
     assert check_apple_recipes_from_json(report) == 0  # optimal recipes only: keys and average bits checked
