@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from common.formats import fits
 from search.config import SearchConfig
 from search.recipes.apple_rule import Recipe, apple_recipes, thresholds
@@ -12,7 +14,7 @@ from workers.evaluation.protocol import LINEAR8_BASELINE
 from search.recipes.calibration import Calibration, calibrate
 from search.recipes.fast_plan import fast_plan, refine_candidates
 from search.recipes.knapsack import optimal_for_budget, optimal_for_psnr
-from search.recipes.noise_model import NoiseTable, floor_noise, floor_probe_plan, predict_psnr
+from search.recipes.noise_model import NoiseTable, floor_noise, floor_probe_plan, predict_psnr, psnr_of_noise
 from search.recipes.tables import Tables
 
 REFINE_MARGIN_DB = 1.0  # fast mode: measure a predicted entry if an error this large would change a choice
@@ -97,9 +99,14 @@ def calibration(tables: Tables, table: NoiseTable) -> Calibration:
     of the cumulative curves (their order re-derived and checked against the stored layer) and
     the measured recipes."""
     pairs = []
+    index = {l: i for i, l in enumerate(table.layers)}
     for b, per in tables.cumulative.items():
-        order = tables.order(b) if len(tables.isolated.get(b, {})) == len(tables.sizes) else []
-        pairs += [(predict_psnr(table, {l: b for l in order[:pos]}), m.psnr) for pos, m in per.items()
+        if b not in table.noise or len(tables.isolated.get(b, {})) != len(tables.sizes):
+            continue
+        order = tables.order(b)
+        # the curve's predictions at once: the floor plus the running sum in cumulative order
+        curve = psnr_of_noise(table.floor + np.cumsum(table.noise[b][[index[l] for l in order]], axis=0))
+        pairs += [(float(curve[pos - 1]), m.psnr) for pos, m in per.items()
                   if pos <= len(order) and order[pos - 1] == m.layer]
     for bits, psnr in tables.recipes:
         try:
