@@ -92,8 +92,8 @@ def status(info: dict) -> None:
     floor = info.get("eval_floor")
     if floor:
         level = "none (the probes' response is linear)" if floor["psnr"] is None else f"{floor['psnr']:.2f} dB"
-        out.print(f"evaluation floor {level} ({floor['probes']} probes: float16 mantissa bit 0 or 2 flipped in one "
-                  "layer); taken out of each isolated noise power before summing", highlight=False)
+        out.print(f"evaluation floor {level} ({floor['probes']} probes: one layer's float16 weights moved by 1 "
+                  "or 4 ulps); taken out of each isolated noise power before summing", highlight=False)
     if m.get("candidate"):
         out.print(f"refinement: {m['candidate']} candidate recipes measured", highlight=False)
     if info.get("error"):

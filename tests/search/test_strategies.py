@@ -44,7 +44,7 @@ def test_fast_mode_measures_anchors_plus_refinements_only(fast):
     assert status["evaluations"] == n + refined + probes + 2 + 3 + m["candidate"]  # + 2 baselines + 3 recipe runs
 
 
-def test_status_floor_is_the_two_magnitude_estimate_of_the_stored_probes(fast):
+def test_status_floor_is_the_two_magnitude_estimate_of_the_stored_probes(fast, model_cache):
     """Reference: (16 p1 - p4) / 15 per prompt, from the stored probes by a plain loop; on bit-exact
     CPU float32 the 4-ulp probes read ~12 dB below the 1-ulp ones, so the floor is far below p1."""
     import math
@@ -70,6 +70,10 @@ def test_status_floor_is_the_two_magnitude_estimate_of_the_stored_probes(fast):
         assert floor["psnr"] == pytest.approx(sum(-10 * math.log10(r) for r in ref) / len(ref))
     else:
         assert floor["psnr"] is None
+    text = run_cli("status", fast["id"], "--db", fast["db"], model_cache=model_cache).stdout
+    level = "none (the probes' response is linear)" if floor["psnr"] is None else f"{floor['psnr']:.2f} dB"
+    assert f"evaluation floor {level} ({floor['probes']} probes: one layer's float16 weights moved by 1 or 4 ulps)" \
+        in " ".join(text.split())
 
 
 def test_targets_are_met_exactly_and_predicted(fast, model_cache):
