@@ -7,8 +7,9 @@ On the bench model (``benchmarks/bench_model.py``), CPU float32, through the rea
 
 1. ``search submit --strategy apple`` (Apple's per-tensor 1,2,4,6,8 analysis) and Apple's rule at
    extra thresholds for recipes near 3 and 4 average bits (as ``recipe_quality.py`` does);
-2. ``search submit --formats <grouped + 3-bit space> --strategy optimal``: every layer measured
-   alone in every format (a layer whose output channels a group size does not divide is skipped);
+2. ``search submit --formats <grouped + 3-bit space> --strategy both``: every layer measured
+   alone in every format (a layer whose output channels a group size does not divide is skipped),
+   and Apple's cumulative curves over those formats (a starting point for the refinement);
 3. for each Apple recipe, ``search recipe --size-mb <its size>`` on the grouped search: the best
    predicted recipe whose total size, *every LUT included* (one per channel group), is at most
    Apple's, measured end to end; and the same on Apple's own search (per-tensor formats only), so
@@ -77,7 +78,9 @@ def run_grouped(db: Path, workers: int, formats: str = FORMATS, model: str | Non
     storage, _, _, apple_tables, _ = load(db, apple_id)
     apple = {b: _near([r for r in storage.recipes(apple_id) if r.strategy == "apple"], b) for b in TARGET_BITS}
     log(f"[3/4] grouped + 3-bit search, formats {formats}")
-    grouped_id = submit(db, "--model", model, "--formats", formats, "--strategy", "optimal", "--targets", "4",
+    # both strategies: Apple's rule on the grouped space's own cumulative curves is one more starting
+    # point for the refinement (the knapsack's recipe is the other)
+    grouped_id = submit(db, "--model", model, "--formats", formats, "--strategy", "both", "--targets", "4",
                         *common)
     log("[4/4] matched-size recipes (search recipe --size-mb <Apple's size, LUTs included>)")
     rows = []
