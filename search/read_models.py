@@ -76,20 +76,19 @@ def search_detail(storage: Storage, s: Search, now: datetime | None = None) -> d
 
 
 def eval_floor(storage: Storage, s: Search) -> dict | None:
-    """The evaluation floor the noise model takes out (``strategy.eval_floor``): mean over prompts
-    of its dB, and the probe count."""
+    """The evaluation floor the noise model takes out (``strategy.probes_floor``): mean over prompts
+    of its dB (None: no floor), and the probe count."""
     import numpy as np
 
-    from search.recipes.strategy import eval_floor as floor_power
-    from search.recipes.tables import load_tables
+    from search.recipes.strategy import probes_floor
 
-    tables = load_tables(storage, s.id)
-    power = floor_power(tables)
+    probes = storage.measurements(s.id, phase="floor")
+    power = probes_floor(probes)
     if power is None:
         return None
     with np.errstate(divide="ignore"):
         psnr = float(np.mean(-10 * np.log10(power)))
-    return {"psnr": psnr if np.isfinite(psnr) else None, "probes": len(tables.floor_probes)}  # None: no floor
+    return {"psnr": psnr if np.isfinite(psnr) else None, "probes": len(probes)}
 
 
 def recipes_json(storage: Storage, s: Search) -> str:

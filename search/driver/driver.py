@@ -250,8 +250,8 @@ class SearchDriver(RecipePhases):
         linear8 = LINEAR8_BASELINE[self.config.protocol]
         items = [WorkItem(f"baseline/{n}", "baseline", name=n, linear8=(n == linear8))
                  for n in ("original", linear8) if n not in tables.baselines]
-        items += [WorkItem(key, "floor", layer=layer, position=u if u != 1 else None) for key, layer, u in floor_plan(tables)
-                  if key not in self.storage.measured_keys(sid)]  # the evaluation floor's probes
+        items += [WorkItem(key, "floor", layer=layer, position=position)  # the evaluation floor's probes
+                  for key, layer, position in floor_plan(tables)]
         if self.config.evals == "full":
             todo = self._isolated_items(isolated_plan(self.config, tables.sizes, {}))
             waiting: dict = {}

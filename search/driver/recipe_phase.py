@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from search.driver.refinement import refine_targets
 from search.recipes.apple_rule import unique_key
-from search.recipes.strategy import plan_recipes, target_recipe
+from search.recipes.strategy import plan_apple_recipes, plan_target
 from search.recipes.tables import load_tables, weight_mse
 from storage import StoredRecipe
 from common.formats import is_palettized
@@ -18,19 +18,20 @@ class RecipePhases:
 
     def _phase_recipes(self) -> None:
         """Apple's recipes first, measured together; then each optimal size target in turn, planned
-        again just before it is stored, so its prediction is calibrated on every recipe measured
-        so far (``strategy.calibration``; the bit map does not depend on it), measured, refined."""
+        just before it is stored, so its prediction is calibrated on every recipe measured so far
+        (``strategy.calibration``; the bit map does not depend on it), measured, refined."""
         sid = self.search.id
-        planned, notes = plan_recipes(self.config, load_tables(self.storage, sid), weight_mse(self.storage, sid))
+        planned, notes = plan_apple_recipes(self.config, load_tables(self.storage, sid), weight_mse(self.storage, sid))
         for note in notes:
             self.reporter.message(f"[dim]{note}")
-        targets = [p.target["avg_bits"] for p in planned if p.target and "avg_bits" in p.target]
         for p in planned:
-            if not (p.target and "avg_bits" in p.target):
-                self.store_recipe(p)
+            self.store_recipe(p)
         self.measure_recipes([r.key for r in self.storage.recipes(sid) if r.psnr is None])
-        for bits in targets:
-            p = target_recipe(self.config, load_tables(self.storage, sid), weight_mse(self.storage, sid), bits=bits)
+        for bits in self.config.optimal_targets() if "optimal" in self.config.strategy else ():
+            p, note = plan_target(self.config, load_tables(self.storage, sid), weight_mse(self.storage, sid), bits)
+            if p is None:
+                self.reporter.message(f"[dim]{note}")
+                continue
             self.measure_recipes([self.store_recipe(p)])
             if self.config.refine_evals > 0:
                 refine_targets(self, [p])  # measured refinement of the size target

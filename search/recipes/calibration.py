@@ -35,29 +35,26 @@ class Calibration:
     pairs: int = 0
 
     def apply(self, predicted: float) -> float:
-        p = float(predicted)
-        if not self.knots or not math.isfinite(p):
-            return p
-        xs, ys = np.array(self.knots).T
-        if p <= xs[0]:
-            return p + ys[0] - xs[0]
-        if p >= xs[-1]:
-            return p + ys[-1] - xs[-1]
-        return float(np.interp(p, xs, ys))
+        return self._along(predicted, 0)
 
     def invert(self, target: float) -> float:
         """The smallest prediction whose corrected value reaches ``target``."""
-        t = float(target)
-        if not self.knots or not math.isfinite(t):
-            return t
-        xs, ys = np.array(self.knots).T
-        if t <= ys[0]:
-            return t - (ys[0] - xs[0])
-        if t > ys[-1]:
-            return t - (ys[-1] - xs[-1])
-        i = int(np.searchsorted(ys, t, side="left"))  # first knot with ys >= t (i >= 1)
-        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-        return float(x1 if y1 == y0 else x0 + (t - y0) * (x1 - x0) / (y1 - y0))
+        return self._along(target, 1)
+
+    def _along(self, value: float, side: int) -> float:
+        """Map ``value`` from the knots' ``side`` (0: predicted, 1: corrected) to the other: linear
+        on the first segment that reaches it, constant offsets beyond the ends, identity without knots."""
+        v = float(value)
+        if not self.knots or not math.isfinite(v):
+            return v
+        src, dst = np.array(self.knots).T[[side, 1 - side]]
+        if v <= src[0]:
+            return v + dst[0] - src[0]
+        if v > src[-1]:
+            return v + dst[-1] - src[-1]
+        i = int(np.searchsorted(src, v, side="left"))  # first knot at or above v (i >= 1)
+        s0, s1, d0, d1 = src[i - 1], src[i], dst[i - 1], dst[i]
+        return float(d1 if s1 == s0 else d0 + (v - s0) * (d1 - d0) / (s1 - s0))
 
 
 def calibrate(pairs: Iterable[tuple[float, float]], neighbours: int = NEIGHBOURS,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
@@ -15,7 +16,8 @@ from search.recipes.calibration import Calibration, calibrate
 from search.recipes.fast_plan import fast_plan, refine_candidates
 from search.recipes.knapsack import optimal_for_budget, optimal_for_psnr
 from search.recipes.noise_model import NoiseTable, floor_noise, floor_probe_plan, predict_psnr, psnr_of_noise
-from search.recipes.tables import Tables
+from search.recipes.tables import Tables, probe_ulps
+from storage import Measurement
 
 REFINE_MARGIN_DB = 1.0  # fast mode: measure a predicted entry if an error this large would change a choice
 
@@ -52,10 +54,14 @@ def isolated_plan(config: SearchConfig, sizes: dict[str, int], weight_mse: dict[
     return [(l, b) for b, layers in plan.items() for l in layers]
 
 
-def floor_plan(tables: Tables) -> list[tuple[str, str, int]]:
-    """(key, layer, ulps) of the evaluation-floor probes every search measures
-    (``noise_model.floor_probe_plan``); the 1-ulp probe keeps the key it had before 4 ulps."""
-    return [(f"floor/{layer}" + (f"/x{u}" if u != 1 else ""), layer, u) for layer, u in floor_probe_plan(list(tables.sizes))]
+def floor_plan(tables: Tables) -> list[tuple[str, str, int | None]]:
+    """(key, layer, position) of the evaluation-floor probes (``noise_model.floor_probe_plan``) not
+    stored yet; position: the probe's ulps, None for 1 (``tables.probe_ulps``), which also keeps
+    the 1-ulp probe's key from before 4 ulps."""
+    done = {m.key for m in tables.floor_probes.values()}
+    plan = [(f"floor/{layer}" + (f"/x{u}" if u != 1 else ""), layer, u if u != 1 else None)
+            for layer, u in floor_probe_plan(list(tables.sizes))]
+    return [p for p in plan if p[0] not in done]
 
 
 def refinement_plan(config: SearchConfig, tables: Tables, weight_mse) -> list[tuple[str, int]]:
@@ -77,12 +83,15 @@ def _original(tables: Tables) -> tuple[float, ...]:
 
 def eval_floor(tables: Tables):
     """Per-prompt noise power of the evaluation floor from the stored probes (None: not measured)."""
-    if not tables.floor_probes:
-        return None
+    return probes_floor(tables.floor_probes.values())
+
+
+def probes_floor(probes: Iterable[Measurement]):
+    """``noise_model.floor_noise`` of stored floor-probe measurements, by their ulps (None: none)."""
     by_ulps: dict[int, list] = {}
-    for (_, ulps), m in tables.floor_probes.items():
-        by_ulps.setdefault(ulps, []).append(m.per_prompt)
-    return floor_noise(by_ulps)
+    for m in probes:
+        by_ulps.setdefault(probe_ulps(m), []).append(m.per_prompt)
+    return floor_noise(by_ulps) if by_ulps else None
 
 
 def noise_table(config: SearchConfig, tables: Tables, weight_mse) -> NoiseTable:
@@ -143,27 +152,25 @@ def apple_thresholds(config: SearchConfig, tables: Tables) -> tuple[list[float],
     return [upper + (lowest - upper) * i / max(n - 1, 1) for i in range(n)], note
 
 
-def plan_recipes(config: SearchConfig, tables: Tables, weight_mse) -> tuple[list[Planned], list[str]]:
-    """Every recipe the config asks for, with predicted PSNRs where the noise table exists."""
-    notes: list[str] = []
+def plan_apple_recipes(config: SearchConfig, tables: Tables, weight_mse) -> tuple[list[Planned], list[str]]:
+    """Apple's recipes, if the config asks for them, with calibrated predicted PSNRs. The optimal
+    size targets are planned one at a time by ``plan_target``, after these are measured."""
+    if "apple" not in config.strategy:
+        return [], []
     table = noise_table(config, tables, weight_mse)
     cal = calibration(tables, table)
-    out: list[Planned] = []
-    if "apple" in config.strategy:
-        ts, note = apple_thresholds(config, tables)
-        notes += [note] if note else []
-        cumulative = {b: tables.cumulative_by_layer(b) for b in config.nbits}
-        recipes = apple_recipes(cumulative, tables.sizes, ts, default_bits=config.default_nbits)
-        out += [Planned(r, cal.apply(predict_psnr(table, r.bits))) for r in recipes]
-    if "optimal" in config.strategy:
-        for t in config.optimal_targets():
-            try:
-                r = optimal_for_budget(table, tables.sizes, max_avg_bits=t)
-            except ValueError as exc:
-                notes.append(f"target {t:g} bits skipped: {exc}")
-                continue
-            out.append(Planned(r, cal.apply(predict_psnr(table, r.bits)), {"avg_bits": t}))
-    return out, notes
+    ts, note = apple_thresholds(config, tables)
+    cumulative = {b: tables.cumulative_by_layer(b) for b in config.nbits}
+    recipes = apple_recipes(cumulative, tables.sizes, ts, default_bits=config.default_nbits)
+    return [Planned(r, cal.apply(predict_psnr(table, r.bits))) for r in recipes], [note] if note else []
+
+
+def plan_target(config: SearchConfig, tables: Tables, weight_mse, bits: float) -> tuple[Planned | None, str | None]:
+    """One optimal size target of the config (``target_recipe``), or the note saying why it is skipped."""
+    try:
+        return target_recipe(config, tables, weight_mse, bits=bits), None
+    except ValueError as exc:
+        return None, f"target {bits:g} bits skipped: {exc}"
 
 
 def target_recipe(config: SearchConfig, tables: Tables, weight_mse, *, bits: float | None = None,

@@ -31,6 +31,11 @@ class Tables:
         return {m.layer: m.psnr for m in self.cumulative.get(bits, {}).values()}
 
 
+def probe_ulps(m: Measurement) -> int:
+    """How far a floor probe moved its layer's weights: stored as its position (None: 1 ulp)."""
+    return m.position or 1
+
+
 def load_tables(storage: Storage, search_id: str) -> Tables:
     layers = storage.layers(search_id)
     sizes = LayerSizes({l.name: l.numel for l in layers}, {l.name: l.shape[0] for l in layers})
@@ -44,7 +49,7 @@ def load_tables(storage: Storage, search_id: str) -> Tables:
         elif m.phase == "cumulative":
             cumulative.setdefault(m.bits, {})[m.position] = m
         elif m.phase == "floor":
-            probes[m.layer, m.position or 1] = m  # position: the probe's ulps (None: 1)
+            probes[m.layer, probe_ulps(m)] = m
         elif m.phase == "candidate":
             candidates[m.key] = m
     stored = storage.baselines(search_id)
