@@ -6,10 +6,12 @@ the best *measured* of its starting points (Apple's rule at that budget, the kna
 recipe) and improves it as EvoPress does for LLM compression: a (1 + lambda) evolution whose
 mutation moves bit depth between layers within the budget (raise 1-3 random layers one depth,
 lower random others until the recipe fits, then spend what is left on random raises). The
-model only pre-screens offspring: each generation measures the best predicted new offspring
-and one drawn from the next best (diversity), end to end. A child replaces the parent only if
-it measures strictly better, so the result is the best measured recipe: never worse than a
-starting point, and within the same budget.
+model only pre-screens offspring: each generation measures its best predicted new offspring end
+to end. (Measuring that one plus one drawn from the next 8, for diversity, did worse for the same
+budget: over 4 seeds x 3 budgets on the float32 bench model the greedy path ended higher in 11 of
+12 runs, +0.10 / +0.21 / +0.26 dB on average at 5 / 4 / 3 bits; in float16 the two tied.) A child
+replaces the parent only if it measures strictly better, so the result is the best measured
+recipe: never worse than a starting point, and within the same budget.
 
 Pure and deterministic: ``measure(bit maps) -> mean PSNRs`` is the only effect (the driver
 looks a map up in the database first), the random generator is seeded from the budget, and a
@@ -29,9 +31,7 @@ from common.formats import PaletteFormat, formats_json
 from search.recipes.knapsack import budget_problem
 from search.recipes.noise_model import NoiseTable, psnr_of_noise
 
-OFFSPRING = 32   # children generated (and ranked on the model) per generation
-PER_GENERATION = 2  # children measured per generation: the best predicted, one drawn from the next TOP
-TOP = 8
+OFFSPRING = 32   # children generated (and ranked on the model) per generation; its best is measured
 
 
 def candidate_key(bits: Mapping[str, int]) -> str:
@@ -99,14 +99,10 @@ def refine(table: NoiseTable, sizes: Mapping[str, int], starts: Mapping[str, Map
                 kids.setdefault(child.tobytes(), child)
         if not kids:
             break
-        ranked = sorted(kids.values(), key=lambda p: -pred(p))
-        batch = [ranked[0]]
-        if len(ranked) > 1:
-            batch.append(ranked[1 + int(rng.integers(min(TOP, len(ranked) - 1)))])
-        run(batch[: max(1, min(PER_GENERATION, evals - used))])
-        for p in batch:
-            if p.tobytes() in seen and seen[p.tobytes()] > seen[best.tobytes()]:
-                best = p
+        child = max(kids.values(), key=pred)  # the first of equal predictions: deterministic
+        run([child])
+        if seen[child.tobytes()] > seen[best.tobytes()]:
+            best = child
         history.append((used, seen[best.tobytes()]))
     return Refined(as_map(best), seen[best.tobytes()], used, origin, start_psnr, tuple(history))
 
