@@ -19,7 +19,7 @@ from search.driver.pool import EvaluatorPool, ItemFailed, PoolError, actor_class
 from search.driver.progress import NullReporter, Reporter
 from search.driver.recipe_phase import RecipePhases
 from search.driver.signals import stop_on_signals
-from search.recipes.strategy import floor_plan, isolated_plan, refinement_plan, skipped_note, unfit
+from search.recipes.strategy import descent_plan, floor_plan, isolated_plan, refinement_plan, skipped_note, unfit
 from search.recipes.tables import load_tables, weight_mse
 from storage import Baseline, Measurement, PaletteInfo, Search, Storage
 from storage.palette_store import PaletteStore
@@ -263,6 +263,10 @@ class SearchDriver(RecipePhases):
         mse = weight_mse(self.storage, sid)
         self._run_items("isolated", items + self._isolated_items(isolated_plan(self.config, tables.sizes, mse)),
                         self._submit_eval, self._store_isolated)
+        while todo := descent_plan(self.config, load_tables(self.storage, sid), mse):
+            self.reporter.message(f"fast mode: {len(todo)} layer(s) hidden by the evaluation floor, measured one "
+                                  "depth lower")
+            self._run_items("descent", self._isolated_items(todo), self._submit_eval, self._store_isolated)
         refine = refinement_plan(self.config, load_tables(self.storage, sid), mse)
         self.reporter.message(f"fast mode: {len(refine)} more isolated measurement(s) where a prediction "
                               "decides a choice")

@@ -1,8 +1,17 @@
 """Fast mode's planning: which isolated runs to make when the other depths are predicted.
 
-``fast_plan`` gives the first round (every layer at the anchor depths); after a first recipe
-search on that table, ``refine_candidates`` lists the predicted entries worth measuring because
-an error of ``margin_db`` in them would change a choice.
+``fast_plan`` gives the first round (every layer at the anchor depths); ``floor_descent`` takes a
+layer whose anchor measurement the evaluation floor hides one depth lower, until its own noise
+shows; after a first recipe search on that table, ``refine_candidates`` lists the predicted
+entries worth measuring because an error of ``margin_db`` in them would change a choice.
+
+Why the descent. Under float16 arithmetic a 4-bit layer's noise can sit below the evaluation
+floor (bench model: 4-bit isolated noise is ~112 dB in float32, the float16 floor 82.4 dB; SDXL's
+4-bit layers measured 84-86 dB on an H200, at its floor). Such a measurement says only "at most
+the floor", and predicting 1-2 bits from it by the weight-MSE ratio (x100-1000) gives every layer
+the same made-up sensitivity: on the float16 bench model fast mode's one-shot recipes measured
+78.7 / 70.6 / 66.0 dB at 5 / 4 / 3 bits from the 4-bit anchor, 80.2 / 78.9 / 77.5 from 1-bit
+measurements (Apple's: 80.4 / 79.5 / 77.6). On bit-exact float32 nothing descends.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import numpy as np
 
 from common.formats import check_sizes, fits
 from search.recipes.knapsack import hull_greedy, knapsack_problem
-from search.recipes.noise_model import NoiseTable, check_nbits, check_number
+from search.recipes.noise_model import NoiseTable, check_nbits, check_number, resolved
 
 
 def fast_plan(weight_mse, sizes: Mapping[str, int], nbits: Sequence[int], anchors=(4,)) -> dict[int, list[str]]:
@@ -36,6 +45,28 @@ def fast_plan(weight_mse, sizes: Mapping[str, int], nbits: Sequence[int], anchor
             plan.setdefault(min(other, key=lambda b: (min(abs(b.bits - a.bits) for a in anchors), -b.bits, b)),
                             []).append(l)
     return dict(sorted(plan.items()))
+
+
+def floor_descent(measured: Mapping, weight_mse, sizes: Mapping[str, int], nbits: Sequence[int], first,
+                  eval_floor) -> tuple[list, list]:
+    """(chain, todo): per layer, from its lowest first-round depth (``first``: (layer, bits) pairs),
+    each measured depth the floor hides (not ``resolved``) is followed by the next lower searched
+    depth with weight MSE > 0; ``chain`` lists the measured ones past the first round, ``todo`` the
+    next to measure. ``measured``: {(layer, bits): per-prompt noise powers}. Pure, so a resumed
+    search plans the same runs."""
+    nbits = sorted({check_nbits(b) for b in nbits})
+    start: dict = {}
+    for l, b in first:
+        start[l] = min(start.get(l, b), check_nbits(b), key=lambda f: (f.bits, f.group_size or 0))
+    chain, todo = [], []
+    for l, a in start.items():
+        while (l, a) in measured and not resolved(measured[l, a], eval_floor):
+            lower = [b for b in nbits if b.bits < a.bits and fits(sizes, l, b) and weight_mse.get(b, {}).get(l, 0) > 0]
+            if not lower:
+                break
+            a = max(lower, key=lambda f: (f.bits, -(f.group_size or 0)))  # next depth down, per tensor first
+            (chain if (l, a) in measured else todo).append((l, a))
+    return chain, todo
 
 
 def refine_candidates(table: NoiseTable, sizes: Mapping[str, int], targets: Iterable[float],

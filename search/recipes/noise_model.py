@@ -104,6 +104,14 @@ def floor_noise(probes: Mapping[int, Iterable[Sequence[float]]] | Iterable[Seque
     return np.clip((16 * power[1] - power[4]) / 15, 0.0, power[1])
 
 
+RESOLVED = 2.0  # an isolated power >= this x the floor's shows the layer's own noise (>= 3 dB above it)
+
+
+def resolved(power, eval_floor) -> bool:
+    """Whether an isolated measurement's mean noise power rises clearly above the evaluation floor."""
+    return eval_floor is None or float(np.mean(power)) >= RESOLVED * float(np.mean(eval_floor))
+
+
 def _noises(isolated, layers, n_prompts: int, eval_floor=None) -> dict[tuple[str, int], np.ndarray]:
     """{(layer, bits): per-prompt noise, the evaluation floor taken out}; +inf PSNR is zero noise."""
     out = {}
@@ -185,6 +193,10 @@ class NoiseTable:
         noise, predicted = {b: np.empty((len(layers), len(floor))) for b in bits}, set()
         for i, l in enumerate(layers):
             anchors = [a for (m, a) in got if m == l and mse[l, a] > 0]
+            # predict from measurements that show the layer's own noise (``fast_plan.floor_descent``);
+            # if none does, from the lowest depth (the most noise over the floor)
+            shown = [a for a in anchors if resolved(raw[l, a], eval_floor)]
+            anchors = shown or sorted(anchors, key=lambda a: (a.bits, a.group_size or 0))[:1]
             for b in bits:
                 if (l, b) in unfit:
                     noise[b][i] = np.inf

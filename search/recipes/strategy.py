@@ -13,7 +13,7 @@ from search.recipes.apple_rule import Recipe, apple_recipes, thresholds
 from search.recipes.apple_rule import apple_thresholds as exact_apple_thresholds
 from workers.evaluation.protocol import LINEAR8_BASELINE
 from search.recipes.calibration import Calibration, calibrate
-from search.recipes.fast_plan import fast_plan, refine_candidates
+from search.recipes.fast_plan import fast_plan, floor_descent, refine_candidates
 from search.recipes.knapsack import optimal_for_budget, optimal_for_psnr
 from search.recipes.noise_model import NoiseTable, floor_noise, floor_probe_plan, predict_psnr, psnr_of_noise
 from search.recipes.tables import Tables, probe_ulps
@@ -64,12 +64,27 @@ def floor_plan(tables: Tables) -> list[tuple[str, str, int | None]]:
     return [p for p in plan if p[0] not in done]
 
 
+def _descent(config: SearchConfig, tables: Tables, weight_mse):
+    first = isolated_plan(config, tables.sizes, weight_mse)
+    measured = {(l, b): 10.0 ** (-np.array(m.per_prompt) / 10) for b, per in tables.isolated.items()
+                for l, m in per.items()}
+    chain, todo = floor_descent(measured, weight_mse, tables.sizes, config.nbits, first, eval_floor(tables))
+    return first, chain, todo
+
+
+def descent_plan(config: SearchConfig, tables: Tables, weight_mse) -> list[tuple[str, int]]:
+    """Fast mode: the next depth down for layers whose measurements the evaluation floor hides
+    (``fast_plan.floor_descent``); run until it is empty."""
+    return [] if config.evals == "full" else _descent(config, tables, weight_mse)[2]
+
+
 def refinement_plan(config: SearchConfig, tables: Tables, weight_mse) -> list[tuple[str, int]]:
-    """Fast mode's second round, computed from the first round's measurements only so that a
-    resumed search plans exactly the same items."""
+    """Fast mode's second round, computed from the first round's measurements (and the floor
+    descent's) only so that a resumed search plans exactly the same items."""
     if config.evals == "full":
         return []
-    first = set(isolated_plan(config, tables.sizes, weight_mse))
+    first, chain, _ = _descent(config, tables, weight_mse)
+    first = set(first) | set(chain)
     iso = {b: {l: m.per_prompt for l, m in per.items() if (l, b) in first} for b, per in tables.isolated.items()}
     table = NoiseTable.from_anchors({b: v for b, v in iso.items() if v}, weight_mse, _original(tables),
                                     list(tables.sizes), config.nbits, eval_floor(tables), unfit(config, tables.sizes))
