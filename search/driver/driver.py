@@ -45,11 +45,8 @@ class SearchDriver(RecipePhases):
                  reporter: Reporter | None = None, actor_resources: dict | None = None, weights_dir=None):
         self.storage, self.search, self.spec = storage, search, spec
         self.weights_dir = weights_dir  # the local pipeline directory (None: found from the spec)
-        self.shipper = None
-        self.config = SearchConfig.from_dict(search.config)
-        self.reporter = reporter or NullReporter()
-        self.requested_workers = workers
-        self.actor_resources = actor_resources
+        self.shipper, self.config = None, SearchConfig.from_dict(search.config)
+        self.reporter, self.requested_workers, self.actor_resources = reporter or NullReporter(), workers, actor_resources
         self.palette_store = PaletteStore(storage.path)
         self._stop = threading.Event()
         self.cancelled = False
@@ -261,16 +258,14 @@ class SearchDriver(RecipePhases):
             return
         self._fit_palettes(self._palette_feed({}), "palettes", [], 0)
         mse = weight_mse(self.storage, sid)
-        self._run_items("isolated", items + self._isolated_items(isolated_plan(self.config, tables.sizes, mse)),
-                        self._submit_eval, self._store_isolated)
+        run = lambda name, todo: self._run_items(name, todo, self._submit_eval, self._store_isolated)  # noqa: E731
+        run("isolated", items + self._isolated_items(isolated_plan(self.config, tables.sizes, mse)))
         while todo := descent_plan(self.config, load_tables(self.storage, sid), mse):
-            self.reporter.message(f"fast mode: {len(todo)} layer(s) hidden by the evaluation floor, measured one "
-                                  "depth lower")
-            self._run_items("descent", self._isolated_items(todo), self._submit_eval, self._store_isolated)
+            self.reporter.message(f"fast mode: {len(todo)} layer(s) hidden by the evaluation floor, measured one depth lower")
+            run("descent", self._isolated_items(todo))
         refine = refinement_plan(self.config, load_tables(self.storage, sid), mse)
-        self.reporter.message(f"fast mode: {len(refine)} more isolated measurement(s) where a prediction "
-                              "decides a choice")
-        self._run_items("refine", self._isolated_items(refine), self._submit_eval, self._store_isolated)
+        self.reporter.message(f"fast mode: {len(refine)} more isolated measurement(s) where a prediction decides a choice")
+        run("refine", self._isolated_items(refine))
 
     def _isolated_items(self, pairs) -> list[WorkItem]:
         done = self.storage.measured_keys(self.search.id)
