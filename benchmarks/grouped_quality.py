@@ -59,11 +59,13 @@ def _near(recipes, bits: float):
 
 
 def run_grouped(db: Path, workers: int, formats: str = FORMATS, model: str | None = None,
-                min_size: int = MIN_SIZE, prompts: int | None = None) -> int:
+                min_size: int = MIN_SIZE, prompts: int | None = None, resolution: int | None = None) -> int:
     t0 = time.monotonic()
     # 64 px, the bench model's training resolution, as recipe_quality.py (a local model directory
-    # would otherwise get Apple's 768 px: 100x the work, on a model that never saw that size)
-    common = ["--workers", str(workers), "--min-size", str(min_size), "--resolution", str(TINY_RESOLUTION)]
+    # would otherwise get Apple's 768 px: 100x the work, on a model that never saw that size);
+    # another --model gets the search's default unless --resolution says otherwise
+    size = resolution or (None if model else TINY_RESOLUTION)
+    common = ["--workers", str(workers), "--min-size", str(min_size), *(["--resolution", str(size)] if size else [])]
     if prompts:
         from workers.evaluation.protocol import APPLE_PROMPTS
 

@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default=None, help="with --grouped: the formats searched")
     ap.add_argument("--min-size", type=int, default=MIN_SIZE, help="with --grouped: candidate threshold")
     ap.add_argument("--prompts", type=int, default=None, help="with --grouped: Apple's first K prompts only")
+    ap.add_argument("--resolution", type=int, default=None, help="image size of every run [64 for the bench model, "
+                    "which it was trained at; the search's default for --model]")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     db = args.db or Path(tempfile.mkdtemp(prefix="recipe-quality-")) / "searches.db"
@@ -76,9 +78,11 @@ def main(argv=None) -> int:
     if args.grouped:
         from grouped_quality import FORMATS, run_grouped
 
-        return run_grouped(db, args.workers, args.formats or FORMATS, args.model, args.min_size, args.prompts)
-    # 64 px as the model was trained (a local directory would otherwise get Apple's 768 px)
-    common = ["--workers", str(args.workers), "--min-size", str(MIN_SIZE), "--resolution", str(TINY_RESOLUTION),
+        return run_grouped(db, args.workers, args.formats or FORMATS, args.model, args.min_size, args.prompts,
+                           args.resolution)
+    # 64 px as the bench model was trained (a local directory would otherwise get Apple's 768 px)
+    size = args.resolution or (None if args.model else TINY_RESOLUTION)
+    common = ["--workers", str(args.workers), "--min-size", str(MIN_SIZE), *(["--resolution", str(size)] if size else []),
               "--precision", args.precision,
               *(["--nbits", "2,4,8"] if args.quick else [])]
 
