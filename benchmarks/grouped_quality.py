@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 
 from bench_model import MIN_SIZE, ensure_bench_model
-from quality_runs import add_apple_recipes, cli, load, log, submit
-from workers.tiny_models import TINY_RESOLUTION
+from quality_runs import add_apple_recipes, cli, load, log, resolution_args, submit
 
 FORMATS = "1,2,3,4,6,8,2g16,3g16,4g16,3g8,4g8"  # Apple's depths, 3 bits, LUTs per 8 / 16 output channels
 TARGET_BITS = (3.0, 4.0)
@@ -61,11 +60,7 @@ def _near(recipes, bits: float):
 def run_grouped(db: Path, workers: int, formats: str = FORMATS, model: str | None = None,
                 min_size: int = MIN_SIZE, prompts: int | None = None, resolution: int | None = None) -> int:
     t0 = time.monotonic()
-    # 64 px, the bench model's training resolution, as recipe_quality.py (a local model directory
-    # would otherwise get Apple's 768 px: 100x the work, on a model that never saw that size);
-    # another --model gets the search's default unless --resolution says otherwise
-    size = resolution or (None if model else TINY_RESOLUTION)
-    common = ["--workers", str(workers), "--min-size", str(min_size), *(["--resolution", str(size)] if size else [])]
+    common = ["--workers", str(workers), "--min-size", str(min_size), *resolution_args(model, resolution)]
     if prompts:
         from workers.evaluation.protocol import APPLE_PROMPTS
 

@@ -21,6 +21,16 @@ def within(avg_bits: float, lo_hi) -> bool:
     return lo_hi[0] <= float(f"{avg_bits:.2f}") <= lo_hi[1]
 
 
+def resolution_args(model: str | None, resolution: int | None) -> list[str]:
+    """``--resolution``: as given; else 64 px for the bench model (``model`` None), the size it was
+    trained at (a local model directory would otherwise get Apple's 768 px: 100x the work, on a
+    model that never saw that size); else none, so another ``--model`` gets the search's default."""
+    from workers.tiny_models import TINY_RESOLUTION
+
+    size = resolution or (None if model else TINY_RESOLUTION)
+    return ["--resolution", str(size)] if size else []
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 

@@ -34,11 +34,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import MIN_SIZE, ensure_bench_model  # noqa: E402
-from quality_runs import (RANGE, add_apple_recipes, fast_results, load, log, status, submit,  # noqa: E402
-                          target_run, within)
+from quality_runs import (RANGE, add_apple_recipes, fast_results, load, log, resolution_args, status,  # noqa: E402
+                          submit, target_run, within)
 from search.defaults import REFINE_EVALS  # noqa: E402
 from search.recipes.strategy import apple_thresholds  # noqa: E402
-from workers.tiny_models import TINY_RESOLUTION  # noqa: E402
 
 GRID = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0)  # extra Apple thresholds aim at these average bits
 QUICK_GRID = (3.0, 4.0, 5.0)
@@ -80,9 +79,7 @@ def main(argv=None) -> int:
 
         return run_grouped(db, args.workers, args.formats or FORMATS, args.model, args.min_size, args.prompts,
                            args.resolution)
-    # 64 px as the bench model was trained (a local directory would otherwise get Apple's 768 px)
-    size = args.resolution or (None if args.model else TINY_RESOLUTION)
-    common = ["--workers", str(args.workers), "--min-size", str(MIN_SIZE), *(["--resolution", str(size)] if size else []),
+    common = ["--workers", str(args.workers), "--min-size", str(MIN_SIZE), *resolution_args(args.model, args.resolution),
               "--precision", args.precision,
               *(["--nbits", "2,4,8"] if args.quick else [])]
 

@@ -175,7 +175,7 @@ class NoiseTable:
         got = {k: v if eval_floor is None else np.maximum(v - eval_floor, 0.0) for k, v in raw.items()}
         # base of a prediction: the anchor's noise above the floor; an anchor within 3 dB of the
         # floor only bounds its noise (<= raw), so half the raw power is used instead of ~0
-        base = {k: v if eval_floor is None else np.maximum(v - eval_floor, v / 2) for k, v in raw.items()}
+        base = {k: v if eval_floor is None else np.maximum(v - eval_floor, v / RESOLVED) for k, v in raw.items()}
         bits = sorted({check_nbits(b) for b in bits})
         if not bits:
             raise ValueError("bits is empty")

@@ -44,6 +44,20 @@ def test_fast_mode_measures_anchors_plus_refinements_only(fast):
     assert status["evaluations"] == n + refined + probes + 2 + 3 + m["candidate"]  # + 2 baselines + 3 recipe runs
 
 
+def _plain_floor(probes):
+    """The reference floor by a plain loop over stored probe rows: ({ulps: probe count}, per prompt
+    (p1, p4, (16 p1 - p4) / 15 kept within [0, p1])), p1 / p4 the mean noise powers at 1 / 4 ulps."""
+    power = {1: [], 4: []}
+    for m in probes:
+        power[m.position or 1].append([10 ** (-v / 10) for v in m.per_prompt])
+    rows = []
+    for i in range(len(power[1][0])):
+        p1 = sum(r[i] for r in power[1]) / len(power[1])
+        p4 = sum(r[i] for r in power[4]) / len(power[4])
+        rows.append((p1, p4, min(max((16 * p1 - p4) / 15, 0.0), p1)))
+    return {u: len(v) for u, v in power.items()}, rows
+
+
 def test_status_floor_is_the_two_magnitude_estimate_of_the_stored_probes(fast, model_cache):
     """Reference: (16 p1 - p4) / 15 per prompt, from the stored probes by a plain loop; on bit-exact
     CPU float32 the 4-ulp probes read ~12 dB below the 1-ulp ones, so the floor is far below p1."""
@@ -53,16 +67,12 @@ def test_status_floor_is_the_two_magnitude_estimate_of_the_stored_probes(fast, m
 
     with Storage(fast["db"]) as st:
         probes = st.measurements(fast["id"], phase="floor")
-    power = {1: [], 4: []}
-    for m in probes:
-        power[m.position or 1].append([10 ** (-v / 10) for v in m.per_prompt])
-    assert len(power[1]) == len(power[4]) == floor_probes(fast["status"]["candidates"]) // 2
+    counts, per_prompt = _plain_floor(probes)
+    assert counts[1] == counts[4] == floor_probes(fast["status"]["candidates"]) // 2
     ref = []
-    for i in range(len(power[1][0])):
-        p1 = sum(r[i] for r in power[1]) / len(power[1])
-        p4 = sum(r[i] for r in power[4]) / len(power[4])
+    for p1, p4, f in per_prompt:
         assert 10 < 10 * math.log10(p4 / p1) < 14  # a linear response: 12.04 dB
-        ref.append(min(max((16 * p1 - p4) / 15, 0.0), p1))
+        ref.append(f)
         assert ref[-1] <= 0.2 * p1
     floor = fast["status"]["eval_floor"]
     assert floor["probes"] == floor_probes(fast["status"]["candidates"])
@@ -90,16 +100,8 @@ def test_float16_fast_mode_measures_layers_the_floor_hides_one_depth_lower(tmp_p
     with Storage(db) as st:
         probes = st.measurements(sid, phase="floor")
         isolated = st.measurements(sid, phase="isolated")
-    power = {1: [], 4: []}
-    for m in probes:
-        power[m.position or 1].append([10 ** (-v / 10) for v in m.per_prompt])
-    n_prompts = len(power[1][0])
-    floor = []
-    for i in range(n_prompts):
-        p1 = sum(r[i] for r in power[1]) / len(power[1])
-        p4 = sum(r[i] for r in power[4]) / len(power[4])
-        floor.append(min(max((16 * p1 - p4) / 15, 0.0), p1))
-    mean_floor = sum(floor) / n_prompts
+    floor = [f for _, _, f in _plain_floor(probes)[1]]
+    mean_floor = sum(floor) / len(floor)
     at4 = {m.layer: m.per_prompt for m in isolated if str(m.bits) == "4"}
     hidden = {l for l, ps in at4.items() if sum(10 ** (-v / 10) for v in ps) / len(ps) < 2 * mean_floor}
     assert hidden, "tiny-sdxl in float16 has 4-bit layers under its evaluation floor"
