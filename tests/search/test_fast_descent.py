@@ -32,6 +32,24 @@ def test_descent_goes_one_depth_lower_until_the_noise_shows():
     assert floor_descent(measured, MSE, SIZES, NBITS, first, None) == ([], [])
 
 
+def test_descent_stops_where_the_rest_is_a_short_extrapolation():
+    """A palette's weight MSE falls ~6 dB per bit (bench model: 1 -> 2 bits 5.9 dB, 2 -> 4 bits
+    11.5 dB). A bound from a hidden 2-bit run predicts 1 bit across ~6 dB, within the 9 dB
+    (8x) limit, so the descent stops at 2 bits; from 4 or 6 bits the gap to 1 bit is wider."""
+    mse = {F(b): {l: 4.0 ** (-b) for l in SIZES} for b in NBITS}  # 6.02 dB per bit
+    hidden = power(FLOOR_DB - 1)
+    measured = {("a", F(4)): hidden, ("a", F(2)): hidden,  # stops: 1 bit is 4x the 2-bit MSE
+                ("b", F(6)): hidden,                       # next: 4 bits (1 bit is 1024x)
+                ("c", F(6)): hidden, ("c", F(4)): hidden}  # next: 2 bits (1 bit is 64x)
+    first = [("a", F(4)), ("b", F(6)), ("c", F(6))]
+    chain, todo = floor_descent(measured, mse, SIZES, NBITS, first, FLOOR)
+    assert sorted(chain) == [("a", F(2)), ("c", F(4))]
+    assert sorted(todo) == [("b", F(4)), ("c", F(2))]
+    # the limit sits between one bit (4x) and two (16x): at 16x per bit the 2-bit bound goes on
+    steep = {F(b): {l: 16.0 ** (-b) for l in SIZES} for b in NBITS}
+    assert ("a", F(1)) in floor_descent(measured, steep, SIZES, NBITS, first, FLOOR)[1]
+
+
 @pytest.mark.parametrize("shown_db", [FLOOR_DB - 10.0, FLOOR_DB - 1.0])
 def test_predictions_come_from_a_depth_whose_noise_shows(shown_db):
     iso = {4: {l: [FLOOR_DB - 0.5] * 2 for l in SIZES}, 1: {l: [shown_db] * 2 for l in SIZES}}
