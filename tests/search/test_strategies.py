@@ -86,32 +86,6 @@ def test_status_floor_is_the_two_magnitude_estimate_of_the_stored_probes(fast, m
         in " ".join(text.split())
 
 
-def test_float16_fast_mode_measures_layers_the_floor_hides_one_depth_lower(tmp_path, model_cache):
-    """Reference, by a plain loop over the stored rows: the floor per prompt from the probes
-    ((16 p1 - p4) / 15), and a layer is hidden when its 4-bit isolated noise power (mean over
-    prompts) is under twice the floor's. Every hidden layer, and only those, gets a 2-bit run
-    before the second round (nbits 2,4,8: 2 is the lowest depth, so the descent stops there)."""
-    from storage import Storage
-
-    db = tmp_path / "s.db"
-    proc = run_cli("submit", *FAST, "--precision", "float16", "--db", db, model_cache=model_cache)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sid = proc.stdout.split()[1]
-    with Storage(db) as st:
-        probes = st.measurements(sid, phase="floor")
-        isolated = st.measurements(sid, phase="isolated")
-    floor = [f for _, _, f in _plain_floor(probes)[1]]
-    mean_floor = sum(floor) / len(floor)
-    at4 = {m.layer: m.per_prompt for m in isolated if str(m.bits) == "4"}
-    hidden = {l for l, ps in at4.items() if sum(10 ** (-v / 10) for v in ps) / len(ps) < 2 * mean_floor}
-    assert hidden, "tiny-sdxl in float16 has 4-bit layers under its evaluation floor"
-    descended = re.search(r"fast mode: (\d+) layer\(s\) hidden by the evaluation floor", " ".join(proc.stderr.split()))
-    assert descended and int(descended.group(1)) == len(hidden)
-    second = int(re.search(r"fast mode: (\d+) more isolated", proc.stderr).group(1))
-    at2 = {m.layer for m in isolated if str(m.bits) == "2"}
-    assert hidden <= at2 and len(isolated) == len(at4) + len(hidden) + second
-
-
 def test_targets_are_met_exactly_and_predicted(fast, model_cache):
     report = json.loads(run_cli("download", fast["id"], "-o", "-", "--db", fast["db"], model_cache=model_cache).stdout)
     assert check_apple_recipes_from_json(report) == 0  # optimal recipes only: keys and average bits checked
