@@ -20,6 +20,11 @@ MODEL_HELP = ("Hub id, alias (sdxl-base-1.0, sd-1.5, sd-2.1-base), local pipelin
 WorkersOption = typer.Option(None, "--workers", "-w", help=WORKERS_HELP)
 
 
+def _check_workers(workers: Optional[int]) -> None:
+    if workers is not None and workers < 1:
+        raise CliError(f"--workers must be at least 1, got {workers}")
+
+
 def _run_to_end(backend: Backend, sid: str, workers: Optional[int], ray_address: Optional[str]) -> None:
     """Run the search here (local) or follow it on the service, then say how it ended."""
     info, ended = backend.run(sid, workers=workers, ray_address=ray_address)
@@ -43,8 +48,7 @@ def submit(
     """Run the mixed-bit analysis of MODEL's UNet and build recipes (with --server: on the service)."""
     from search.config import parse_prompts_file
 
-    if workers is not None and workers < 1:
-        raise CliError(f"--workers must be at least 1, got {workers}")
+    _check_workers(workers)
     request = {"model": model, "workers": workers, **flags, "resume": resume}
     if flags["prompts"] is not None:
         request["prompts"] = list(parse_prompts_file(str(flags["prompts"])))
@@ -76,6 +80,7 @@ def resume(
     wait: bool = WaitOption,
 ) -> None:
     """Continue an interrupted or failed search; stored measurements are never recomputed."""
+    _check_workers(workers)
     with open_backend(ctx, db, server, token, local=("db", "ray_address")) as backend:
         if wait and backend.runs_here:
             raise CliError("--wait is for --server (a local search always runs in the foreground)")
@@ -94,7 +99,7 @@ def recipe(
     size_mb: Optional[float] = typer.Option(None, "--size-mb", help="candidate weights at most this many MB"),
     psnr: Optional[float] = typer.Option(None, "--psnr", help="smallest recipe predicted to keep this PSNR (dB)"),
     db: Optional[Path] = DbOption,
-    workers: int = typer.Option(1, "--workers", "-w"),
+    workers: int = typer.Option(1, "--workers", "-w", help="evaluator actors"),
     ray_address: Optional[str] = RayOption,
     refine_evals: int = typer.Option(REFINE_EVALS, "--refine-evals", help=REFINE_EVALS_HELP),
 ) -> None:
@@ -104,6 +109,7 @@ def recipe(
 
     if sum(v is not None for v in (bits, size_mb, psnr)) != 1:
         raise CliError("give exactly one of --bits, --size-mb, --psnr")
+    _check_workers(workers)
     if refine_evals < 0:
         raise CliError(f"--refine-evals must be 0 (one-shot) or more, got {refine_evals}")
     with LocalBackend(db) as backend:

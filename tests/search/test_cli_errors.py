@@ -109,3 +109,12 @@ def test_recipe_bad_refine_evals(tmp_path, model_cache):
     proc = run_cli("recipe", "deadbeef", "--bits", "4", "--refine-evals", "-3", "--db", db, model_cache=model_cache)
     assert proc.returncode == 2 and "--refine-evals must be 0 (one-shot) or more, got -3" in error_line(proc)
     assert not db.exists()
+
+
+@pytest.mark.parametrize("command", [["recipe", "deadbeef", "--bits", "4"], ["resume", "deadbeef"]])
+def test_zero_workers_is_refused_before_anything_runs(tmp_path, model_cache, command):
+    """`--workers 0` once fell back silently to the default pool in `recipe` and `resume`."""
+    db = tmp_path / "s.db"
+    proc = run_cli(*command, "--workers", "0", "--db", db, model_cache=model_cache)
+    assert proc.returncode == 2 and "--workers must be at least 1, got 0" in error_line(proc)
+    assert not db.exists()
