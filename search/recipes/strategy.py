@@ -7,7 +7,7 @@ from typing import Iterable
 
 import numpy as np
 
-from common.formats import fits
+from common.formats import fits, is_palettized
 from search.config import SearchConfig
 from search.recipes.apple_rule import Recipe, apple_recipes, thresholds
 from search.recipes.apple_rule import apple_thresholds as exact_apple_thresholds
@@ -133,6 +133,8 @@ def calibration(tables: Tables, table: NoiseTable) -> Calibration:
         pairs += [(float(curve[pos - 1]), m.psnr) for pos, m in per.items()
                   if pos <= len(order) and order[pos - 1] == m.layer]
     for bits, psnr in tables.recipes:
+        if not any(is_palettized(b) for b in bits.values()):
+            continue  # every layer in float16: a re-run of the reference (bit-exact: ~209 dB), no palette noise
         try:
             pairs.append((predict_psnr(table, bits), psnr))
         except ValueError:  # a recipe with a format this table has no entry for
@@ -195,8 +197,9 @@ def target_recipe(config: SearchConfig, tables: Tables, weight_mse, *, bits: flo
     if len(given) != 1:
         raise ValueError("give exactly one of --bits, --size-mb, --psnr")
     kind, value = given[0]
+    option = {"avg_bits": "--bits", "size_mb": "--size-mb", "psnr": "--psnr"}[kind]
     if not math.isfinite(value):
-        raise ValueError(f"--{kind.replace('_', '-')} must be a finite number")
+        raise ValueError(f"{option} must be a finite number")
     table = noise_table(config, tables, weight_mse)
     cal = calibration(tables, table)
     if kind == "avg_bits":
@@ -204,6 +207,9 @@ def target_recipe(config: SearchConfig, tables: Tables, weight_mse, *, bits: flo
     elif kind == "size_mb":
         r = optimal_for_budget(table, tables.sizes, max_size_mb=value)
     else:
+        best = cal.apply(predict_psnr(table, {}))  # every layer in float16
+        if value > best:
+            raise ValueError(f"--psnr {value:g} dB is unreachable: even every layer in float16 is predicted {best:.2f} dB")
         r = optimal_for_psnr(table, tables.sizes, cal.invert(value))
     return Planned(r, cal.apply(predict_psnr(table, r.bits)), {kind: value})
 

@@ -87,3 +87,25 @@ def test_strategy_calibration_uses_curves_and_recipes_and_corrects_a_new_recipe(
     t2 = Tables(sizes, isolated, {4: wrong, 8: cumulative[8]}, {"original": math.inf},
                 {"original": (math.inf, math.inf)}, recipes=recipes)
     assert calibration(t2, table).pairs == 24
+
+
+def test_a_recipe_with_no_palettized_layer_is_not_a_calibration_pair():
+    """A recipe that keeps every layer in float16 re-runs the reference: under float16 arithmetic
+    it measures ~209 dB (bit-exact), while the model predicts the evaluation floor for it. Among a
+    fast search's few pairs it once bent the map so far that `search recipe --psnr 80` (tiny-sd,
+    float16) picked a recipe predicted 80.47 dB that measured 73.30. Only recipes that palettize
+    something are pairs."""
+    layers = [f"l{i}" for i in range(4)]
+    floor = np.full(2, 10 ** -8.0)  # an 80 dB evaluation floor
+    iso = {4: {l: [70.0 + i, 70.0 + i] for i, l in enumerate(layers)}}
+    table = NoiseTable.from_isolated(iso, [209.0, 209.0], layers, floor)
+    device = lambda bits: predict_psnr(table, bits) + 2.0  # noqa: E731
+    isolated = {4: {l: _m(f"i/4/{l}", "isolated", 4, l, None, 70.0 + i) for i, l in enumerate(layers)}}
+    sizes = LayerSizes({l: 1000 for l in layers}, {l: 16 for l in layers})
+    maps = [{l: (4 if j <= k else 16) for j, l in enumerate(layers)} for k in range(3)]
+    recipes = tuple((m, device(m)) for m in maps) + (({l: 16 for l in layers}, 209.1),)
+    tables = Tables(sizes, isolated, {}, {"original": 209.0}, {"original": (209.0, 209.0)}, recipes=recipes)
+    cal = calibration(tables, table)
+    assert cal.pairs == 3
+    near_floor = {layers[3]: 4}  # predicted close to the floor, palettizes one layer
+    assert cal.apply(predict_psnr(table, near_floor)) == pytest.approx(device(near_floor), abs=1e-9)
