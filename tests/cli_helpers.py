@@ -1,7 +1,10 @@
 """Running the real `search` command in subprocesses, as a user would."""
 from __future__ import annotations
 
+import json
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +59,53 @@ def refined_lines(stderr: str) -> list[tuple[float, int]]:
 
     return [(float(b), int(n)) for b, n in
             re.findall(r"target ([\d.]+) bits: refined \S+ [\d.]+ dB after (\d+) measurement", " ".join(stderr.split()))]
+
+
+STALE = {"MBP_SEARCH_STALE_S": "2"}  # a killed driver's heartbeat goes stale after 2 s, not 60
+
+
+def submit_ok(*args, model_cache: Path, timeout: float = 600) -> tuple[subprocess.CompletedProcess, str]:
+    """`search submit ARGS` run to the end; fails the test unless it succeeded. (process, search id)"""
+    proc = run_cli("submit", *args, model_cache=model_cache, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, proc.stdout.split()[1]
+
+
+def status_json(sid: str, db: Path, model_cache: Path) -> dict:
+    return json.loads(run_cli("status", sid, "--db", db, "--json", model_cache=model_cache).stdout)
+
+
+def download(db, sid, model_cache) -> dict:
+    proc = run_cli("download", sid, "-o", "-", "--db", db, model_cache=model_cache)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def comparable(report: dict) -> dict:
+    """Everything except this project's run-specific bookkeeping (ids, timings, status)."""
+    r = dict(report)
+    extra = r.pop("mbp_search")
+    r["thresholds"] = extra["thresholds"]
+    return r
+
+
+def counts(db) -> dict:
+    """Stored rows per phase, read directly from the SQLite file (read-only, while a driver writes)."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        out = dict(con.execute("SELECT phase, COUNT(*) FROM measurements GROUP BY phase").fetchall())
+        out["baseline"] = con.execute("SELECT COUNT(*) FROM baselines").fetchone()[0]
+        out["recipes"] = con.execute("SELECT COUNT(*) FROM recipes").fetchone()[0]
+        out["recipes_measured"] = con.execute("SELECT COUNT(*) FROM recipes WHERE psnr IS NOT NULL").fetchone()[0]
+        out["evaluations"] = con.execute("SELECT SUM(evaluations) FROM searches").fetchone()[0] or 0
+        return out
+    except sqlite3.OperationalError:  # tables not created yet
+        return {}
+    finally:
+        con.close()
+
+
+def evaluations_this_run(stderr: str) -> int:
+    m = re.search(r"(\d+) evaluations this run", stderr)
+    assert m, stderr[-2000:]
+    return int(m.group(1))

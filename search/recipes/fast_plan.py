@@ -31,7 +31,7 @@ import numpy as np
 
 from common.formats import check_sizes, fits
 from search.recipes.knapsack import hull_greedy, knapsack_problem
-from search.recipes.noise_model import NoiseTable, check_nbits, check_number, resolved
+from search.recipes.noise_model import NoiseTable, check_nbits, check_number, lowest, resolved
 
 
 def fast_plan(weight_mse, sizes: Mapping[str, int], nbits: Sequence[int], anchors=(4,)) -> dict[int, list[str]]:
@@ -69,7 +69,8 @@ def floor_descent(measured: Mapping, weight_mse, sizes: Mapping[str, int], nbits
     nbits = sorted({check_nbits(b) for b in nbits})
     start: dict = {}
     for l, b in first:
-        start[l] = min(start.get(l, b), check_nbits(b), key=lambda f: (f.bits, f.group_size or 0))
+        b = check_nbits(b)
+        start[l] = lowest([start.get(l, b), b])
     chain, todo = [], []
     for l, a in start.items():
         while (l, a) in measured and not resolved(measured[l, a], eval_floor):

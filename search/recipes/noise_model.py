@@ -112,6 +112,12 @@ def resolved(power, eval_floor) -> bool:
     return eval_floor is None or float(np.mean(power)) >= RESOLVED * float(np.mean(eval_floor))
 
 
+def lowest(formats):
+    """The noisiest of measured formats, where a prediction or the floor descent starts: fewest
+    bits, then per tensor before grouped, then the smaller group size."""
+    return min(formats, key=lambda f: (f.bits, f.group_size or 0))
+
+
 def _noises(isolated, layers, n_prompts: int, eval_floor=None) -> dict[tuple[str, int], np.ndarray]:
     """{(layer, bits): per-prompt noise, the evaluation floor taken out}; +inf PSNR is zero noise."""
     out = {}
@@ -196,7 +202,7 @@ class NoiseTable:
             # predict from measurements that show the layer's own noise (``fast_plan.floor_descent``);
             # if none does, from the lowest depth (the most noise over the floor)
             shown = [a for a in anchors if resolved(raw[l, a], eval_floor)]
-            anchors = shown or sorted(anchors, key=lambda a: (a.bits, a.group_size or 0))[:1]
+            anchors = shown or ([lowest(anchors)] if anchors else [])
             for b in bits:
                 if (l, b) in unfit:
                     noise[b][i] = np.inf

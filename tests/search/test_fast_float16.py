@@ -5,7 +5,6 @@ that resumes to exactly the uninterrupted result.
 descent runs. Fast mode plans its later rounds from stored rows (the descent, the second round
 of isolated runs, each target's refinement path): these are where a resume could plan
 differently from the first run. Real driver processes, SIGKILL, real Ray and SQLite."""
-import json
 import os
 import re
 import signal
@@ -13,9 +12,10 @@ import time
 
 import pytest
 
-from tests.cli_helpers import run_cli, start_cli
-from tests.search.test_resume import STALE, comparable, counts, download, evaluations_this_run
-from tests.search.test_strategies import FAST, _plain_floor
+from tests.cli_helpers import (STALE, comparable, counts, download, evaluations_this_run, run_cli, start_cli,
+                               status_json, submit_ok)
+from tests.reference.floor_reference import plain_floor
+from tests.search.test_strategies import FAST
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +25,11 @@ FAST16 = [*FAST, "--precision", "float16"]
 @pytest.fixture(scope="module")
 def fast16(tmp_path_factory, model_cache):
     db = tmp_path_factory.mktemp("fast16") / "s.db"
-    proc = run_cli("submit", *FAST16, "--db", db, model_cache=model_cache)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sid = proc.stdout.split()[1]
-    status = json.loads(run_cli("status", sid, "--db", db, "--json", model_cache=model_cache).stdout)
+    proc, sid = submit_ok(*FAST16, "--db", db, model_cache=model_cache)
     c = counts(db)
     assert c["evaluations"] == evaluations_this_run(proc.stderr)
     return dict(db=db, id=sid, stderr=proc.stderr, counts=c, report=download(db, sid, model_cache),
-                layers=status["candidates"])
+                layers=status_json(sid, db, model_cache)["candidates"])
 
 
 def test_float16_fast_mode_measures_layers_the_floor_hides_one_depth_lower(fast16):
@@ -45,7 +42,7 @@ def test_float16_fast_mode_measures_layers_the_floor_hides_one_depth_lower(fast1
     with Storage(fast16["db"]) as st:
         probes = st.measurements(fast16["id"], phase="floor")
         isolated = st.measurements(fast16["id"], phase="isolated")
-    floor = [f for _, _, f in _plain_floor(probes)[1]]
+    floor = [f for _, _, f in plain_floor(probes)[1]]
     mean_floor = sum(floor) / len(floor)
     at4 = {m.layer: m.per_prompt for m in isolated if str(m.bits) == "4"}
     hidden = {l for l, ps in at4.items() if sum(10 ** (-v / 10) for v in ps) / len(ps) < 2 * mean_floor}

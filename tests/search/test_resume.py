@@ -4,61 +4,23 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import time
 
 import pytest
 
-from tests.cli_helpers import error_line, floor_probes, run_cli, start_cli
+from tests.cli_helpers import (STALE, comparable, counts, download, error_line, evaluations_this_run, floor_probes,
+                               run_cli, start_cli, submit_ok)
 from tests.reference.json_checks import check_apple_recipes_from_json
 
 pytestmark = pytest.mark.slow
 
 SMALL = ["--model", "tiny-sdxl", "--nbits", "2,8", "--min-size", "16384", "--num-recipes", "25", "--workers", "2"]
-STALE = {"MBP_SEARCH_STALE_S": "2"}
-
-
-def counts(db) -> dict:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        out = dict(con.execute("SELECT phase, COUNT(*) FROM measurements GROUP BY phase").fetchall())
-        out["baseline"] = con.execute("SELECT COUNT(*) FROM baselines").fetchone()[0]
-        out["recipes"] = con.execute("SELECT COUNT(*) FROM recipes").fetchone()[0]
-        out["recipes_measured"] = con.execute("SELECT COUNT(*) FROM recipes WHERE psnr IS NOT NULL").fetchone()[0]
-        out["evaluations"] = con.execute("SELECT SUM(evaluations) FROM searches").fetchone()[0] or 0
-        return out
-    except sqlite3.OperationalError:  # tables not created yet
-        return {}
-    finally:
-        con.close()
-
-
-def comparable(report: dict) -> dict:
-    """Everything except this project's run-specific bookkeeping (ids, timings, status)."""
-    r = dict(report)
-    extra = r.pop("mbp_search")
-    r["thresholds"] = extra["thresholds"]
-    return r
-
-
-def download(db, sid, model_cache) -> dict:
-    proc = run_cli("download", sid, "-o", "-", "--db", db, model_cache=model_cache)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def evaluations_this_run(stderr: str) -> int:
-    m = re.search(r"(\d+) evaluations this run", stderr)
-    assert m, stderr[-2000:]
-    return int(m.group(1))
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, model_cache):
     db = tmp_path_factory.mktemp("ref") / "s.db"
-    proc = run_cli("submit", *SMALL, "--db", db, model_cache=model_cache)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sid = proc.stdout.split()[1]
+    proc, sid = submit_ok(*SMALL, "--db", db, model_cache=model_cache)
     c = counts(db)
     total = c["isolated"] + c["cumulative"] + c["baseline"] + c["recipes"] + c["floor"]
     assert c["floor"] == floor_probes(c["isolated"] // 2)  # two bit depths
@@ -247,8 +209,6 @@ def test_two_concurrent_searches_on_one_database(tmp_path, model_cache):
 def test_same_seed_and_config_twice_gives_identical_results(tmp_path, model_cache, reference):
     """A second, separate, uninterrupted run reproduces every measurement and recipe exactly."""
     db = tmp_path / "s.db"
-    proc = run_cli("submit", *SMALL, "--db", db, model_cache=model_cache)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    again = download(db, proc.stdout.split()[1], model_cache)
+    again = download(db, submit_ok(*SMALL, "--db", db, model_cache=model_cache)[1], model_cache)
     assert again["recipes"] == reference["report"]["recipes"]
     assert comparable(again) == comparable(reference["report"])

@@ -6,7 +6,8 @@ import time
 import pytest
 
 from common.formats import average_bits
-from tests.cli_helpers import error_line, floor_probes, refined_lines, run_cli, start_cli
+from tests.cli_helpers import error_line, floor_probes, refined_lines, run_cli, start_cli, status_json, submit_ok
+from tests.reference.floor_reference import plain_floor
 from tests.reference.json_checks import check_apple_recipes_from_json
 
 pytestmark = pytest.mark.slow
@@ -18,11 +19,8 @@ FAST = ["--model", "tiny-sdxl", "--nbits", "2,4,8", "--min-size", "16384", "--st
 @pytest.fixture(scope="module")
 def fast(tmp_path_factory, model_cache):
     db = tmp_path_factory.mktemp("fast") / "s.db"
-    proc = run_cli("submit", *FAST, "--db", db, model_cache=model_cache)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sid = proc.stdout.split()[1]
-    status = json.loads(run_cli("status", sid, "--db", db, "--json", model_cache=model_cache).stdout)
-    return dict(db=db, id=sid, stderr=proc.stderr, status=status)
+    proc, sid = submit_ok(*FAST, "--db", db, model_cache=model_cache)
+    return dict(db=db, id=sid, stderr=proc.stderr, status=status_json(sid, db, model_cache))
 
 
 def test_fast_mode_measures_anchors_plus_refinements_only(fast):
@@ -44,20 +42,6 @@ def test_fast_mode_measures_anchors_plus_refinements_only(fast):
     assert status["evaluations"] == n + refined + probes + 2 + 3 + m["candidate"]  # + 2 baselines + 3 recipe runs
 
 
-def _plain_floor(probes):
-    """The reference floor by a plain loop over stored probe rows: ({ulps: probe count}, per prompt
-    (p1, p4, (16 p1 - p4) / 15 kept within [0, p1])), p1 / p4 the mean noise powers at 1 / 4 ulps."""
-    power = {1: [], 4: []}
-    for m in probes:
-        power[m.position or 1].append([10 ** (-v / 10) for v in m.per_prompt])
-    rows = []
-    for i in range(len(power[1][0])):
-        p1 = sum(r[i] for r in power[1]) / len(power[1])
-        p4 = sum(r[i] for r in power[4]) / len(power[4])
-        rows.append((p1, p4, min(max((16 * p1 - p4) / 15, 0.0), p1)))
-    return {u: len(v) for u, v in power.items()}, rows
-
-
 def test_status_floor_is_the_two_magnitude_estimate_of_the_stored_probes(fast, model_cache):
     """Reference: (16 p1 - p4) / 15 per prompt, from the stored probes by a plain loop; on bit-exact
     CPU float32 the 4-ulp probes read ~12 dB below the 1-ulp ones, so the floor is far below p1."""
@@ -67,7 +51,7 @@ def test_status_floor_is_the_two_magnitude_estimate_of_the_stored_probes(fast, m
 
     with Storage(fast["db"]) as st:
         probes = st.measurements(fast["id"], phase="floor")
-    counts, per_prompt = _plain_floor(probes)
+    counts, per_prompt = plain_floor(probes)
     assert counts[1] == counts[4] == floor_probes(fast["status"]["candidates"]) // 2
     ref = []
     for p1, p4, f in per_prompt:
