@@ -102,11 +102,13 @@ def eval_floor(tables: Tables):
 
 
 def probes_floor(probes: Iterable[Measurement]):
-    """``noise_model.floor_noise`` of stored floor-probe measurements, by their ulps (None: none)."""
+    """``noise_model.floor_noise`` of stored floor-probe measurements, by their ulps (None: no 1-ulp
+    probe stored yet; while probes run on several evaluators a 4-ulp one can be stored first, and
+    `search status` reads this mid-search)."""
     by_ulps: dict[int, list] = {}
     for m in probes:
         by_ulps.setdefault(probe_ulps(m), []).append(m.per_prompt)
-    return floor_noise(by_ulps) if by_ulps else None
+    return floor_noise(by_ulps) if 1 in by_ulps else None
 
 
 def noise_table(config: SearchConfig, tables: Tables, weight_mse) -> NoiseTable:
