@@ -48,7 +48,7 @@ class Storage:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
         self.engine = open_engine(self.path)
-        self.session_scope = SessionFactory(self.engine).scope
+        self.session_scope = SessionFactory(self.engine, self.path).scope
 
     def close(self) -> None:
         self.engine.dispose()

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import first_line
-from storage.errors import StorageError
+from storage.errors import StorageError, disk_error
 from storage.migrations import LATEST_VERSION, migrate
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -95,6 +95,8 @@ def open_engine(path: Path) -> Engine:
         engine.dispose()
         if isinstance(exc, StorageError):
             raise
+        if (disk := disk_error(path, exc)) is not None:
+            raise disk from None
         raise StorageError(f"cannot open database {path}: {first_line(exc)}") from None
     key = str(path.resolve())
     _LIVE[key] = _LIVE.get(key, 0) + 1
@@ -110,18 +112,25 @@ def _release(key: str) -> None:
 
 
 class SessionFactory:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, path: Path):
         self._maker = sessionmaker(engine, expire_on_commit=False)
+        self.path = path
 
     @contextmanager
     def scope(self) -> Iterator[Session]:
-        """One short transaction: commit on success, roll back on any error, always close."""
+        """One short transaction: commit on success, roll back on any error, always close. A write
+        the disk refuses (full, read-only) is a `DiskError` naming it; SQLite has rolled it back."""
         session = self._maker()
         try:
             yield session
             session.commit()
-        except BaseException:
-            session.rollback()
+        except BaseException as exc:
+            try:
+                session.rollback()
+            except Exception:  # the disk that refused the write may refuse the rollback's cleanup too
+                pass
+            if isinstance(exc, Exception) and (disk := disk_error(self.path, exc)) is not None:
+                raise disk from None
             raise
         finally:
             session.close()

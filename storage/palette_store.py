@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Callable
+
+from storage.errors import disk_error
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -24,3 +27,13 @@ class PaletteStore:
         p = self.path(self.relative_path(search_id, layer, bits))
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
+
+    def write(self, search_id: str, layer: str, bits: int, save: Callable[[Path], None]) -> str:
+        """``save(path)`` for this palette's file; returns its relative path. A full or read-only
+        disk is a `DiskError` naming it (the file is written atomically: no half file is left)."""
+        relative = self.relative_path(search_id, layer, bits)
+        try:
+            save(self.path_for(search_id, layer, bits))
+        except OSError as exc:
+            raise disk_error(self.root, exc, "palette store") or exc
+        return relative

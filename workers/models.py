@@ -56,6 +56,15 @@ def _resolve_local(requested: str, path: Path) -> ModelSpec:
     return ModelSpec(requested, "local", str(path.resolve()), family, REAL_MIN_SIZE, res)
 
 
+def path_kind(path: Path) -> str | None:
+    """"dir", "file" (anything else that exists) or None; a name no file system takes (too long)
+    is no path, not an error: a model name is user input."""
+    try:
+        return "dir" if path.is_dir() else "file" if path.exists() else None
+    except OSError:
+        return None
+
+
 def _classify(name: str, requested: str) -> tuple[str, str]:
     """("builtin" | "local" | "hub", the name, directory or repo id): the checks that need neither
     the network nor any weights (a local directory's structure is checked by `_resolve_local`)."""
@@ -65,9 +74,10 @@ def _classify(name: str, requested: str) -> tuple[str, str]:
     if name in BUILTIN_MODELS or name in ARCH_MODELS:
         return "builtin", name
     path = Path(name).expanduser()
-    if path.is_dir():
+    kind = path_kind(path)
+    if kind == "dir":
         return "local", str(path)
-    if path.exists():
+    if kind == "file":
         raise ModelError(f"'{requested}' is a file, not a diffusers pipeline directory")
     if _looks_like_path(name):
         raise ModelError(f"model directory '{requested}' does not exist")

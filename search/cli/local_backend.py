@@ -12,7 +12,7 @@ from search.cli.options import DB_ENV, default_db
 from search import read_models
 from search.read_models import search_detail, search_summary
 from search.submit_options import parse_search_options
-from storage import Storage
+from storage import DiskError, Storage
 
 
 def shutdown_ray() -> None:
@@ -124,6 +124,9 @@ class LocalBackend:
             ended = {"status": "interrupted"}
         except SearchFailed as exc:
             ended = {"status": "failed", "error": str(exc)}
+        except DiskError as exc:  # nothing stored is lost: the same search resumes once the disk takes writes
+            raise CliError(f"search {search_id} stopped: {exc}, then run `search resume {search_id}{self.resume_where}`",
+                           1) from None
         finally:
             shutdown_ray()
         return self.detail(search_id), ended

@@ -21,7 +21,7 @@ from search.driver.recipe_phase import RecipePhases
 from search.driver.signals import stop_on_signals
 from search.recipes.strategy import descent_plan, floor_plan, isolated_plan, refinement_plan, skipped_note, unfit
 from search.recipes.tables import load_tables, weight_mse
-from storage import Baseline, Measurement, PaletteInfo, Search, Storage
+from storage import Baseline, DiskError, Measurement, PaletteInfo, Search, Storage, StorageError
 from storage.palette_store import PaletteStore
 from workers.evaluation.items import WorkItem
 from workers.evaluation.protocol import LINEAR8_BASELINE
@@ -48,8 +48,7 @@ class SearchDriver(RecipePhases):
         self.shipper, self.config = None, SearchConfig.from_dict(search.config)
         self.reporter, self.requested_workers, self.actor_resources = reporter or NullReporter(), workers, actor_resources
         self.palette_store = PaletteStore(storage.path)
-        self._stop = threading.Event()
-        self.cancelled = False
+        self._stop, self.cancelled = threading.Event(), False
         self._last_beat = 0.0
         self.palette_refs: dict[tuple[str, int], object] = {}
         self.pool: EvaluatorPool | None = None
@@ -84,6 +83,11 @@ class SearchDriver(RecipePhases):
         return self.storage.get_search(sid)
 
     def _run_phases(self, sid: str, started: float) -> None:
+        def end(status: str, error: str | None = None) -> None:  # if the disk still takes it: resume works either way
+            try:
+                self.storage.update_search(sid, status=status, error=error, add_elapsed=time.monotonic() - started)
+            except StorageError:
+                pass
         try:
             self._start_pool()
             self._phase_isolated()
@@ -92,16 +96,14 @@ class SearchDriver(RecipePhases):
             self.storage.update_search(sid, status="completed", phase="done", finished=True,
                                        add_elapsed=time.monotonic() - started)
         except SearchInterrupted:
-            self.storage.update_search(sid, status="cancelled" if self.cancelled else "interrupted",
-                                       add_elapsed=time.monotonic() - started)
+            end("cancelled" if self.cancelled else "interrupted")
             raise
         except (ItemFailed, PoolError) as exc:
-            self.storage.update_search(sid, status="failed", error=str(exc), add_elapsed=time.monotonic() - started)
+            end("failed", str(exc))
             raise SearchFailed(str(exc)) from None
-        except BaseException as exc:
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            msg = None if status == "interrupted" else first_line(exc)
-            self.storage.update_search(sid, status=status, error=msg, add_elapsed=time.monotonic() - started)
+        except BaseException as exc:  # a full or read-only disk (DiskError) stops it like an interrupt
+            stopped = isinstance(exc, (KeyboardInterrupt, DiskError))
+            end("interrupted" if stopped else "failed", None if stopped else first_line(exc))
             raise
         finally:
             if self.pool:
@@ -201,8 +203,7 @@ class SearchDriver(RecipePhases):
         missing = [key for key in wanted if key not in self.palette_refs]
 
         def store(layer: str, bits: int, palette) -> None:
-            rel = self.palette_store.relative_path(sid, layer, bits)
-            save_palette(self.palette_store.path_for(sid, layer, bits), palette)
+            rel = self.palette_store.write(sid, layer, bits, lambda path: save_palette(path, palette))
             self.storage.add_palette(sid, PaletteInfo(layer, bits, palette.digest, float(palette.weight_mse), rel))
             self.palette_refs[(layer, bits)] = ray.put(palette)
 

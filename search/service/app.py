@@ -26,9 +26,7 @@ from typing import Annotated, Optional
 
 import ray
 from fastapi import Body, Depends, FastAPI, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from fastapi.security import HTTPBearer
 
 from common.clock import utcnow
@@ -40,6 +38,8 @@ from search.read_models import search_detail, search_summary
 from search.service.driver_task import stale
 from search.service.progress_file import read_progress
 from search.service.requests import ApiError, ResumeRequest, SubmitRequest, checked_id
+from search.service.responses import (DuplicateBody, SearchSummary, auth_responses, errors, install_error_handlers,
+                                      links, public, unauthorized)
 from search.service.supervisor import Service
 from storage import Search, StorageError
 from storage.records import ACTIVE
@@ -71,7 +71,7 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
     bearer = HTTPBearer(auto_error=False, description="the server's token (search serve --token / MBP_SEARCH_TOKEN)")
     app = FastAPI(title="mbp-search", version=pkg_version, lifespan=lifespan,
                   description="Mixed-bit palettization recipe searches: submit, watch, resume, cancel, download.",
-                  dependencies=[Depends(bearer)] if token else [])
+                  dependencies=[Depends(bearer)] if token else [], responses=auth_responses(token))
     app.state.service = service
     expected = token.encode() if token else None
     plot_lock = threading.Lock()
@@ -81,28 +81,14 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
         if expected is not None and request.url.path != "/health":
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), expected):
-                return JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"},
-                                    content={"detail": "missing or wrong token: send 'Authorization: Bearer <token>' "
-                                                       "(search ... --token / MBP_SEARCH_TOKEN)"})
+                return unauthorized()
         return await call_next(request)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_request, exc: ApiError):
-        return JSONResponse(status_code=exc.status, content={"detail": exc.detail, **exc.extra})
-
-    @app.exception_handler(ConfigError)
-    @app.exception_handler(ModelError)
-    async def _bad_input(_request, exc: Exception):
-        return JSONResponse(status_code=422, content={"detail": first_line(exc)})
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request, exc: RequestValidationError):
-        errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": e.get("type")}
-                  for e in exc.errors()]
-        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-        where = ".".join(p for p in first["loc"] if p != "body") or "body"
-        return JSONResponse(status_code=422, content={"detail": f"{where}: {first['msg']}",
-                                                      "errors": jsonable_encoder(errors)})
+    install_error_handlers(app, ApiError, (ConfigError, ModelError))
+    public(app, "/health")
+    by_id = errors(404, 409, 422)  # an unknown id, an ambiguous prefix
+    created = links({"GetSearch": "get_search", "ResumeSearch": "resume_search", "CancelSearch": "cancel_search",
+                     "RecipesJson": "recipes_json", "PlotPng": "plot_png"}, "search_id", "$response.body#/id")
 
     def lookup(sid: str) -> Search:
         checked_id(sid)
@@ -129,7 +115,10 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
                  for n in ray.nodes()]
         return {"resources": res, "nodes": nodes, "service_node": service.node_id}
 
-    @app.post("/searches", status_code=201, tags=["searches"])
+    @app.post("/searches", status_code=201, tags=["searches"], responses={
+        201: {"model": SearchSummary, "description": "created and started", "links": created},
+        200: {"model": SearchSummary, "description": "resume=true: the same search, already running"},
+        **errors(403, 409, 422, bodies={409: DuplicateBody})})
     def submit(body: SubmitRequest, response: Response) -> dict:
         """Create a search (or, with ``resume``, continue the unfinished one with the same model
         and options) and start its driver. Returns at once: the model name and options are
@@ -156,13 +145,14 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
             service.launch(prepared, body.workers)
         return {**search_summary(service.storage, service.storage.get_search(sid)), "created": prepared.created}
 
-    @app.get("/searches", tags=["searches"])
+    @app.get("/searches", tags=["searches"], responses={200: {"model": list[SearchSummary]}})
     def list_searches() -> list[dict]:
         """Every search in the database, oldest first."""
         now = utcnow()
         return [search_summary(service.storage, s, now) for s in service.storage.list_searches()]
 
-    @app.get("/searches/{search_id}", tags=["searches"])
+    @app.get("/searches/{search_id}", tags=["searches"], operation_id="get_search",
+             responses={200: {"model": SearchSummary}, **by_id})
     def get_search(search_id: str) -> dict:
         """Status, phase, per-phase counts (``counts`` from the database, ``progress`` the
         running driver's bars), baselines and recipes."""
@@ -170,7 +160,8 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
         return {**search_detail(service.storage, s), "running_here": service.running(s.id),
                 "progress": read_progress(service.progress_path(s.id))}
 
-    @app.post("/searches/{search_id}/resume", status_code=202, tags=["searches"])
+    @app.post("/searches/{search_id}/resume", status_code=202, tags=["searches"], operation_id="resume_search",
+              responses={202: {"model": SearchSummary}, **by_id})
     def resume(search_id: str, body: Annotated[Optional[ResumeRequest], Body()] = None) -> dict:
         """Continue an interrupted, failed or cancelled search; stored results are kept."""
         s = lookup(search_id)
@@ -184,7 +175,8 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
             raise ApiError(409, first_line(exc)) from None
         return search_summary(service.storage, service.storage.get_search(s.id))
 
-    @app.post("/searches/{search_id}/cancel", status_code=202, tags=["searches"])
+    @app.post("/searches/{search_id}/cancel", status_code=202, tags=["searches"], operation_id="cancel_search",
+              responses={202: {"model": SearchSummary}, **by_id})
     def cancel(search_id: str) -> dict:
         """Ask the search's driver to stop; it stores what it has and marks it cancelled (resumable)."""
         s = lookup(search_id)
@@ -193,14 +185,15 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
             raise ApiError(409, f"search {s.id} is not running (status {status})")
         return search_summary(service.storage, service.storage.get_search(s.id))
 
-    @app.get("/searches/{search_id}/recipes.json", tags=["downloads"])
+    @app.get("/searches/{search_id}/recipes.json", tags=["downloads"], operation_id="recipes_json", responses=by_id)
     def recipes_json(search_id: str) -> Response:
         """The recipes and measurements in Apple's JSON format (what `search download` writes)."""
         s = lookup(search_id)
         return Response(read_models.recipes_json(service.storage, s), media_type="application/json",
                         headers={"Content-Disposition": f'attachment; filename="{s.id}-recipes.json"'})
 
-    @app.get("/searches/{search_id}/plot.png", tags=["downloads"], response_class=FileResponse)
+    @app.get("/searches/{search_id}/plot.png", tags=["downloads"], response_class=FileResponse, operation_id="plot_png",
+             responses={200: {"content": {"image/png": {}}, "description": "the plot"}, **by_id})
     def plot_png(search_id: str):
         """PSNR vs size reduction (what `search plot` draws), regenerated while the search changes."""
         s = lookup(search_id)

@@ -30,7 +30,7 @@ def checked_id(sid: str) -> str:
 
 
 class _Submit(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON as typed: no 0 for false, no "1" for 1
 
     def options(self) -> dict:
         """Parsed exactly as the CLI parses its flags (same functions, same messages)."""
@@ -41,7 +41,7 @@ SubmitRequest = create_model(
     "SubmitRequest",
     __base__=_Submit,
     __doc__="The options of `search submit`, as JSON. Lists may be given as the CLI's comma strings.",
-    model=(str, Field(..., min_length=1, max_length=1024,
+    model=(str, Field(..., min_length=1, max_length=1024, examples=["stabilityai/stable-diffusion-xl-base-1.0"],
                       description="Hub id, alias, built-in tiny-sdxl / tiny-sd, or an absolute path under an "
                                   "allowed model directory of the server")),
     workers=(Optional[int], Field(None, ge=1, le=4096, description=WORKERS_HELP)),
@@ -52,14 +52,14 @@ SubmitRequest = create_model(
 
 
 class ResumeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON as typed: no 0 for false, no "1" for 1
     workers: Optional[int] = Field(None, ge=1, le=4096)
 
 
 def check_model(model: str, allowed_dirs: tuple[Path, ...]) -> str:
     """Built-in names, aliases and Hub ids pass; a path must be absolute and resolve under one of
     ``allowed_dirs``. Returns the name to use (a path fully resolved)."""
-    from workers.models import ALIASES, BUILTIN_MODELS, _looks_like_path
+    from workers.models import ALIASES, BUILTIN_MODELS, _looks_like_path, path_kind
 
     name = model.strip()
     if "\x00" in name:
@@ -67,7 +67,7 @@ def check_model(model: str, allowed_dirs: tuple[Path, ...]) -> str:
     if name in BUILTIN_MODELS or name in ALIASES:
         return name
     path = Path(name)
-    if not (_looks_like_path(name) or path.is_absolute() or name.startswith("~") or path.exists()):
+    if not (_looks_like_path(name) or path.is_absolute() or name.startswith("~") or path_kind(path)):
         return name  # a Hub id; resolve_model checks it
     if not path.is_absolute():
         raise ApiError(422, f"model path '{name}' must be an absolute path on the server")
