@@ -137,7 +137,7 @@ def chart_data(reader: ReadOnlyStorage, s: Search) -> dict:
         for li, layer in enumerate(layers):
             y = _mean(measured.get(layer))
             if y is not None:
-                heat.append([li, fi, round(y, 3), round(layer_bits(report.sizes, layer, fmt) / 8e6, 4)])
+                heat.append([li, fi, round(y, 4), round(layer_bits(report.sizes, layer, fmt) / 8e6, 5)])
     curves = {}
     for fmt in formats:
         xs, ys = cumulative_curve(report, fmt)

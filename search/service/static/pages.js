@@ -89,7 +89,7 @@ function listView() {
       const rows = (await json("/dashboard/searches")).body;
       const tbody = root.querySelector("#searches tbody");
       if (!tbody) return;
-      tbody.innerHTML = rows.map((r) => {
+      const html = rows.map((r) => {
         const active = ACTIVE.includes(r.status);
         const act = active ? `<button data-act="cancel" data-sid="${r.id}">cancel</button>`
           : r.status !== "completed" ? `<button data-act="resume" data-sid="${r.id}">resume</button>` : "";
@@ -101,6 +101,7 @@ function listView() {
 <td>${when(r.created_at)}</td><td class="num evals">${r.progress.done} / ${r.progress.total}${r.progress.total_known ? "" : "+"}</td>
 <td>${best(r.best)}</td><td>${act}</td></tr>`;
       }).join("") || `<tr><td colspan="10" class="muted">no searches yet</td></tr>`;
+      if (html !== this.shown) { tbody.innerHTML = html; this.shown = html; }  // untouched rows stay clickable
       root.dataset.rows = String(rows.length);
     },
   };
