@@ -142,7 +142,8 @@ function searchView(sid) {
       coreml(sid, root.querySelector("#downloads"));
     },
     async refresh(root) {
-      const d = (await json(`/dashboard/searches/${sid}`)).body;
+      const charts = json(`/searches/${sid}/measurements`, { headers: etag ? { "If-None-Match": etag } : {} });
+      const d = (await json(`/dashboard/searches/${sid}`)).body;  // both requests in flight at once
       const p = d.progress, active = ACTIVE.includes(d.status);
       const act = active ? `<button data-act="cancel">cancel</button>` : d.status !== "completed" ? `<button data-act="resume">resume</button>` : "";
       root.querySelector("#summary").innerHTML = `<p>model <b>${esc(d.model)}</b> (${esc(d.model_version)}) ·
@@ -168,7 +169,7 @@ best so far: ${best(d.best)} ${act}</p>`;
         return `<tr><td class="key">${esc(r.key)}</td><td>${esc(r.strategy)}</td><td class="num">${num(r.avg_bits, 2)}</td><td class="num">${num(r.size_mb, 1)}</td><td class="num">${num(r.predicted_psnr, 2)}</td><td class="num">${num(r.psnr, 2)}</td><td>${val}</td></tr>`;
       }).join("") || `<tr><td colspan="7" class="muted">no recipes yet</td></tr>`;
       root.querySelector("#messages").textContent = (d.messages || []).join("\n").replace(/\[\/?[a-z ]+\]/g, "");
-      const m = await json(`/searches/${sid}/measurements`, { headers: etag ? { "If-None-Match": etag } : {} });
+      const m = await charts;
       if (m.status !== 304) {
         etag = m.etag;
         const tip = document.getElementById("tooltip");
