@@ -20,3 +20,9 @@ if ! "$VENV/bin/python" -c "import search, workers, storage, ray, coremltools, p
   $PIP install -q -e ".[test]"
   touch "$VENV/.mbp-installed"
 fi
+# The dashboard's browser tests drive Debian's chromium (tests/search/test_dashboard.py skips
+# without it); installed here when missing and we may (root with apt-get).
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+    || echo "setup: could not install chromium; the dashboard's browser tests will be skipped" >&2
+fi

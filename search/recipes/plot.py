@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from search.recipes.apple_json import SearchReport
 from common.formats import FLOAT16_BITS, layer_bits
@@ -74,6 +72,9 @@ def plot_report(
     reference ``original`` as a dashed line when finite and below PLOT_MAX_PSNR, and an
     optional ``frontier`` [(reduction %, PSNR)] labelled "optimal".
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: the curves alone need no matplotlib
+    from matplotlib.figure import Figure
+
     path = Path(path)
     fig = Figure(figsize=(8, 5.5), dpi=100)
     FigureCanvasAgg(fig)

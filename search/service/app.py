@@ -10,7 +10,8 @@ driver tasks, resume on restart), `driver_task` (one search's driver as a Ray ta
 search.read_models, shared with the command line's local mode.
 
 **Security.** Optional bearer token (``Authorization: Bearer <token>``, compared with
-`secrets.compare_digest`) on every route except ``/health``; ids must be hex (anything else is
+`secrets.compare_digest`) on every route except ``/health`` and the dashboard's pages and assets
+(`search.service.dashboard.is_public`: they hold no data; the page sends the token itself); ids must be hex (anything else is
 404, so no user string ever reaches a path); generated files live under ``data_dir`` with names
 built from the stored id; a model given as a path must resolve (symlinks followed) under one of
 ``allowed_model_dirs``.
@@ -37,7 +38,8 @@ from search import read_models
 from search.read_models import search_detail, search_summary
 from search.service.driver_task import stale
 from search.service.progress_file import read_progress
-from search.service.requests import ApiError, ResumeRequest, SubmitRequest, checked_id
+from search.service.dashboard import dashboard_router, is_public
+from search.service.requests import ApiError, ResumeRequest, SubmitRequest, find_search
 from search.service.responses import (DuplicateBody, SearchSummary, auth_responses, errors, install_error_handlers,
                                       links, public, unauthorized)
 from search.service.supervisor import Service
@@ -71,14 +73,15 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
     bearer = HTTPBearer(auto_error=False, description="the server's token (search serve --token / MBP_SEARCH_TOKEN)")
     app = FastAPI(title="mbp-search", version=pkg_version, lifespan=lifespan,
                   description="Mixed-bit palettization recipe searches: submit, watch, resume, cancel, download.",
-                  dependencies=[Depends(bearer)] if token else [], responses=auth_responses(token))
+                  dependencies=[Depends(bearer)] if token else [], responses=auth_responses(token),
+                  docs_url=None, redoc_url=None)
     app.state.service = service
     expected = token.encode() if token else None
     plot_lock = threading.Lock()
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
-        if expected is not None and request.url.path != "/health":
+        if expected is not None and not is_public(request.url.path):
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), expected):
                 return unauthorized()
@@ -91,14 +94,7 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
                      "RecipesJson": "recipes_json", "PlotPng": "plot_png"}, "search_id", "$response.body#/id")
 
     def lookup(sid: str) -> Search:
-        checked_id(sid)
-        try:
-            return service.storage.get_search(sid)
-        except StorageError as exc:
-            msg = first_line(exc)
-            if "ambiguous" in msg:
-                raise ApiError(409, msg) from None
-            raise ApiError(404, f"no search '{sid}'") from None
+        return find_search(service.storage, sid)
 
     @app.get("/health", tags=["service"])
     def health() -> dict:
@@ -206,6 +202,7 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
                 atomic_write_bytes(path, read_models.plot_png(service.storage, s))
         return FileResponse(path, media_type="image/png", filename=f"{s.id}-psnr.png")
 
+    app.include_router(dashboard_router(service))  # the pages at / and /docs, their assets and data
     return app
 
 

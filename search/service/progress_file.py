@@ -1,5 +1,6 @@
 """The running driver's progress bars as a small JSON file: written by the driver task, read by
-the service (``GET /searches/{id}``) so `search submit --server --wait` draws the same bars."""
+the service (``GET /searches/{id}``) so `search submit --server --wait` draws the same bars and
+the dashboard shows each phase's wall time."""
 from __future__ import annotations
 
 import json
@@ -30,7 +31,8 @@ class ProgressFile:
         self.write()
 
     def phase_start(self, phase: str, total: int) -> None:
-        self.state["phases"].append({"phase": phase, "total": int(total), "done": 0})
+        self.state["phases"].append({"phase": phase, "total": int(total), "done": 0, "started_at": iso(utcnow()),
+                                     "ended_at": None})  # the dashboard shows each phase's wall time
         self.write()
 
     def advance(self, phase: str, n: int = 1) -> None:
@@ -42,6 +44,10 @@ class ProgressFile:
             self.write()
 
     def phase_end(self, phase: str) -> None:
+        for entry in reversed(self.state["phases"]):
+            if entry["phase"] == phase:
+                entry["ended_at"] = iso(utcnow())
+                break
         self.write()
 
     def message(self, text: str) -> None:

@@ -29,6 +29,22 @@ def checked_id(sid: str) -> str:
     return sid
 
 
+def find_search(storage, sid: str):
+    """The stored search a request names (an id or an unambiguous prefix): 404 when there is none,
+    409 when a prefix is ambiguous."""
+    from common.errors import first_line
+    from storage import StorageError
+
+    checked_id(sid)
+    try:
+        return storage.get_search(sid)
+    except StorageError as exc:
+        msg = first_line(exc)
+        if "ambiguous" in msg:
+            raise ApiError(409, msg) from None
+        raise ApiError(404, f"no search '{sid}'") from None
+
+
 class _Submit(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # JSON as typed: no 0 for false, no "1" for 1
 

@@ -243,11 +243,17 @@ def test_token_required_everywhere_but_health(server):
     anon, wrong, good = server.client(token=None), server.client(token="x" * 32), server.client()
     assert anon.get("/health").json()["status"] == "ok"
     for path in ("/searches", "/searches/abc123", "/searches/abc123/recipes.json", "/searches/abc123/plot.png",
-                 "/openapi.json", "/docs", "/cluster", "/no/such/route"):
+                 "/openapi.json", "/cluster", "/no/such/route", "/dashboard/searches",
+                 "/dashboard/searches/abc123", "/searches/abc123/measurements"):
         for c in (anon, wrong):
             r = c.get(path)
             assert r.status_code == 401, (path, r.status_code)
             assert r.headers["www-authenticate"] == "Bearer" and "token" in r.json()["detail"]
+    # The pages hold no data (the page sends the token itself); their assets are served, not fetched from a CDN.
+    for path in ("/", "/docs", "/static/app.js", "/static/vendor/swagger-ui/swagger-ui-bundle.js"):
+        r = anon.get(path)
+        assert r.status_code == 200 and b"cdn" not in r.content.lower(), path
+    assert anon.get("/redoc").status_code == 401 and anon.get("/static/nothing.js").status_code == 404
     assert anon.post("/searches", json=TINY).status_code == 401
     assert anon.post("/searches/abc123/cancel").status_code == 401
     assert anon.post("/searches/abc123/resume").status_code == 401
