@@ -43,7 +43,7 @@ class ReadOnlyStorage(Storage):
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
         self.engine = make_reader_engine(self.path)
-        self.session_scope = SessionFactory(self.engine).scope
+        self.session_scope = SessionFactory(self.engine, self.path).scope
 
     def recent_evaluations(self, since: datetime, search_ids: list[str]) -> list[tuple]:
         """Measurements of these searches stored since ``since``, per (search, node, worker):

@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from search.service.dashboard_data import chart_data, chart_version, search_page, searches_rows
 from search.service.progress_file import read_progress
 from search.service.requests import ApiError, find_search
+from search.service.responses import errors
 from storage.reader import ReadOnlyStorage
 
 STATIC = Path(__file__).with_name("static")
@@ -78,7 +79,9 @@ def dashboard_router(service) -> APIRouter:
         recipe so far: the dashboard's list."""
         return searches_rows(reader())
 
-    @router.get("/dashboard/searches/{search_id}", tags=["dashboard"])
+    by_id = errors(404, 409, 422)  # an unknown id, an ambiguous prefix
+
+    @router.get("/dashboard/searches/{search_id}", tags=["dashboard"], responses=by_id)
     def dashboard_search(search_id: str) -> dict:
         """`GET /searches/{id}` plus per-phase wall times, evaluators (node, device, evaluations/s),
         progress with ETA and the best recipe so far."""
@@ -87,7 +90,8 @@ def dashboard_router(service) -> APIRouter:
         out = search_page(r, s, read_progress(service.progress_path(s.id)))
         return {**out, "running_here": service.running(s.id)}
 
-    @router.get("/searches/{search_id}/measurements", tags=["dashboard"])
+    @router.get("/searches/{search_id}/measurements", tags=["dashboard"],
+                responses={304: {"description": "unchanged since the ETag sent in If-None-Match"}, **by_id})
     def measurements(search_id: str, request: Request):
         """The points of the dashboard's charts, computed as `search plot` computes them: recipes,
         linear 8-bit, cumulative curves per format, isolated PSNR per (layer, format) as
