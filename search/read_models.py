@@ -13,6 +13,7 @@ from pathlib import Path
 from common.clock import utcnow
 from common.formats import PaletteFormat
 from storage import Search, Storage
+from storage.records import STALE_AFTER_S
 
 
 def iso(t: datetime | None) -> str | None:
@@ -25,7 +26,31 @@ def search_summary(storage: Storage, s: Search, now: datetime | None = None) -> 
     return {"id": s.id, "model": s.model, "model_version": s.model_version,
             "status": s.effective_status(now or utcnow()), "phase": s.phase, "created_at": iso(s.created_at),
             "evaluations": s.evaluations, "measurements": storage.count_measurements(s.id), "error": s.error,
-            "preparing": preparing(s)}
+            "preparing": preparing(s), "coreml": coreml_progress(storage, s)}
+
+
+def coreml_progress(storage: Storage, s: Search) -> dict | None:
+    """The Core ML stage asked of a search (None: none): its job's status and how far it got
+    (recipes applied, validated, failed; MB shipped to the head). Never a file path of the head."""
+    from storage.coreml_store import CoreMLStore
+
+    store = CoreMLStore(storage)
+    job = store.job(s.id)
+    if job is None:
+        return None
+    packages, validations = store.packages(s.id), storage.validations(s.id)
+    keys = job.keys or tuple(r.key for r in storage.recipes(s.id))
+    shipped = {k: p for k, p in packages.items() if k in keys and p.status == "shipped"}
+    ok = [k for k in shipped if k in validations and validations[k].structural_ok and validations[k].numeric_ok is not False]
+    status = job.status
+    if status == "running" and (utcnow() - job.updated_at).total_seconds() > STALE_AFTER_S:
+        status = "interrupted"  # its driver died without a word
+    return {"status": status, "error": job.error, "apply": job.recipes, "coreml_node": job.coreml_node,
+            "node": job.node, "seconds": job.seconds, "recipes": len(keys), "applied": len(shipped),
+            "validated": len(ok), "failed": sorted(k for k in keys if k in packages and k not in ok),
+            "shipped_mb": sum(p.size_bytes for p in shipped.values()) / 1e6,
+            "packages": {k: {"status": p.status, "detail": p.detail, "size_bytes": p.size_bytes, "sha256": p.sha256,
+                             "node": p.node, "ship_s": p.ship_s} for k, p in packages.items()}}
 
 
 def preparing(s: Search) -> dict | None:
@@ -108,4 +133,4 @@ def plot_png(storage: Storage, s: Search) -> bytes:
         return plot_report(build_report(storage, s), Path(tmp) / "psnr.png").read_bytes()
 
 
-__all__ = ["iso", "search_summary", "preparing", "search_detail", "phase_counts", "recipes_json", "plot_png"]
+__all__ = ["iso", "search_summary", "coreml_progress", "preparing", "search_detail", "phase_counts", "recipes_json", "plot_png"]

@@ -23,6 +23,24 @@ REFINE_EVALS_HELP = (f"end-to-end measurements per optimal target for the measur
                      f"search from the better of Apple's and the knapsack's recipe; 0: one-shot) [default: "
                      f"{REFINE_EVALS}]")
 RESUME_HELP = "if an unfinished search has this model and config, resume it"
+APPLY_HELP = ("after the recipes, apply them on the cluster's Core ML node, validate them and ship the .mlpackage "
+              "files to the service: 'all' or comma-separated recipe keys")
+COREML_NODE_HELP = ("with --apply: 'coreml' = a node started with the custom resource coreml (a Mac), 'any' = any "
+                    "node (everything but Core ML prediction) [default: coreml]")
+
+
+def parse_apply(value, coreml_node=None) -> tuple[str, str]:
+    """``--apply`` / ``apply``: 'all', or the recipe keys as one comma string without blanks or
+    repeats; and ``--coreml-node`` (default coreml). ConfigError (one line) otherwise."""
+    from search.config import ConfigError
+
+    keys = list(dict.fromkeys(k.strip() for k in str(value or "").split(",") if k.strip()))
+    if not keys:
+        raise ConfigError("--apply: give 'all' or recipe keys separated by commas")
+    node = coreml_node or "coreml"
+    if node not in ("coreml", "any"):
+        raise ConfigError(f"--coreml-node must be coreml or any, got '{node}'")
+    return ("all" if "all" in keys else ",".join(keys)), node
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,13 @@ def _v4_palette_formats(conn: Connection) -> None:
         conn.exec_driver_sql("DROP TABLE palettes_v3")
 
 
-STEPS: list[Callable[[Connection], None]] = [_v1_initial, _v2_validations, _v3_preparing, _v4_palette_formats]
+def _v5_coreml(conn: Connection) -> None:
+    """The Core ML stage on a cluster: the job asked of a search and the packages shipped back."""
+    schema.Base.metadata.create_all(conn, tables=[t.__table__ for t in schema.V5_TABLES])
+
+
+STEPS: list[Callable[[Connection], None]] = [_v1_initial, _v2_validations, _v3_preparing, _v4_palette_formats,
+                                             _v5_coreml]
 LATEST_VERSION = len(STEPS)
 
 

@@ -132,3 +132,34 @@ class Validation:
     runtime: dict | None       # {compute_unit: psnr} where Core ML prediction ran (macOS)
     runtime_note: str          # says plainly when runtime validation was not run, and why
     node: str
+
+
+@dataclass(frozen=True)
+class CoreMLRequest:
+    """The Core ML stage asked of a search: recipes ("all" or keys), where it runs, how far it got."""
+    search_id: str
+    recipes: str
+    coreml_node: str
+    status: str            # queued, running, completed, failed, interrupted
+    error: str | None
+    node: str | None
+    seconds: float
+    updated_at: datetime
+
+    @property
+    def keys(self) -> tuple[str, ...] | None:
+        """The recipe keys asked for; None: all of the search's recipes."""
+        return None if self.recipes == "all" else tuple(self.recipes.split(","))
+
+
+@dataclass(frozen=True)
+class PackageInfo:
+    """A recipe's package as stored on the head (status shipped), or why it could not be made."""
+    recipe_key: str
+    status: str            # shipped | failed
+    detail: str
+    path: str | None       # relative to the package store root
+    size_bytes: int
+    sha256: str
+    node: str
+    ship_s: float

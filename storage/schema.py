@@ -140,3 +140,41 @@ class ValidationRow(Base):
 
 
 V2_TABLES = [ValidationRow]
+
+
+class CoreMLJobRow(Base):
+    """The Core ML stage asked of a search (schema v5): which recipes, where, and how far it got."""
+
+    __tablename__ = "coreml_jobs"
+    __table_args__ = (UniqueConstraint("search_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
+    recipes: Mapped[str] = mapped_column(Text)          # "all" or comma-separated recipe keys
+    coreml_node: Mapped[str] = mapped_column(String(16))  # "coreml" | "any"
+    status: Mapped[str] = mapped_column(String(16))     # queued, running, completed, failed, interrupted
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    node: Mapped[str | None] = mapped_column(Text, nullable=True)   # host of the Core ML worker
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)      # wall time, all attempts
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)    # also the heartbeat while running
+
+
+class CoreMLPackageRow(Base):
+    """One recipe's package shipped to the head (schema v5), or why it could not be made."""
+
+    __tablename__ = "coreml_packages"
+    __table_args__ = (UniqueConstraint("search_id", "recipe_key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
+    recipe_key: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))    # shipped | failed
+    detail: Mapped[str] = mapped_column(Text)          # why it failed ("" when shipped)
+    path: Mapped[str | None] = mapped_column(Text, nullable=True)   # zip, relative to the package store root
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    sha256: Mapped[str] = mapped_column(String(64), default="")
+    node: Mapped[str] = mapped_column(Text)
+    ship_s: Mapped[float] = mapped_column(Float, default=0.0)     # seconds to ship the zip to the head
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+V5_TABLES = [CoreMLJobRow, CoreMLPackageRow]

@@ -27,6 +27,10 @@ class Backend(Protocol):
     def recipes_json(self, search_id: str) -> tuple[str, Optional[dict]]:
         """Apple's JSON text, and what to say about it ({"recipes": n, "status": s}) when known."""
     def plot_png(self, search_id: str) -> bytes: ...
+    def coreml(self, search_id: str) -> dict:
+        """``{"id", "status", "coreml": read_models.coreml_progress}`` (the packages with size and sha256)."""
+    def fetch_package(self, search_id: str, key: str, fh) -> None:
+        """Append recipe ``key``'s zip to binary file ``fh`` from its current position (resumes)."""
     def cancel(self, search_id: str) -> dict: ...
     def submit(self, request: dict) -> dict:
         """``request``: the service's submit body (model, workers, resume, the search options).

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 
 from search.cli.console import CliError, err, guarded, out
-from search.cli.options import DbOption, RayOption, SearchIdArgument
+from search.cli.options import DbOption, RayOption, SearchIdArgument, ServerOption, TokenOption, local_only
 from search.cli.views import search_validations, validation_table as _validation_table
 
 COREML_NODE_HELP = ("where the Core ML worker runs: 'coreml' = a node started with the custom resource coreml "
@@ -70,10 +70,29 @@ def _call(fn, **kwargs):
             shutdown_ray()
 
 
+def _queue_on_service(ctx: typer.Context, search_id: str, recipe: Optional[str], coreml_node: Optional[str],
+                      server: str, token: Optional[str]) -> None:
+    """`search apply ID --server URL`: queue the Core ML phase on the cluster and return at once."""
+    from search.cli.backend import open_backend
+    from search.submit_options import parse_apply
+
+    local_only(ctx, "output", "mlpackage", "recipe_file", "model", "ray_address", "db")
+    apply, node = parse_apply(recipe or "all", coreml_node)
+    with open_backend(ctx, None, server, token) as backend:
+        info = backend.queue_coreml(search_id, apply, node)
+    cm = info["coreml"]
+    out.print(f"search {info['id']}: Core ML phase {info['note']} ({cm['recipes']} recipe(s), "
+              f"{cm['applied']} already shipped)", highlight=False)
+    err.print(f"watch it with `search status {info['id']} --server {backend.server}`; fetch the packages with "
+              f"`search download {info['id']} --mlpackage all -o DIR --server {backend.server}`", highlight=False)
+
+
 @guarded
 def apply_cmd(
+    ctx: typer.Context,
     search_id: str = SearchIdArgument,
-    output: Path = typer.Option(..., "-o", "--output", help="directory for the .mlpackage files"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="directory for the .mlpackage files "
+                                          "(local; required without --server)"),
     recipe: Optional[str] = RecipeOption,
     mlpackage: Optional[Path] = typer.Option(None, "--mlpackage", help="the float16 UNet .mlpackage to compress "
                                              "(e.g. from Apple's torch2coreml) [default: convert the search's UNet]"),
@@ -83,8 +102,16 @@ def apply_cmd(
     coreml_node: Optional[str] = NodeOption,
     ray_address: Optional[str] = RayOption,
     db: Optional[Path] = DbOption,
+    server: Optional[str] = ServerOption,
+    token: Optional[str] = TokenOption,
 ) -> None:
-    """Palettize a Core ML UNet with a recipe's exact LUTs, one .mlpackage per recipe, and validate it."""
+    """Palettize a Core ML UNet with a recipe's exact LUTs, one .mlpackage per recipe, and validate it.
+    With --server: queue that on the cluster's Core ML node (all recipes unless --recipe) and return;
+    the packages come back to the service (`search download ID --mlpackage`)."""
+    if server:
+        return _queue_on_service(ctx, search_id, recipe, coreml_node, server, token)
+    if output is None:
+        raise CliError("give -o DIR for the .mlpackage files (or --server URL to apply on the cluster)")
     from search.cli.local_backend import LocalBackend
     from search.driver.coreml_jobs import apply_recipes
 

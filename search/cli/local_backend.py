@@ -11,7 +11,7 @@ from search.cli.console import CliError, duplicate_error, err
 from search.cli.options import DB_ENV, default_db
 from search import read_models
 from search.read_models import search_detail, search_summary
-from search.submit_options import parse_search_options
+from search.submit_options import parse_apply, parse_search_options
 from storage import DiskError, Storage
 
 
@@ -72,6 +72,22 @@ class LocalBackend:
     def plot_png(self, search_id: str) -> bytes:
         return read_models.plot_png(self.storage, self.storage.get_search(search_id))
 
+    def coreml(self, search_id: str) -> dict:
+        s = self.storage.get_search(search_id)
+        return {"id": s.id, "status": s.effective_status(utcnow()), "coreml": read_models.coreml_progress(self.storage, s)}
+
+    def fetch_package(self, search_id: str, key: str, fh) -> None:
+        """Append the stored zip of ``key`` from ``fh``'s current size on (as the remote one resumes)."""
+        import shutil
+
+        from storage.coreml_store import CoreMLStore
+        from storage.package_store import PackageStore
+
+        p = CoreMLStore(self.storage).packages(search_id)[key]
+        with open(PackageStore.beside(self.storage.path).path(p.path), "rb") as src:
+            src.seek(fh.tell())
+            shutil.copyfileobj(src, fh, 8 * 2**20)
+
     # -- changing ---------------------------------------------------------------------------
     def cancel(self, search_id: str) -> dict:
         s = self.storage.get_search(search_id)
@@ -96,6 +112,11 @@ class LocalBackend:
                                      resume_duplicate=bool(request.get("resume")))
         except DuplicateSearch as exc:
             raise duplicate_error(str(exc), exc.existing.id, self.where) from None
+        if request.get("apply"):  # the Core ML stage after the recipes (search.driver.coreml_phase)
+            from storage.coreml_store import CoreMLStore
+
+            CoreMLStore(self.storage).request(prepared.search.id, *parse_apply(request["apply"],
+                                                                               request.get("coreml_node")))
         self._prepared[prepared.search.id] = prepared
         return {**search_summary(self.storage, prepared.search), "created": prepared.created}
 

@@ -49,6 +49,15 @@ class RemoteBackend:
     def plot_png(self, search_id: str) -> bytes:
         return self.client.plot_png(search_id)
 
+    def coreml(self, search_id: str) -> dict:
+        return self.client.coreml(search_id)
+
+    def fetch_package(self, search_id: str, key: str, fh) -> None:
+        self.client.download_package(search_id, key, fh)
+
+    def queue_coreml(self, search_id: str, apply: str, coreml_node: str) -> dict:
+        return self.client.queue_coreml(search_id, apply, coreml_node)
+
     # -- changing ---------------------------------------------------------------------------
     def cancel(self, search_id: str) -> dict:
         return self.client.cancel(search_id)

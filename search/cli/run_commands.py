@@ -12,7 +12,8 @@ from search.cli.backend import Backend, open_backend
 from search.cli.console import CliError, err, guarded, out
 from search.cli.options import (DbOption, RayOption, SearchIdArgument, ServerOption, TokenOption, WaitOption,
                                 search_flags)
-from search.submit_options import REFINE_EVALS, REFINE_EVALS_HELP, RESUME_HELP, WORKERS_HELP, parse_search_options
+from search.submit_options import (APPLY_HELP, COREML_NODE_HELP, REFINE_EVALS, REFINE_EVALS_HELP, RESUME_HELP,
+                                   WORKERS_HELP, parse_apply, parse_search_options)
 
 MODEL_HELP = ("Hub id, alias (sdxl-base-1.0, sd-1.5, sd-2.1-base), local pipeline directory, or built-in tiny-sdxl / "
               "tiny-sd (tests, demos) or sdxl-arch / sd15-arch (benchmarks: the real SDXL / SD1.5 UNet and VAE "
@@ -43,9 +44,12 @@ def submit(
     server: Optional[str] = ServerOption,
     token: Optional[str] = TokenOption,
     wait: bool = WaitOption,
+    apply: Optional[str] = typer.Option(None, "--apply", help=APPLY_HELP),
+    coreml_node: Optional[str] = typer.Option(None, "--coreml-node", help=COREML_NODE_HELP),
     **flags,
 ) -> None:
-    """Run the mixed-bit analysis of MODEL's UNet and build recipes (with --server: on the service)."""
+    """Run the mixed-bit analysis of MODEL's UNet and build recipes (with --server: on the service);
+    with --apply, then apply them on the Core ML node and ship the packages back."""
     from search.config import parse_prompts_file
 
     _check_workers(workers)
@@ -53,6 +57,14 @@ def submit(
     if flags["prompts"] is not None:
         request["prompts"] = list(parse_prompts_file(str(flags["prompts"])))
     parse_search_options(request)  # fail fast, before loading a model or asking the service
+    if apply is not None:
+        if coreml_node is None and not server:  # as `search apply`: any node when Ray runs embedded on Linux
+            from search.driver.coreml_jobs import default_coreml_node
+
+            coreml_node = default_coreml_node(ray_address)
+        request.update(zip(("apply", "coreml_node"), parse_apply(apply, coreml_node)))
+    elif coreml_node is not None:
+        raise CliError("--coreml-node goes with --apply")
     with open_backend(ctx, db, server, token, local=("db", "ray_address")) as backend:
         if wait and backend.runs_here:
             raise CliError("--wait is for --server (a local search always runs in the foreground)")

@@ -55,10 +55,25 @@ def status(ctx: typer.Context, search_id: str = SearchIdArgument, db: Optional[P
 
 @guarded
 def download(ctx: typer.Context, search_id: str = SearchIdArgument,
-             output: str = typer.Option(..., "-o", "--output", help="JSON file, or - for stdout"),
+             output: str = typer.Option(..., "-o", "--output", help="JSON file, or - for stdout; with --mlpackage "
+                                        "the directory for the .mlpackage folders"),
+             mlpackage: Optional[str] = typer.Option(None, "--mlpackage", help="instead: the Core ML packages the "
+                                                     "cluster made (search submit --apply / search apply --server), "
+                                                     "a recipe key or 'all'; each is checked against its sha256"),
              db: Optional[Path] = DbOption, server: Optional[str] = ServerOption,
              token: Optional[str] = TokenOption) -> None:
-    """Write the search's recipes and measurements in Apple's JSON format."""
+    """Write the search's recipes and measurements in Apple's JSON format (or its Core ML packages)."""
+    if mlpackage is not None:
+        from search.cli.packages import download_packages
+
+        if output == "-":
+            raise CliError("--mlpackage needs -o DIR (a directory), not -")
+        with open_backend(ctx, db, server, token) as backend:
+            got = download_packages(backend, search_id, mlpackage, Path(output))
+        for key, path, facts in got:
+            out.print(f"{key}: {path} ({facts['size_bytes'] / 1e6:.2f} MB zip, sha256 {facts['sha256'][:16]}... "
+                      "checked)", highlight=False, soft_wrap=True)
+        return
     with open_backend(ctx, db, server, token) as backend:
         if output != "-":
             _check_output(Path(output))

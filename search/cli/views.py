@@ -36,6 +36,9 @@ def searches_table(rows: list[dict], place: str) -> Table:
         table.add_column(col)
     for r in rows:
         phase = f"{r['phase']} {fetched(r.get('preparing'))}".strip() if r["phase"] == "preparing" else r["phase"]
+        if r.get("coreml"):
+            c = r["coreml"]
+            phase += f" (coreml {c['status']} {c['validated']}/{c['recipes']}, {c['shipped_mb']:.1f} MB)"
         table.add_row(r["id"], r["model"], r["status"], phase, str(r["evaluations"]), r["created_at"][:19])
     return table
 
@@ -98,10 +101,25 @@ def status(info: dict) -> None:
         out.print(f"refinement: {m['candidate']} candidate recipes measured", highlight=False)
     if info.get("error"):
         out.print(f"[red]error:[/] {info['error']}", highlight=False)
+    if info.get("coreml"):
+        coreml_line(info["coreml"])
     print_uncut(recipe_table(info))
     validations = search_validations(info)
     if validations is not None:
         out.print(validations)
+
+
+def coreml_line(c: dict) -> None:
+    """The Core ML phase of a search: recipes applied, validated, failed (with why), MB shipped."""
+    where = f" on {c['node']}" if c.get("node") else ""
+    out.print(f"Core ML phase {c['status']}{where} (recipes {c['apply']}, node {c['coreml_node']}): applied and "
+              f"shipped {c['applied']}/{c['recipes']}, validated {c['validated']}, {c['shipped_mb']:.2f} MB shipped "
+              f"to the service", highlight=False, soft_wrap=True)
+    for key in c.get("failed", []):
+        detail = c["packages"].get(key, {}).get("detail") or "not validated"
+        out.print(f"[red]  {escape(key)} failed:[/] {escape(detail)}", highlight=False, soft_wrap=True)
+    if c.get("error"):
+        out.print(f"[red]Core ML phase error:[/] {escape(c['error'])}", highlight=False, soft_wrap=True)
 
 
 def run_ended(info: dict, ended: dict, where: str, resume_where: str) -> None:

@@ -60,20 +60,25 @@ def default_coreml_node(ray_address: str | None) -> str:
 
 def ray_executor(ray_address: str | None = None) -> Executor:
     def execute(job: CoreMLJob, coreml_node: str) -> JobResult:
-        import ray
-
         from workers.coreml.task import run_remote
 
         ensure_ray(ray_address)
-        if coreml_node == "coreml" and ray.cluster_resources().get(COREML_RESOURCE, 0) < 1:
-            raise ApplyError(f"no node of the Ray cluster has the '{COREML_RESOURCE}' resource: start a Mac with "
-                             f"`ray start --address <head> --resources '{{\"{COREML_RESOURCE}\": 1}}'`, or pass "
-                             "--coreml-node any (no Core ML prediction)")
+        require_node(coreml_node)
         return run_remote(job, coreml_node)
     return execute
 
 
-def _node_choice(coreml_node: str | None, ray_address: str | None) -> str:
+def require_node(coreml_node: str) -> None:
+    """Refuse at once (one line) when the job needs a ``coreml`` node and the cluster has none."""
+    import ray
+
+    if coreml_node == "coreml" and ray.cluster_resources().get(COREML_RESOURCE, 0) < 1:
+        raise ApplyError(f"no node of the Ray cluster has the '{COREML_RESOURCE}' resource: start a Mac with "
+                         f"`ray start --address <head> --resources '{{\"{COREML_RESOURCE}\": 1}}'`, or pass "
+                         "--coreml-node any (no Core ML prediction)")
+
+
+def node_choice(coreml_node: str | None, ray_address: str | None) -> str:
     node = coreml_node or default_coreml_node(ray_address)
     if node not in NODE_CHOICES:
         raise ApplyError(f"--coreml-node must be one of {', '.join(NODE_CHOICES)}, got '{node}'")
@@ -88,7 +93,7 @@ def _search(storage: Storage, search_id: str) -> Search:
         raise ApplyError(str(exc)) from None
 
 
-def _select(recipes: dict, choice: str | None, where: str) -> list[str]:
+def select_keys(recipes: dict, choice: str | None, where: str) -> list[str]:
     keys = list(recipes)
     if not keys:
         raise ApplyError(f"{where} has no recipes")
@@ -103,7 +108,7 @@ def _select(recipes: dict, choice: str | None, where: str) -> list[str]:
     return [choice]
 
 
-def _palettes(storage: Storage, search: Search, wanted: set[tuple[str, int]]) -> dict:
+def stored_palettes(storage: Storage, search: Search, wanted: set[tuple[str, int]]) -> dict:
     """The exact palettes the search measured, checked against their stored digests."""
     stored, store, out = storage.palettes(search.id), PaletteStore(storage.path), {}
     missing = sorted(f"{l}@{b}" for l, b in wanted if (l, b) not in stored)
@@ -139,7 +144,7 @@ def _file_recipes(path: Path, search: Search, stored: list[StoredRecipe], sizes:
                      "being compressed")
     measured = {tuple(sorted(r.bits.items())): r.psnr for r in stored}
     jobs = []
-    for key in _select(recipes, choice, str(path)):
+    for key in select_keys(recipes, choice, str(path)):
         bits = recipes[key]
         full = {l: bits.get(l, FLOAT16_BITS) for l in sizes} | bits  # absent candidates stay float16
         # Same bits as a recipe the search measured: the k-means LUTs are the search's, so is the PSNR.
@@ -172,7 +177,7 @@ def apply_recipes(storage: Storage, search_id: str, *, out_dir: str | os.PathLik
                   model: str | None = None, coreml_node: str | None = None, ray_address: str | None = None,
                   execute: Executor | None = None) -> ApplyReport:
     """Apply one recipe (or all) of a search, or of a recipe file, to a Core ML UNet; store validations."""
-    node = _node_choice(coreml_node, ray_address)
+    node = node_choice(coreml_node, ray_address)
     search = _search(storage, search_id)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
@@ -191,13 +196,13 @@ def apply_recipes(storage: Storage, search_id: str, *, out_dir: str | os.PathLik
                              f"`search resume {search.id}`, or pass --recipe-file")
         by_key = {r.key: r for r in stored}
         recipes = [RecipeJob(k, by_key[k].bits, by_key[k].avg_bits, by_key[k].psnr)
-                   for k in _select(by_key, recipe, f"search {search.id}")]
+                   for k in select_keys(by_key, recipe, f"search {search.id}")]
         lut_source = "kmeans" if other_model else "search"
     if other_model:  # another UNet (e.g. fine-tuned): LUTs fitted to its weights, nothing measured for it
         recipes = [RecipeJob(r.key, r.bits, None, None) for r in recipes]
         notes.append(f"applying to {model}, not the search's model {search.model}: LUTs are fitted to its "
                      "weights and there is no measured PSNR to compare with")
-    palettes = {} if lut_source == "kmeans" else _palettes(
+    palettes = {} if lut_source == "kmeans" else stored_palettes(
         storage, search, {(l, b) for r in recipes for l, b in r.bits.items() if is_palettized(b)})
     job = CoreMLJob("apply", search.id, model or search.model, None if other_model else search.fingerprint,
                     evaluator_settings(search), tuple(recipes), palettes, lut_source, str(out),
@@ -211,12 +216,12 @@ def validate_recipes(storage: Storage, search_id: str, *, recipe: str | None = N
                      coreml_node: str | None = None, ray_address: str | None = None,
                      execute: Executor | None = None) -> ApplyReport:
     """Validate again the packages `apply` wrote (e.g. on a Mac, for Core ML prediction)."""
-    node = _node_choice(coreml_node, ray_address)
+    node = node_choice(coreml_node, ray_address)
     search = _search(storage, search_id)
     rows = storage.validations(search.id)
     if not rows:
         raise ApplyError(f"search {search.id} has no applied recipes; run `search apply {search.id}` first")
-    keys = _select(rows, recipe or "all", f"the applied recipes of search {search.id}")
+    keys = select_keys(rows, recipe or "all", f"the applied recipes of search {search.id}")
     by_key = {r.key: r for r in storage.recipes(search.id)}
     other_model = model is not None and model != search.model
     jobs = []
@@ -228,7 +233,7 @@ def validate_recipes(storage: Storage, search_id: str, *, recipe: str | None = N
         jobs.append(RecipeJob(key, r.bits if r else None, None, None if (other_model or not r) else r.psnr,
                               str(path)))
     wanted = {(l, b) for k in keys if k in by_key for l, b in by_key[k].bits.items() if is_palettized(b)}
-    palettes = {} if other_model else _palettes(storage, search, wanted)
+    palettes = {} if other_model else stored_palettes(storage, search, wanted)
     job = CoreMLJob("validate", search.id, model or search.model, None if other_model else search.fingerprint,
                     evaluator_settings(search), tuple(jobs), palettes)
     result = _run(execute, job, node, ray_address)

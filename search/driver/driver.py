@@ -13,12 +13,13 @@ from common.errors import first_line
 from common.formats import is_palettized
 from search.config import SearchConfig
 from search.driver.cluster import driver_id, ensure_ray, plan_workers  # driver_id, ensure_ray: search/service imports them here
+from search.driver.coreml_phase import CoreMLStage
 from search.driver.palette_feed import PaletteFeed, task_cpus
 from search.driver.palettes import load_stored_palette
 from search.driver.pool import EvaluatorPool, ItemFailed, PoolError, actor_class, can_place
 from search.driver.progress import NullReporter, Reporter
 from search.driver.recipe_phase import RecipePhases
-from search.driver.signals import stop_on_signals
+from search.driver.signals import SearchFailed, SearchInterrupted, stop_on_signals
 from search.recipes.strategy import descent_plan, floor_plan, isolated_plan, refinement_plan, skipped_note, unfit
 from search.recipes.tables import load_tables, weight_mse
 from storage import Baseline, DiskError, Measurement, PaletteInfo, Search, Storage, StorageError
@@ -32,15 +33,7 @@ from workers.weights import WeightShipper, fetch_pipeline
 HEARTBEAT_S = 5.0
 
 
-class SearchInterrupted(RuntimeError):
-    pass
-
-
-class SearchFailed(RuntimeError):
-    pass
-
-
-class SearchDriver(RecipePhases):
+class SearchDriver(RecipePhases, CoreMLStage):
     def __init__(self, storage: Storage, search: Search, spec: ModelSpec, *, workers: int | None = None,
                  reporter: Reporter | None = None, actor_resources: dict | None = None, weights_dir=None):
         self.storage, self.search, self.spec = storage, search, spec
@@ -93,6 +86,7 @@ class SearchDriver(RecipePhases):
             self._phase_isolated()
             self._phase_cumulative()
             self._phase_recipes()
+            self._phase_coreml()
             self.storage.update_search(sid, status="completed", phase="done", finished=True,
                                        add_elapsed=time.monotonic() - started)
         except SearchInterrupted:

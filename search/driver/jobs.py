@@ -88,7 +88,10 @@ def prepare_resume(storage: Storage, search_id: str) -> Prepared:
 
 
 def run_search(storage: Storage, prepared: Prepared, *, workers: int | None = None, reporter: Reporter | None = None,
-               ray_address: str | None = None, actor_resources: dict | None = None) -> tuple[Search, SearchDriver]:
+               ray_address: str | None = None, actor_resources: dict | None = None,
+               packages=None) -> tuple[Search, SearchDriver]:
+    """Prepare (if needed) and run a search; ``packages``: the `PackageStore` its ``coreml`` phase
+    ships to (None: next to the database)."""
     search = storage.claim(prepared.search.id, driver_id(), lambda s: s.driver_gone(utcnow()))
     spec, root = prepared.spec, None
     if not search.prepared:
@@ -96,6 +99,7 @@ def run_search(storage: Storage, prepared: Prepared, *, workers: int | None = No
     ensure_ray(ray_address)
     driver = SearchDriver(storage, search, spec, workers=workers, reporter=reporter,
                           actor_resources=actor_resources, weights_dir=root)
+    driver.packages = packages
     return driver.run(), driver
 
 

@@ -1,10 +1,20 @@
 """SIGINT / SIGTERM ask the driver to stop after the items in flight (everything stored is kept);
-the previous handlers come back afterwards. Only the main thread can install handlers."""
+the previous handlers come back afterwards. Only the main thread can install handlers. How a
+stopped or failed search ends its driver (`SearchInterrupted`, `SearchFailed`) lives here too,
+so every phase module can raise them."""
 from __future__ import annotations
 
 import signal
 import threading
 from contextlib import contextmanager
+
+
+class SearchInterrupted(RuntimeError):
+    pass
+
+
+class SearchFailed(RuntimeError):
+    pass
 
 
 @contextmanager

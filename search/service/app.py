@@ -36,6 +36,7 @@ from common.files import atomic_write_bytes
 from search.config import ConfigError
 from search import read_models
 from search.read_models import search_detail, search_summary
+from search.service.coreml_routes import checked_apply, router as coreml_router
 from search.service.driver_task import stale
 from search.service.progress_file import read_progress
 from search.service.dashboard import dashboard_router, is_public
@@ -44,6 +45,7 @@ from search.service.responses import (DuplicateBody, SearchSummary, auth_respons
                                       links, public, unauthorized)
 from search.service.supervisor import Service
 from storage import Search, StorageError
+from storage.coreml_store import CoreMLStore
 from storage.records import ACTIVE
 from workers.models import ModelError
 
@@ -126,6 +128,7 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
         model = service.check_model(body.model)
         model_key(model)  # unknown names, bad repo ids, directories that are no pipeline: 422 now
         options = body.options()  # validated: fails before anything is stored
+        coreml = checked_apply(body.apply, body.coreml_node)  # the Core ML stage asked too (coreml_routes)
         with service.prepare_lock:  # the duplicate check and the insert, together
             try:
                 prepared = submit_search(service.storage, model, options, resume_duplicate=body.resume)
@@ -138,6 +141,8 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
                     response.status_code = 200
                     return {**search_summary(service.storage, current), "created": False}
                 service.hand_over(sid)
+            if coreml:
+                CoreMLStore(service.storage).request(sid, *coreml)
             service.launch(prepared, body.workers)
         return {**search_summary(service.storage, service.storage.get_search(sid)), "created": prepared.created}
 
@@ -202,6 +207,7 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
                 atomic_write_bytes(path, read_models.plot_png(service.storage, s))
         return FileResponse(path, media_type="image/png", filename=f"{s.id}-psnr.png")
 
+    app.include_router(coreml_router)
     app.include_router(dashboard_router(service))  # the pages at / and /docs, their assets and data
     return app
 

@@ -55,6 +55,9 @@ class Client:
             raise RemoteError(f"request to {self.server} failed: {exc}") from None
         if r.status_code < 400:
             return r
+        self._raise(r)
+
+    def _raise(self, r: httpx.Response):
         try:
             body = r.json()
         except ValueError:
@@ -105,6 +108,34 @@ class Client:
 
     def plot_png(self, search_id: str) -> bytes:
         return self.request("GET", f"/searches/{_segment(search_id)}/plot.png").content
+
+    def coreml(self, search_id: str) -> dict:
+        return self._json("GET", f"/searches/{_segment(search_id)}/coreml")
+
+    def queue_coreml(self, search_id: str, apply: str, coreml_node: str) -> dict:
+        return self._json("POST", f"/searches/{_segment(search_id)}/coreml",
+                          json={"apply": apply, "coreml_node": coreml_node})
+
+    def download_package(self, search_id: str, key: str, fh) -> None:
+        """Append recipe ``key``'s zip to the open binary file ``fh`` in pieces, from its current
+        size on (a Range request: an interrupted download resumes)."""
+        start = fh.tell()
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        path = f"/searches/{_segment(search_id)}/coreml/{_segment(key)}.mlpackage.zip"
+        try:
+            with self.http.stream("GET", path, headers=headers) as r:
+                if r.status_code == 416:  # already whole
+                    return
+                if r.status_code >= 400:
+                    r.read()
+                    self._raise(r)
+                if start and r.status_code != 206:  # the server sent it all again
+                    fh.seek(0)
+                    fh.truncate()
+                for piece in r.iter_bytes(8 * 2**20):
+                    fh.write(piece)
+        except httpx.HTTPError as exc:
+            raise RemoteError(f"downloading the package of recipe {key} from {self.server} failed: {exc}") from None
 
 
 def _segment(search_id: str) -> str:

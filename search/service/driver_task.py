@@ -45,8 +45,11 @@ def _wait_for_gpus(timeout_s: float) -> None:
 
 
 def drive(db_path: str, progress_path: str, prepared, workers: int | None, handed_from: str,
-          wait_gpus_s: float) -> dict:
-    """Run one search's driver (inside a Ray task on the service's node). Returns a summary."""
+          wait_gpus_s: float, packages_dir: str | None = None) -> dict:
+    """Run one search's driver (inside a Ray task on the service's node). Returns a summary;
+    ``packages_dir``: where its ``coreml`` phase keeps the packages (the service's data dir)."""
+    from storage.package_store import PackageStore
+
     from search.driver.driver import SearchFailed, SearchInterrupted
     from search.driver.jobs import run_search
 
@@ -66,7 +69,8 @@ def drive(db_path: str, progress_path: str, prepared, workers: int | None, hande
             if wait_gpus_s > 0:
                 reporter.message("waiting for the autoscaler to add GPU workers")
                 _wait_for_gpus(wait_gpus_s)
-            search, driver = run_search(storage, prepared, workers=workers, reporter=reporter)
+            search, driver = run_search(storage, prepared, workers=workers, reporter=reporter,
+                                        packages=PackageStore(packages_dir) if packages_dir else None)
         except (SearchInterrupted, SearchFailed):
             return {"id": sid, "status": storage.get_search(sid).status}
         except Exception as exc:

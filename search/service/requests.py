@@ -9,7 +9,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from search.submit_options import RESUME_HELP, SEARCH_OPTIONS, WORKERS_HELP, parse_search_options
+from search.submit_options import APPLY_HELP, COREML_NODE_HELP, RESUME_HELP, SEARCH_OPTIONS, WORKERS_HELP, parse_search_options
 
 ID_PATTERN = re.compile(r"[0-9a-f]{1,32}")
 
@@ -64,6 +64,8 @@ SubmitRequest = create_model(
     **{o.name: (o.json_type or o.cli_type, Field(o.default, **{"description": o.help, **o.json_field}))
        for o in SEARCH_OPTIONS},
     resume=(bool, Field(False, description=RESUME_HELP)),
+    apply=(Optional[str], Field(None, min_length=1, max_length=8192, description=APPLY_HELP)),
+    coreml_node=(Optional[str], Field(None, description=COREML_NODE_HELP)),
 )
 
 

@@ -65,6 +65,11 @@ class Service:
     def plot_path(self, sid: str) -> Path:
         return self._inside(self.data_dir / "plots" / f"{checked_id(sid)}.png")
 
+    @property
+    def packages_dir(self) -> Path:
+        """The Core ML packages shipped to the head: ``<data_dir>/packages/<search>/<key>.mlpackage.zip``."""
+        return self.data_dir / "packages"
+
     def _inside(self, path: Path) -> Path:
         resolved = path.resolve()
         if not resolved.is_relative_to(self.data_dir):
@@ -149,7 +154,7 @@ class Service:
             strategy = NodeAffinitySchedulingStrategy(self.node_id, soft=False)
             self.tasks[sid] = drive_task.options(scheduling_strategy=strategy, name=f"search-driver-{sid}").remote(
                 str(self.db_path), str(self.progress_path(sid)), prepared, workers, self.owner,
-                self.gpu_wait_s if self.request_gpus else 0.0)
+                self.gpu_wait_s if self.request_gpus else 0.0, str(self.packages_dir))
         log.info("search %s: driver task started", sid)
 
     def hand_over(self, sid: str) -> None:

@@ -53,6 +53,8 @@ class CoreMLJob:
     out_dir: str = ""
     mlpackage: str | None = None  # the user's float16 UNet package (None: convert the torch UNet)
     device: str | None = None  # torch device of the numeric check (None: as the search's evaluators)
+    weights: object = None  # workers.weights.WeightsManifest: the model's files shipped by the driver
+    spec: object = None  # the driver's workers.models.ModelSpec, with ``weights`` (None: resolve ``model`` here)
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,8 @@ def _evaluator(job: CoreMLJob):
     from workers.models import resolve_model
 
     settings = job.evaluation
-    return Evaluator(resolve_model(job.model), settings.signal, precision=settings.precision,
-                     fingerprint=job.fingerprint, device=job.device, min_size=settings.min_size)
+    return Evaluator(job.spec or resolve_model(job.model), settings.signal, precision=settings.precision,
+                     fingerprint=job.fingerprint, device=job.device, min_size=settings.min_size, weights=job.weights)
 
 
 def _check(ev, package: Path, base: BaseModel, luts, recipe: RecipeJob, avg_bits: float, lut_source: str,
@@ -140,7 +142,7 @@ def _bases(job: CoreMLJob, ev, fingerprint: str, targets: set[bool]) -> dict[boo
             for t in sorted(targets)}
 
 
-def _apply(job: CoreMLJob, ev, fingerprint: str) -> tuple[BaseModel, list[RecipeOutcome]]:
+def apply_job(job: CoreMLJob, ev, fingerprint: str) -> tuple[BaseModel, list[RecipeOutcome]]:
     if job.lut_source not in ("search", "kmeans"):
         raise CoreMLError(f"unknown LUT source {job.lut_source!r}")
     out_dir = Path(job.out_dir)
@@ -222,7 +224,7 @@ def run_job(job: CoreMLJob) -> JobResult:
     ev = _evaluator(job)
     fingerprint = job.fingerprint or unet_fingerprint(ev.pipe.unet)
     if job.action == "apply":
-        base, outcomes = _apply(job, ev, fingerprint)
+        base, outcomes = apply_job(job, ev, fingerprint)
         return JobResult(socket.gethostname(), base.path, base.converted, base.cached, tuple(outcomes),
                          time.perf_counter() - t0)
     outcomes = _validate(job, ev, fingerprint)

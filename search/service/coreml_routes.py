@@ -1,0 +1,148 @@
+"""The Core ML stage through the service: queue it for a search, read its jobs, packages and
+validations, download a package. An `APIRouter` that `search.service.app` includes; the app's
+token middleware covers every route here.
+
+``POST /searches/{id}/coreml`` returns at once: for a completed search it starts the phase as a
+Ray task on the service's node (search.service.coreml_task); for a running one it is queued and
+the search's driver runs it after the recipes; an interrupted or failed one runs it when resumed.
+Packages are served from the service's data directory by the stored key, never by a path the
+user gives; a package is listed only once its zip is stored whole (search.driver.coreml_phase).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated, Literal, Optional
+
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.clock import utcnow
+from search.read_models import coreml_progress
+from search.service.progress_file import read_progress
+from search.submit_options import APPLY_HELP, COREML_NODE_HELP, parse_apply
+from search.service.requests import ApiError, checked_id, find_search
+from search.service.responses import errors
+from storage import Search
+from storage.coreml_store import CoreMLStore
+from storage.package_store import SUFFIX, PackageStore
+from storage.records import ACTIVE, STALE_AFTER_S
+
+router = APIRouter(tags=["coreml"])
+
+
+class CoreMLBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    apply: str = Field("all", min_length=1, max_length=8192, description=APPLY_HELP)
+    coreml_node: Literal["coreml", "any"] = Field("coreml", description=COREML_NODE_HELP)
+
+
+def require_coreml_node(coreml_node: str) -> None:
+    """409 with one line, at once, when the job needs a ``coreml`` node and the cluster has none."""
+    from search.driver.coreml_jobs import ApplyError, require_node
+
+    try:
+        require_node(coreml_node)
+    except ApplyError as exc:
+        raise ApiError(409, str(exc)) from None
+
+
+def checked_apply(apply: str | None, coreml_node: str | None) -> tuple[str, str] | None:
+    """The Core ML stage asked with a submit (``apply``/``coreml_node`` of the body), checked
+    before anything is stored; None when not asked."""
+    if apply is None:
+        if coreml_node is not None:
+            raise ApiError(422, "coreml_node: only with apply")
+        return None
+    keys, node = parse_apply(apply, coreml_node)  # ConfigError: 422 with its line
+    require_coreml_node(node)
+    return keys, node
+
+
+def _service(request: Request):
+    return request.app.state.service
+
+
+def _search(service, sid: str) -> Search:
+    return find_search(service.storage, sid)
+
+
+def _progress_path(service, sid: str):
+    return service.data_dir / "progress" / f"{checked_id(sid)}.coreml.json"
+
+
+def _view(service, s: Search) -> dict:
+    return {"id": s.id, "status": s.effective_status(utcnow()), "phase": s.phase,
+            "coreml": coreml_progress(service.storage, s),
+            "validations": {k: asdict(v) for k, v in service.storage.validations(s.id).items()},
+            "progress": read_progress(_progress_path(service, s.id))}
+
+
+def _launch(request: Request, s: Search) -> None:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from search.service.coreml_task import coreml_task
+
+    service = _service(request)
+    tasks = request.app.state.__dict__.setdefault("coreml_tasks", {})
+    strategy = NodeAffinitySchedulingStrategy(service.node_id, soft=False)
+    tasks[s.id] = coreml_task.options(scheduling_strategy=strategy, name=f"search-coreml-{s.id}").remote(
+        str(service.db_path), str(service.packages_dir), str(_progress_path(service, s.id)), s.id)
+
+
+@router.post("/searches/{search_id}/coreml", status_code=202, responses=errors(404, 409, 422))
+def queue_coreml(search_id: str, request: Request, body: Annotated[Optional[CoreMLBody], Body()] = None) -> dict:
+    """Apply the search's recipes with its exact palettes on the Core ML node, validate them and
+    ship the packages to the head. Returns at once; packages already shipped are not redone."""
+    service, body = _service(request), body or CoreMLBody()
+    s = _search(service, search_id)
+    keys, _ = parse_apply(body.apply)
+    if s.status == "completed" and keys != "all":
+        stored = {r.key for r in service.storage.recipes(s.id)}
+        if unknown := [k for k in keys.split(",") if k not in stored]:
+            raise ApiError(422, f"no recipe '{unknown[0]}' in search {s.id}; choose from: {', '.join(sorted(stored))}")
+    require_coreml_node(body.coreml_node)
+    jobs = CoreMLStore(service.storage)
+    job = jobs.job(s.id)
+    if job and job.status == "running" and (utcnow() - job.updated_at).total_seconds() < STALE_AFTER_S:
+        raise ApiError(409, f"the Core ML phase of search {s.id} is already running")
+    jobs.request(s.id, keys, body.coreml_node)
+    if s.status == "completed":
+        _launch(request, s)
+        note = "started"
+    elif s.status in ACTIVE and not s.driver_gone(utcnow()):
+        note = "queued: runs after the search's recipes"
+    else:
+        note = f"queued: runs when search {s.id} is resumed"
+    return {**_view(service, s), "note": note}
+
+
+@router.get("/searches/{search_id}/coreml", responses=errors(404, 409, 422))
+def coreml_status(search_id: str, request: Request) -> dict:
+    """The Core ML job of a search, its packages (size, sha256) and its validations."""
+    service = _service(request)
+    return _view(service, _search(service, search_id))
+
+
+@router.get("/searches/{search_id}/coreml/{name}", response_class=FileResponse, responses={
+    206: {"description": "the requested byte range"}, 416: {"description": "range not satisfiable"},
+    **errors(404, 409, 422)})
+def package_zip(search_id: str, name: str, request: Request):
+    """One recipe's package as a zip (``<key>.mlpackage.zip``); Range requests resume a download.
+    The ``X-Checksum-SHA256`` header is the digest of the whole zip."""
+    service = _service(request)
+    s = _search(service, search_id)
+    if not name.endswith(SUFFIX):
+        raise ApiError(404, f"no package '{name[:80]}': ask for <recipe key>{SUFFIX}")
+    key = name[: -len(SUFFIX)]
+    packages = CoreMLStore(service.storage).packages(s.id)
+    p = packages.get(key)
+    if p is None or p.status != "shipped":
+        why = f" ({p.detail})" if p is not None and p.detail else ""
+        raise ApiError(404, f"search {s.id} has no package for recipe '{key[:80]}'{why}")
+    store = PackageStore(service.packages_dir)
+    path = store.path(p.path).resolve()
+    if not path.is_relative_to(store.root) or not store.complete(p.path, p.size_bytes):
+        raise ApiError(404, f"the package of recipe '{key}' is missing on the server; apply it again")
+    return FileResponse(path, media_type="application/zip", filename=f"{s.id}-{name}",
+                        headers={"X-Checksum-SHA256": p.sha256})
