@@ -142,9 +142,9 @@ class SearchDriver(RecipePhases, CoreMLStage):
         self.reporter.message(f"starting {n} evaluator(s) ({'GPU' if gpus else 'CPU'}, {threads} thread(s) each)")
         self.storage.update_search(self.search.id, phase="starting")
         t0 = time.monotonic()
-        infos = self.pool.start()
-        self.timings["start"] = time.monotonic() - t0
-        self.actor_cpus = cpus * n
+        if not (infos := self.pool.start(self._should_stop)):
+            raise SearchInterrupted(f"search {self.search.id} interrupted")
+        self.timings["start"], self.actor_cpus = time.monotonic() - t0, cpus * n
         self.reference_runs += len(infos)  # each computed its own reference
         d = infos[0]
         odd = "" if d.get("deterministic", True) else "; [yellow]the device does not repeat runs bit for bit"

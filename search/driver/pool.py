@@ -63,11 +63,19 @@ class EvaluatorPool:
         self._last_resize = time.monotonic()
         self.grown = self.dropped = 0
 
-    def start(self, timeout_s: float = 1800) -> list[dict]:
-        """Wait for every actor to load the model and compute its reference output."""
+    def start(self, should_stop: Callable[[], bool] = lambda: False, timeout_s: float = 1800) -> list[dict]:
+        """Wait for every actor to load the model and compute its reference output, calling
+        ``should_stop`` (the driver's heartbeat and cancel check) every second: a slow start on a
+        busy machine must not look like a dead driver. [] if it said stop."""
         refs = [slot.actor.info.remote() for slot in self.slots]
+        deadline = time.monotonic() + timeout_s
         try:
-            self.infos = ray.get(refs, timeout=timeout_s)
+            while len(ray.wait(refs, num_returns=len(refs), timeout=1.0)[0]) < len(refs):
+                if should_stop():
+                    return []
+                if time.monotonic() > deadline:
+                    raise PoolError(f"the evaluators did not start within {timeout_s:.0f} s")
+            self.infos = ray.get(refs)
         except RayActorError as exc:
             raise PoolError(f"an evaluator failed to start: {_short(exc)}") from None
         return self.infos
