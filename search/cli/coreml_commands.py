@@ -1,4 +1,6 @@
-"""`search apply` and `search validate`: the Core ML stage on the command line (local only).
+"""`search apply` and `search validate`: the Core ML stage on the command line. Local, or with
+--server queued on the cluster's Core ML node (search.service.coreml_routes), or with --server
+--here run on this machine for a search on the service (search.cli.apply_here).
 
 search.cli.app registers them; the validation table itself is one of search.cli.views.
 """
@@ -11,6 +13,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from common.errors import first_line
 from search.cli.console import CliError, err, guarded, out
 from search.cli.options import DbOption, RayOption, SearchIdArgument, ServerOption, TokenOption, local_only
 from search.cli.views import search_validations, validation_table as _validation_table
@@ -87,6 +90,29 @@ def _queue_on_service(ctx: typer.Context, search_id: str, recipe: Optional[str],
               f"`search download {info['id']} --mlpackage all -o DIR --server {backend.server}`", highlight=False)
 
 
+def _apply_here(ctx: typer.Context, search_id: str, recipe: Optional[str], output: Optional[Path],
+                mlpackage: Optional[Path], server: Optional[str], token: Optional[str]) -> None:
+    """`search apply ID --server URL --here -o DIR` (search.cli.apply_here)."""
+    from search.cli.apply_here import apply_here
+    from search.driver.coreml_jobs import ApplyError, ApplyReport
+    from search.service.client import Client
+    from storage import Validation
+    from workers.coreml.common import CoreMLError
+
+    if not server or output is None:
+        raise CliError("--here needs --server URL (the search's service) and -o DIR (for the .mlpackage files)")
+    local_only(ctx, "recipe_file", "model", "coreml_node", "ray_address", "db")
+    with Client(server, token) as client:
+        try:
+            result, view, rows = apply_here(client, search_id, recipe, output, mlpackage)
+        except (ApplyError, CoreMLError) as exc:
+            raise CliError(first_line(exc)) from None
+    err.print(f"validations posted to {server}: `search status {view['id']} --server {server}` shows them",
+              highlight=False)
+    _report(ApplyReport(view["id"], rows[0]["node"] if rows else "", result.base_mlpackage, result.base_cached,
+                        result.outcomes, tuple(Validation(**r) for r in rows)))
+
+
 @guarded
 def apply_cmd(
     ctx: typer.Context,
@@ -104,10 +130,15 @@ def apply_cmd(
     db: Optional[Path] = DbOption,
     server: Optional[str] = ServerOption,
     token: Optional[str] = TokenOption,
+    here: bool = typer.Option(False, "--here", help="with --server: apply on this machine (a Mac outside the "
+                              "cluster) with the search's recipes and exact palettes fetched from the service, "
+                              "and post the validations back"),
 ) -> None:
     """Palettize a Core ML UNet with a recipe's exact LUTs, one .mlpackage per recipe, and validate it.
     With --server: queue that on the cluster's Core ML node (all recipes unless --recipe) and return;
     the packages come back to the service (`search download ID --mlpackage`)."""
+    if here:
+        return _apply_here(ctx, search_id, recipe, output, mlpackage, server, token)
     if server:
         return _queue_on_service(ctx, search_id, recipe, coreml_node, server, token)
     if output is None:

@@ -125,8 +125,13 @@ def stored_palettes(storage: Storage, search: Search, wanted: set[tuple[str, int
 
 def evaluator_settings(search: Search) -> EvaluatorSettings:
     """What the Core ML worker's evaluator needs of the search's config to measure as it did."""
-    config = SearchConfig.from_dict(search.config)
-    return EvaluatorSettings(config.signal_spec(), config.precision, config.min_size)
+    return config_settings(search.config)
+
+
+def config_settings(config: dict) -> EvaluatorSettings:
+    """`evaluator_settings` from a stored config (e.g. one a service sent to `search apply --here`)."""
+    c = SearchConfig.from_dict(config)
+    return EvaluatorSettings(c.signal_spec(), c.precision, c.min_size)
 
 
 def _file_recipes(path: Path, search: Search, stored: list[StoredRecipe], sizes: dict[str, int],

@@ -114,8 +114,8 @@ class CoreMLPhase:
                         stored_palettes(self.storage, s, wanted), "search", "", None, weights=self.weights,
                         spec=self.spec)
         options = dict(num_cpus=1, max_restarts=0, max_task_retries=0)
-        if node == "coreml":
-            options["resources"] = {COREML_RESOURCE: 1}
+        if node == "coreml":  # the coreml resource reserves the Mac; a node may offer it with no CPU for evaluators
+            options.update(num_cpus=0, resources={COREML_RESOURCE: 1})
         return ray.remote(CoreMLWorker).options(**options).remote(job)
 
     def _wait(self, ref):

@@ -116,6 +116,16 @@ class Client:
         return self._json("POST", f"/searches/{_segment(search_id)}/coreml",
                           json={"apply": apply, "coreml_node": coreml_node})
 
+    def here_job(self, search_id: str) -> dict:
+        return self._json("GET", f"/searches/{_segment(search_id)}/coreml/recipes.json")
+
+    def palette_bytes(self, search_id: str, layer: str, bits: str) -> bytes:
+        return self.request("GET", f"/searches/{_segment(search_id)}/coreml/palette",
+                            params={"layer": layer, "bits": bits}).content
+
+    def post_validations(self, search_id: str, rows: list[dict]) -> dict:
+        return self._json("POST", f"/searches/{_segment(search_id)}/coreml/validations", json=rows)
+
     def download_package(self, search_id: str, key: str, fh) -> None:
         """Append recipe ``key``'s zip to the open binary file ``fh`` in pieces, from its current
         size on (a Range request: an interrupted download resumes)."""

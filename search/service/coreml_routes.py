@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.clock import utcnow
+from common.errors import first_line
 from search.read_models import coreml_progress
 from search.service.progress_file import read_progress
 from search.submit_options import APPLY_HELP, COREML_NODE_HELP, parse_apply
@@ -90,6 +91,19 @@ def _launch(request: Request, s: Search) -> None:
         str(service.db_path), str(service.packages_dir), str(_progress_path(service, s.id)), s.id)
 
 
+def _running(request: Request, sid: str, job) -> bool:
+    """A job's task is alive: this service's task has not ended, else (a search's driver, or a
+    previous service) its heartbeat is fresh."""
+    import ray
+
+    if job is None or job.status != "running":
+        return False
+    ref = request.app.state.__dict__.get("coreml_tasks", {}).get(sid)
+    if ref is not None:
+        return not ray.wait([ref], timeout=0)[0]
+    return (utcnow() - job.updated_at).total_seconds() < STALE_AFTER_S
+
+
 @router.post("/searches/{search_id}/coreml", status_code=202, responses=errors(404, 409, 422))
 def queue_coreml(search_id: str, request: Request, body: Annotated[Optional[CoreMLBody], Body()] = None) -> dict:
     """Apply the search's recipes with its exact palettes on the Core ML node, validate them and
@@ -103,8 +117,7 @@ def queue_coreml(search_id: str, request: Request, body: Annotated[Optional[Core
             raise ApiError(422, f"no recipe '{unknown[0]}' in search {s.id}; choose from: {', '.join(sorted(stored))}")
     require_coreml_node(body.coreml_node)
     jobs = CoreMLStore(service.storage)
-    job = jobs.job(s.id)
-    if job and job.status == "running" and (utcnow() - job.updated_at).total_seconds() < STALE_AFTER_S:
+    if _running(request, s.id, jobs.job(s.id)):
         raise ApiError(409, f"the Core ML phase of search {s.id} is already running")
     jobs.request(s.id, keys, body.coreml_node)
     if s.status == "completed":
@@ -124,6 +137,82 @@ def coreml_status(search_id: str, request: Request) -> dict:
     return _view(service, _search(service, search_id))
 
 
+# -- a Mac outside the cluster (`search apply ID --server URL --here`) ------------------------
+@router.get("/searches/{search_id}/coreml/recipes.json", responses=errors(404, 409, 422))
+def here_job(search_id: str, request: Request) -> dict:
+    """What a Core ML machine outside the cluster needs to apply the recipes itself: the model,
+    its UNet fingerprint, the search's config, the recipes and which palettes they use (each from
+    ``/coreml/palette``). No file path of the server."""
+    from common.formats import formats_json, is_palettized
+
+    service = _service(request)
+    s = _search(service, search_id)
+    recipes = service.storage.recipes(s.id)
+    if not recipes:
+        raise ApiError(409, f"search {s.id} has no recipes yet (status {s.effective_status(utcnow())})")
+    stored = service.storage.palettes(s.id)
+    used = sorted({(l, b) for r in recipes for l, b in r.bits.items() if is_palettized(b)},
+                  key=lambda p: (p[0], str(p[1].to_json())))
+    return {"id": s.id, "model": s.model, "fingerprint": s.fingerprint, "config": s.config,
+            "recipes": [{"key": r.key, "bits": formats_json(r.bits), "avg_bits": r.avg_bits, "psnr": r.psnr}
+                        for r in recipes],
+            "palettes": [{"layer": l, "bits": str(b.to_json()), "digest": stored[(l, b)].digest if (l, b) in stored
+                          else None} for l, b in used]}
+
+
+@router.get("/searches/{search_id}/coreml/palette", response_class=FileResponse, responses=errors(404, 409, 422))
+def here_palette(search_id: str, layer: str, bits: str, request: Request):
+    """One exact palette the search measured (its stored .npz), by layer and format."""
+    from common.formats import PaletteFormat
+    from storage.palette_store import PaletteStore
+
+    service = _service(request)
+    s = _search(service, search_id)
+    try:
+        fmt = PaletteFormat.of(bits)
+    except ValueError as exc:
+        raise ApiError(422, f"bits: {first_line(exc)}") from None
+    info = service.storage.palettes(s.id).get((layer, fmt))
+    if info is None:
+        raise ApiError(404, f"search {s.id} stores no palette for layer '{layer[:200]}' at {fmt}")
+    store = PaletteStore(service.storage.path)
+    path = store.path(info.path).resolve()
+    if not path.is_relative_to(store.root.resolve()) or not path.is_file():
+        raise ApiError(404, f"the palette of layer '{layer[:200]}' at {fmt} is missing on the server")
+    return FileResponse(path, media_type="application/octet-stream", headers={"X-Palette-Digest": info.digest})
+
+
+class ValidationBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    recipe_key: str = Field(..., min_length=1, max_length=512)
+    mlpackage: str = Field(..., max_length=4096)
+    size_bytes: int = Field(..., ge=0)
+    avg_bits: float
+    structural_ok: bool
+    structural_detail: str = Field(..., max_length=20000)
+    numeric_psnr: Optional[float] = None
+    numeric_ok: Optional[bool] = None
+    runtime: Optional[dict[str, float]] = None
+    runtime_note: str = Field(..., max_length=2000)
+    node: str = Field(..., min_length=1, max_length=300)
+
+
+@router.post("/searches/{search_id}/coreml/validations", responses=errors(404, 409, 422))
+def here_validations(search_id: str, request: Request, body: list[ValidationBody]) -> dict:
+    """Validation results of recipes applied outside the cluster; they replace earlier ones."""
+    from storage import Validation
+
+    service = _service(request)
+    s = _search(service, search_id)
+    keys = {r.key for r in service.storage.recipes(s.id)}
+    if unknown := [v.recipe_key for v in body if v.recipe_key not in keys]:
+        raise ApiError(422, f"no recipe '{unknown[0][:200]}' in search {s.id}")
+    for v in body:
+        service.storage.put_validation(s.id, Validation(**v.model_dump()))
+    return _view(service, s)
+
+
+# declared last: the other /coreml/... routes are matched first
 @router.get("/searches/{search_id}/coreml/{name}", response_class=FileResponse, responses={
     206: {"description": "the requested byte range"}, 416: {"description": "range not satisfiable"},
     **errors(404, 409, 422)})

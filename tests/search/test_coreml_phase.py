@@ -20,40 +20,9 @@ import pytest
 from storage import Storage
 from storage.coreml_store import CoreMLStore
 from storage.package_store import PackageStore, PackageWriter
+from tests.coreml_helpers import check_search_luts, same_tree, sha256
 
 pytestmark = pytest.mark.slow
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def same_tree(a: Path, b: Path) -> bool:
-    files = lambda root: {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}  # noqa: E731
-    return files(a) == files(b)
-
-
-def check_search_luts(package: Path, db: Path, search_id: str) -> str:
-    """Structural check of a package against the search's stored palettes; returns its detail."""
-    from workers.coreml.apply import layer_luts, read_manifest, torch_weights
-    from workers.coreml.common import LayerMatch, describe_program, read_program
-    from workers.coreml.validate import check_structure
-    from workers.models import load_unet, resolve_model
-    from workers.palettize import load_palette
-
-    from storage.palette_store import PaletteStore
-
-    with Storage(db) as st:
-        palettes = {k: load_palette(PaletteStore(db).path(v.path)) for k, v in st.palettes(search_id).items()}
-        model = st.get_search(search_id).model
-    m = read_manifest(package)
-    unet = load_unet(resolve_model(model))
-    luts = layer_luts(torch_weights(unet, list(m.layers)), m.bits, {l: LayerMatch(l, c, ()) for l, c in m.layers.items()},
-                      palettes)
-    base_consts, _ = describe_program(read_program(m.base_mlpackage))
-    result, _ = check_structure(read_program(package), base_consts, luts, "search's")
-    assert result.ok, result.detail
-    return result.detail
 
 
 def test_unfinished_zip_is_never_kept(tmp_path):

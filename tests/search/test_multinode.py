@@ -1,6 +1,7 @@
 """Multi-node on one machine: a Ray head and an extra worker node started with `ray start` on
-127.0.0.1 (their own ports, temp dir and auth token; one CPU each), the search service joined to
-the head, searches submitted over HTTP. Measurements record the node that ran them and both
+127.0.0.1 (their own ports, temp dir and auth token; one CPU each), plus a Core ML node (the
+``coreml`` resource, no CPU for evaluators: a stand-in for a Mac but for Core ML prediction), the
+search service joined to the head, searches submitted over HTTP. Measurements record the node that ran them and both
 nodes run some; then, in a second search, the worker node is killed mid-search (every process
 of it, by PID) and the search still completes on the head, every result stored exactly once.
 
@@ -13,9 +14,11 @@ in a mount namespace in which the head's model cache and the directory of head-o
 worker-node evaluator that tried to read the model from its path would fail; it is the same
 machine, user and network otherwise (the namespace maps our uid to root inside it). Without
 `unshare` the head-only test is skipped (the other tests still ship, but could not tell).
+The Core ML node's namespace also covers the service's data directory (database, packages).
 """
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import signal
@@ -30,8 +33,9 @@ from pathlib import Path
 import pytest
 
 from tests.cli_helpers import ROOT, floor_probes
-from tests.search.test_service import (ACTIVE, SEARCH_TIMEOUT_S, TINY, ServiceProcess, alive, free_port, kill_tree,
-                                       ray_env, wait_for)
+from tests.coreml_helpers import check_search_luts, same_tree, sha256
+from tests.search.test_service import (ACTIVE, SEARCH_TIMEOUT_S, TINY, TINY_ARGS, ServiceProcess, alive, descendants,
+                                       free_port, kill_tree, ray_env, remote, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +88,16 @@ def wait_port(port: int, node: RayNode, timeout: float = 120) -> None:
     pytest.fail(f"the Ray head did not open port {port} within {timeout} s:\n{node.log.read_text()[-3000:]}")
 
 
+def wait_started(node: RayNode, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        node.check()
+        if "Ray runtime started" in node.log.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"ray node {node.name} did not start within {timeout} s:\n{node.log.read_text()[-3000:]}")
+
+
 def can_hide_paths() -> bool:
     """Unprivileged user + mount namespaces, with tmpfs mounts inside them."""
     probe = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs none /mnt && echo ok"],
@@ -102,8 +116,10 @@ def cluster(model_cache):
     from workers.models import resolve_model
 
     tmp = Path(tempfile.mkdtemp(prefix="mbpmn", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    headonly, worker_cache = tmp / "headonly", tmp / "worker-cache"
-    worker_cache.mkdir()
+    headonly, worker_cache, coreml_cache, data = (tmp / "headonly", tmp / "worker-cache", tmp / "coreml-cache",
+                                                  tmp / "data")
+    for d in (worker_cache, coreml_cache, data / "searches.db.service"):
+        d.mkdir(parents=True)
     shutil.copytree(resolve_model("tiny-sdxl", model_cache).location, headonly / "pipe")
     (headonly / "pipe" / "README.md").write_text("tiny-sdxl, copied where only the head node can see it\n")
     hide = can_hide_paths()
@@ -127,14 +143,21 @@ def cluster(model_cache):
         worker = RayNode("worker", hidden(argv, [headonly, model_cache]) if hide else argv,
                          {**env, "MBP_SEARCH_CACHE": str(worker_cache)}, tmp / "worker.log")
         nodes.append(worker)
-        service = ServiceProcess(tmp / "searches.db", env, secrets.token_urlsafe(24), tmp / "serve.log",
+        wait_started(worker)  # one node starting at a time: a raylet that cannot register in 30 s aborts
+        argv = [sys.executable, "-c", WORKER_START, "start", "--address", f"127.0.0.1:{port}",
+                "--num-cpus", "0", "--num-gpus", "0", "--resources", '{"coreml": 1}', *node_args()]
+        coreml = RayNode("coreml", hidden(argv, [headonly, model_cache, data]) if hide else argv,
+                         {**env, "MBP_SEARCH_CACHE": str(coreml_cache)}, tmp / "coreml.log")
+        nodes.append(coreml)
+        service = ServiceProcess(data / "searches.db", env, secrets.token_urlsafe(24), tmp / "serve.log",
                                  "--ray-address", f"127.0.0.1:{port}", "--allow-model-dir", str(headonly))
         service.start()
         c = service.client()
-        info = wait_for(lambda: c.get("/cluster").json(),
-                        lambda d: sum(1 for n in d["nodes"] if n["alive"]) == 2, 120, "both Ray nodes")
-        yield dict(head=head, worker=worker, service=service, client=c, info=info, tmp=tmp, hidden=hide,
-                   headonly=headonly, worker_cache=worker_cache)
+        info = wait_for(lambda: [node.check() for node in nodes] and c.get("/cluster").json(),
+                        lambda d: sum(1 for n in d["nodes"] if n["alive"]) == 3, 120, "the three Ray nodes")
+        yield dict(head=head, worker=worker, coreml=coreml, service=service, client=c, info=info, tmp=tmp,
+                   hidden=hide, headonly=headonly, worker_cache=worker_cache, coreml_cache=coreml_cache, data=data,
+                   env=env)
     finally:
         if service is not None:
             service.stop()
@@ -155,12 +178,13 @@ def node_counts(db: Path, sid: str) -> dict[str, int]:
 
 
 def nodes_of(cluster) -> tuple[str, str]:
-    """(head, worker) node ids; the service and the drivers live on the head."""
+    """(head, worker) node ids; the service and the drivers live on the head (the Core ML node
+    offers no CPU, so no evaluator runs there)."""
     info = cluster["info"]
     nodes = {n["node_id"]: n for n in info["nodes"] if n["alive"]}
     head_id = info["service_node"]
     assert nodes[head_id]["is_head"] and all(n["address"] == "127.0.0.1" for n in nodes.values())
-    return head_id, next(n for n in nodes if n != head_id)
+    return head_id, next(n for n, d in nodes.items() if n != head_id and "coreml" not in d["resources"])
 
 
 def test_a_search_runs_on_both_nodes(cluster):
@@ -216,6 +240,121 @@ def test_a_model_only_the_head_can_see_is_searched_on_both_nodes(cluster):
     print(f"\nhead-only model: {shipped / 1e6:.2f} MB shipped through the object store once, copied to "
           f"{copy.relative_to(cluster['tmp'])} on the worker node; measurements per node {counts}; "
           f"{time.monotonic() - t0:.1f} s from submit to completion")
+
+
+def driver_pids(head: RayNode, sid: str) -> list[int]:
+    """The Ray worker process on the head running the search's driver (the task's name is its
+    process title: ray::search-driver-<id>, search.service.supervisor)."""
+    pids = []
+    for pid in descendants(head.proc.pid):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith((f"ray::search-driver-{sid}", "ray::drive")):
+            pids.append(pid)
+    return pids
+
+
+def test_apply_all_ships_packages_from_the_coreml_node_and_resumes_after_kill(cluster, tmp_path):
+    """`search submit --apply all --server`: after its recipes the search applies them on the Core
+    ML node (which sees neither the service's data directory nor the model: the weights come
+    through the object store), ships each package to the head; the driver is SIGKILLed after the
+    first package, `search resume` ships the rest without redoing it; the remote CLI downloads
+    packages whose digest is the node's own zip and whose LUTs and indices are the search's."""
+    c, service = cluster["client"], cluster["service"]
+    coreml_pid, coreml_cache = cluster["coreml"].proc.pid, cluster["coreml_cache"]
+    if cluster["hidden"]:
+        assert service.db.is_file() and not Path(f"/proc/{coreml_pid}/root{service.db}").exists()
+    t0 = time.monotonic()
+    proc = remote(service, "submit", *TINY_ARGS, "--num-recipes", "2", "--apply", "all")
+    assert proc.returncode == 0, proc.stderr
+    sid = proc.stdout.split()[-1]
+    get = lambda: c.get(f"/searches/{sid}").json()  # noqa: E731
+    d = wait_for(get, lambda d: (d.get("coreml") or {}).get("applied", 0) >= 1 or d["status"] not in ACTIVE,
+                 3 * SEARCH_TIMEOUT_S, "the first package shipped (the search, then the Core ML phase)", interval=0.5)
+    t_first = time.monotonic() - t0
+    assert d["status"] in ACTIVE and d["phase"] == "coreml" and d["coreml"]["applied"] == 1, d
+    first = d["coreml"]["packages"]
+    pids = driver_pids(cluster["head"], sid)
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+    d = wait_for(get, lambda d: d["status"] == "interrupted", 60, "the search to show interrupted")
+    t_resume = time.monotonic()
+    proc = remote(service, "resume", sid)
+    assert proc.returncode == 0, proc.stderr
+    d = wait_for(get, lambda d: d["status"] not in ACTIVE, 2 * SEARCH_TIMEOUT_S, "the resumed search", interval=1)
+    t_done = time.monotonic()
+    assert d["status"] == "completed", d
+    cm = d["coreml"]
+    keys = {r["key"] for r in d["recipes"]}
+    assert cm["status"] == "completed" and set(cm["packages"]) == keys and len(keys) == 2, cm
+    assert cm["applied"] == cm["validated"] == cm["recipes"] == 2 and cm["failed"] == [], cm
+    assert all(cm["packages"][k] == p for k, p in first.items())  # shipped before the kill: not redone
+    messages = [m for _, m in (d.get("progress") or {}).get("messages", [])]
+    assert any("1 recipe(s) to apply (1 already shipped and validated)" in m for m in messages), messages
+    # the search's measurements are those of a search without the Core ML stage
+    assert d["evaluations"] == 47 + 2 + 47 + floor_probes(47) + 2
+    # the Core ML node loaded the model from the weights the driver shipped (its own copy)
+    assert list((coreml_cache / "shipped").glob("*/model_index.json")), list(coreml_cache.rglob("*"))[:20]
+
+    out = tmp_path / "packages"
+    t_dl = time.monotonic()
+    proc = remote(service, "download", sid, "--mlpackage", "all", "-o", str(out))
+    t_dl = time.monotonic() - t_dl
+    assert proc.returncode == 0, proc.stderr
+    head_store = cluster["data"] / "searches.db.service" / "packages" / sid
+    for key, p in cm["packages"].items():
+        node_package = Path(d["validations"][key]["mlpackage"])
+        assert node_package.is_relative_to(coreml_cache / "coreml" / sid)  # made on the Core ML node
+        node_zip = node_package.with_name(node_package.name + ".zip")
+        head_zip = next(f for f in head_store.iterdir() if f.name.endswith(".mlpackage.zip") and
+                        f.stat().st_size == p["size_bytes"] and sha256(f) == p["sha256"])
+        assert sha256(node_zip) == sha256(head_zip) == p["sha256"]
+        assert same_tree(out / node_package.name, node_package)
+        assert "search's LUTs and indices" in check_search_luts(out / node_package.name, service.db, sid)
+        assert d["validations"][key]["structural_ok"] and d["validations"][key]["numeric_ok"]
+    mb = sum(p["size_bytes"] for p in cm["packages"].values()) / 1e6
+    ship_s = sum(p["ship_s"] for p in cm["packages"].values())
+    print(f"\ncoreml phase: first package {t_first:.1f} s after submit; resumed run {t_done - t_resume:.1f} s; "
+          f"Core ML job {cm['seconds']:.1f} s over both runs; {mb:.2f} MB shipped node->head in {ship_s:.2f} s "
+          f"({mb / ship_s:.1f} MB/s); downloaded through the remote CLI in {t_dl:.1f} s")
+
+    # for a finished search: queue again through `search apply --server` (nothing left to do)
+    key = sorted(keys)[0]
+    proc = remote(service, "apply", sid, "--recipe", key)
+    assert proc.returncode == 0 and "(1 recipe(s), 1 already shipped)" in proc.stdout, proc.stdout + proc.stderr
+    cm2 = wait_for(lambda: c.get(f"/searches/{sid}/coreml").json()["coreml"], lambda v: v["status"] == "completed",
+                   120, "the Core ML job on the finished search")
+    assert cm2["packages"] == cm["packages"]
+    # a resumable download (Range), the digest header; bad keys and ids get one line; the token is needed
+    name = f"{next(iter(cm['packages']))}.mlpackage.zip"
+    whole = c.get(f"/searches/{sid}/coreml/{name}")
+    assert whole.status_code == 200 and whole.headers["x-checksum-sha256"] == cm["packages"][name[:-14]]["sha256"]
+    part = c.get(f"/searches/{sid}/coreml/{name}", headers={"Range": "bytes=1000-"})
+    assert part.status_code == 206 and part.content == whole.content[1000:]
+    for path, status in ((f"/searches/{sid}/coreml/nope.mlpackage.zip", 404), (f"/searches/{sid}/coreml/x.txt", 404),
+                         ("/searches/ffffffff/coreml", 404)):
+        r = c.get(path)
+        assert r.status_code == status and "\n" not in r.json()["detail"], (path, r.text)
+    r = c.post(f"/searches/{sid}/coreml", json={"apply": "nope"})
+    assert r.status_code == 422 and "no recipe 'nope'" in r.json()["detail"], r.text
+    assert service.client(token=None).get(f"/searches/{sid}/coreml/{name}").status_code == 401
+
+    # a Mac outside the cluster: `search apply --here` fetches the recipe and its exact palettes over
+    # HTTP, applies and validates in its own process, and posts the validation back to the service
+    here = tmp_path / "here"
+    t_here = time.monotonic()
+    proc = remote(service, "apply", sid, "--here", "-o", str(here), "--recipe", key, timeout=2 * SEARCH_TIMEOUT_S)
+    t_here = time.monotonic() - t_here
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    v = get()["validations"][key]
+    assert v["node"].endswith("(--here)") and v["structural_ok"] and v["numeric_ok"], v
+    assert Path(v["mlpackage"]).is_relative_to(here.resolve())
+    assert "search's LUTs and indices" in check_search_luts(Path(v["mlpackage"]), service.db, sid)
+    r = c.post(f"/searches/{sid}/coreml/validations", json=[{**v, "recipe_key": "nope"}])
+    assert r.status_code == 422 and "no recipe 'nope'" in r.json()["detail"], r.text
+    print(f"search apply --here (1 recipe: fetch, convert, palettize, validate, post): {t_here:.1f} s")
 
 
 def test_a_search_survives_losing_a_node(cluster):

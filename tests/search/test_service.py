@@ -455,6 +455,29 @@ def test_cli_submit_wait_then_download(server, tmp_path):
 
 
 @pytest.mark.slow
+def test_apply_without_a_coreml_node_is_refused_at_once(server):
+    """`--apply` on a cluster with no node offering the ``coreml`` resource: one line within
+    seconds, over HTTP and through the remote CLI, and nothing stored; the Core ML routes need the
+    token and answer unknown searches with 404 and one line."""
+    c = server.client()
+    before = len(c.get("/searches").json())
+    t0 = time.monotonic()
+    r = c.post("/searches", json={**TINY, "num_recipes": 2, "apply": "all"})
+    took = time.monotonic() - t0
+    assert r.status_code == 409 and "'coreml' resource" in r.json()["detail"], r.text
+    assert "\n" not in r.json()["detail"] and took < 10, took
+    proc = remote(server, "submit", *TINY_ARGS, "--apply", "all")
+    assert proc.returncode == 1 and "'coreml' resource" in error_line(proc), proc.stderr
+    r = c.post("/searches", json={**TINY, "apply": " , "})
+    assert r.status_code == 422 and "--apply" in r.json()["detail"], r.text
+    assert len(c.get("/searches").json()) == before
+    for method, path in (("POST", "/searches/ffffffff/coreml"), ("GET", "/searches/ffffffff/coreml"),
+                         ("GET", "/searches/ffffffff/coreml/k.mlpackage.zip")):
+        r = c.request(method, path)
+        assert r.status_code == 404 and r.json()["detail"] == "no search 'ffffffff'", r.text
+        assert server.client(token=None).request(method, path).status_code == 401
+
+
 def test_cancel_resume_and_restart_resume(server):
     """One search through everything: HTTP submit, cancel, resume, the service stopped mid-run
     (SIGTERM: drivers interrupted cleanly), restarted (resumes it by itself), completion."""
