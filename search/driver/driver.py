@@ -18,7 +18,7 @@ from search.driver.palettes import load_stored_palette
 from search.driver.pool import EvaluatorPool, ItemFailed, PoolError, actor_class, can_place
 from search.driver.progress import NullReporter, Reporter
 from search.driver.recipe_phase import RecipePhases
-from search.driver.signals import stop_on_signals
+from search.driver.signals import deferred, stop_on_signals
 from search.recipes.strategy import descent_plan, floor_plan, isolated_plan, refinement_plan, skipped_note, unfit
 from search.recipes.tables import load_tables, weight_mse
 from storage import Baseline, Measurement, PaletteInfo, Search, Storage
@@ -91,17 +91,16 @@ class SearchDriver(RecipePhases):
             self._phase_recipes()
             self.storage.update_search(sid, status="completed", phase="done", finished=True,
                                        add_elapsed=time.monotonic() - started)
-        except SearchInterrupted:
+        except (SearchInterrupted, KeyboardInterrupt):  # a stop noticed by the pool, or a signal elsewhere
             self.storage.update_search(sid, status="cancelled" if self.cancelled else "interrupted",
                                        add_elapsed=time.monotonic() - started)
-            raise
+            raise SearchInterrupted(f"search {sid} interrupted") from None
         except (ItemFailed, PoolError) as exc:
             self.storage.update_search(sid, status="failed", error=str(exc), add_elapsed=time.monotonic() - started)
             raise SearchFailed(str(exc)) from None
         except BaseException as exc:
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            msg = None if status == "interrupted" else first_line(exc)
-            self.storage.update_search(sid, status=status, error=msg, add_elapsed=time.monotonic() - started)
+            self.storage.update_search(sid, status="failed", error=first_line(exc),
+                                       add_elapsed=time.monotonic() - started)
             raise
         finally:
             if self.pool:
@@ -176,13 +175,14 @@ class SearchDriver(RecipePhases):
         if report:
             self.reporter.phase_start(phase, len(items) if total is None else total)
         t0 = time.monotonic()
-        for item, result in self.pool.run(items, submit, self._should_stop, feed=feed):
-            store(item, result)
-            if item.phase == "palette":
-                continue
-            if self.first_result_s is None:
-                self.first_result_s = time.monotonic() - self.started
-            self.reporter.advance(phase)
+        with deferred():  # the pool's loop notices a stop request within a second
+            for item, result in self.pool.run(items, submit, self._should_stop, feed=feed):
+                store(item, result)
+                if item.phase == "palette":
+                    continue
+                if self.first_result_s is None:
+                    self.first_result_s = time.monotonic() - self.started
+                self.reporter.advance(phase)
         if report:
             self.timings[phase] = self.timings.get(phase, 0.0) + time.monotonic() - t0
             self.reporter.phase_end(phase)
