@@ -11,15 +11,19 @@ import os
 import socket
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ..., start time)."""
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        return fh.read().decode(errors="replace").rsplit(")", 1)[1].split()
+
+
 def _start_time(pid: int) -> str | None:
     """The process's start time as an opaque, stable string (None if unknown or no process)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:  # Linux: field 22, clock ticks since boot
-            stat = fh.read().decode(errors="replace")
-        return stat.rsplit(")", 1)[1].split()[19]
+        return _stat(pid)[19]  # Linux: field 22, clock ticks since boot
     except FileNotFoundError:
         return None
-    except OSError:
+    except (OSError, IndexError):
         pass
     try:
         import psutil
@@ -68,3 +72,61 @@ def process_gone(token: str | None) -> bool:
         start = _start_time(pid)
         return start is not None and start != parts[2]
     return False
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), read from /proc at once;
+    [] where /proc is not there. A process reparented elsewhere (its parent died) is not below."""
+    parents: dict[int, int] = {}
+    try:
+        entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for child in entries:
+        try:
+            parents[child] = int(_stat(child)[1])
+        except (OSError, IndexError, ValueError):
+            pass  # gone meanwhile
+    found, generation = [], {pid}
+    while generation:
+        generation = {child for child, parent in parents.items() if parent in generation}
+        found += sorted(generation)
+    return found
+
+
+def snapshot(pids) -> dict[int, str | None]:
+    """pid -> start time, so that `end_processes` never signals a pid reused since."""
+    return {pid: _start_time(pid) for pid in pids}
+
+
+def _running(pid: int, start: str | None) -> bool:
+    """``pid`` still runs and is the process of the snapshot (same start time; not a zombie)."""
+    try:
+        fields = _stat(pid)
+    except (OSError, IndexError):
+        return False
+    return fields[0] != "Z" and (start is None or fields[19] == start)
+
+
+def end_processes(procs: dict[int, str | None], grace_s: float = 3.0) -> list[int]:
+    """SIGTERM the processes of a `snapshot` still running, SIGKILL those left after ``grace_s``
+    (0: SIGKILL at once). Returns the pids that had to be killed."""
+    import signal
+    import time
+
+    def signal_all(sig) -> list[int]:
+        hit = []
+        for pid, start in procs.items():
+            if _running(pid, start):
+                try:
+                    os.kill(pid, sig)
+                    hit.append(pid)
+                except OSError:
+                    pass
+        return hit
+
+    if grace_s > 0 and signal_all(signal.SIGTERM):
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_running(p, s) for p, s in procs.items()):
+            time.sleep(0.05)
+    return signal_all(signal.SIGKILL)

@@ -16,7 +16,7 @@ from rich.markup import escape
 from common.errors import first_line
 from search.cli.console import CliError, err, guarded, out
 from search.cli.options import DbOption, RayOption, SearchIdArgument, ServerOption, TokenOption, local_only
-from search.cli.views import search_validations, validation_table as _validation_table
+from search.cli.views import print_uncut, search_validations, validation_table as _validation_table
 
 COREML_NODE_HELP = ("where the Core ML worker runs: 'coreml' = a node started with the custom resource coreml "
                     "(a Mac), 'any' = any node (everything but Core ML prediction) "
@@ -46,8 +46,8 @@ def _report(report) -> None:
     for v in report.validations:
         out.print(escape(f"{v.recipe_key}: {v.mlpackage} ({v.size_bytes / 1e6:.2f} MB, {v.avg_bits:.2f} bits/weight)"),
                   highlight=False, soft_wrap=True)
-    out.print(_validation_table(f"Core ML recipes of search {report.search_id}",
-                                [(asdict(v), measured.get(v.recipe_key)) for v in report.validations]))
+    print_uncut(_validation_table(f"Core ML recipes of search {report.search_id}",
+                                  [(asdict(v), measured.get(v.recipe_key)) for v in report.validations]))
     notes = {v.runtime_note for v in report.validations if not v.runtime}
     for note in sorted(notes):
         out.print(escape(f"runtime validation {note}"), highlight=False, soft_wrap=True)
@@ -60,7 +60,7 @@ def _call(fn, **kwargs):
     """Run ``fn``; ApplyError becomes the CLI's one red line; Ray stops if this command started it."""
     import ray
 
-    from search.cli.local_backend import shutdown_ray
+    from search.driver.cluster import shutdown_ray
     from search.driver.coreml_jobs import ApplyError
 
     started_here = not ray.is_initialized()

@@ -15,17 +15,6 @@ from search.submit_options import parse_apply, parse_search_options
 from storage import DiskError, Storage
 
 
-def shutdown_ray() -> None:
-    """Leave Ray if this process joined it."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    except Exception:
-        pass
-
-
 class LocalBackend:
     runs_here = True
     where = ""
@@ -129,19 +118,20 @@ class LocalBackend:
 
     def run(self, search_id: str, workers: Optional[int] = None, ray_address: Optional[str] = None):
         """Run the submitted or resumed search here, with the driver's progress bars."""
+        from search.driver.cluster import shutdown_ray
         from search.driver.driver import SearchFailed, SearchInterrupted
         from search.driver.jobs import run_search
-        from search.driver.progress import RichReporter
+        from search.driver.progress import console_reporter
 
         prepared = self._prepared.pop(search_id)
         try:
-            with RichReporter(err) as reporter:
+            with console_reporter(err) as reporter:
                 _, driver = run_search(self.storage, prepared, workers=workers, reporter=reporter,
                                        ray_address=ray_address)
             ended = {"status": "completed", "evaluations": driver.evaluations,
                      "reference_runs": driver.reference_runs, "first_result_s": driver.first_result_s,
                      "timings": driver.timings}
-        except SearchInterrupted:
+        except (SearchInterrupted, KeyboardInterrupt):  # KeyboardInterrupt: before the driver took over
             ended = {"status": "interrupted"}
         except SearchFailed as exc:
             ended = {"status": "failed", "error": str(exc)}
@@ -155,14 +145,19 @@ class LocalBackend:
     def target_recipe(self, search_id: str, *, bits, size_mb, psnr, workers: int, ray_address: Optional[str],
                       refine_evals: Optional[int] = None) -> dict:
         """Build, store and measure the optimal recipe for one target (local only)."""
+        from search.driver.cluster import shutdown_ray
+        from search.driver.driver import SearchInterrupted
         from search.driver.jobs import target_recipe
-        from search.driver.progress import RichReporter
+        from search.driver.progress import console_reporter
 
         try:
-            with RichReporter(err) as reporter:
+            with console_reporter(err) as reporter:
                 r, _, refined = target_recipe(self.storage, search_id, bits=bits, size_mb=size_mb, psnr=psnr,
                                               workers=workers, reporter=reporter, ray_address=ray_address,
                                               refine_evals=refine_evals)
+        except (SearchInterrupted, KeyboardInterrupt):
+            raise CliError(f"interrupted: every measurement received is stored; `search recipe {search_id} ...` "
+                           "again continues the refinement", 130) from None
         finally:
             shutdown_ray()
         return {"key": r.key, "target": r.target, "avg_bits": r.avg_bits, "size_mb": r.size_mb,

@@ -83,13 +83,13 @@ class RemoteBackend:
     def _follow(self, sid: str, poll_s: float = 1.0) -> dict:
         """Poll the service and draw the driver's bars with the local RichReporter until the search
         ends; returns its last detail. Ctrl-C stops watching, not the search."""
-        from search.driver.progress import RichReporter
+        from search.driver.progress import console_reporter
         from storage.records import ACTIVE
 
         run, seen, last_message = None, {}, 0
         unreachable_since = None
         try:
-            with RichReporter(err) as reporter:
+            with console_reporter(err) as reporter:
                 while True:
                     try:
                         info = self.client.get(sid)
@@ -118,6 +118,8 @@ class RemoteBackend:
                         if entry["done"] > seen[key]:
                             reporter.advance(entry["phase"], entry["done"] - seen[key])
                             seen[key] = entry["done"]
+                            if entry["done"] >= entry["total"]:
+                                reporter.phase_end(entry["phase"])
                     if info["status"] not in ACTIVE and not info.get("running_here"):
                         return info
                     time.sleep(poll_s)

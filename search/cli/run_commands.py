@@ -2,6 +2,7 @@
 path each over a backend (search.cli.backend): the local database, or the service with --server."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -10,6 +11,7 @@ import typer
 from search.cli import views
 from search.cli.backend import Backend, open_backend
 from search.cli.console import CliError, err, guarded, out
+from search.driver.signals import stop_on_signals
 from search.cli.options import (DbOption, RayOption, SearchIdArgument, ServerOption, TokenOption, WaitOption,
                                 search_flags)
 from search.submit_options import (APPLY_HELP, COREML_NODE_HELP, REFINE_EVALS, REFINE_EVALS_HELP, RESUME_HELP,
@@ -26,6 +28,18 @@ def _check_workers(workers: Optional[int]) -> None:
         raise CliError(f"--workers must be at least 1, got {workers}")
 
 
+def _interruptible(fn):
+    """Ctrl-C / SIGTERM anywhere in the command: the search stops within seconds, is stored as
+    interrupted, and the command exits with 130; a second one exits at once (search.driver.signals)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with stop_on_signals():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _run_to_end(backend: Backend, sid: str, workers: Optional[int], ray_address: Optional[str]) -> None:
     """Run the search here (local) or follow it on the service, then say how it ended."""
     info, ended = backend.run(sid, workers=workers, ray_address=ray_address)
@@ -34,6 +48,7 @@ def _run_to_end(backend: Backend, sid: str, workers: Optional[int], ray_address:
 
 @search_flags(after="workers")
 @guarded
+@_interruptible
 def submit(
     ctx: typer.Context,
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
@@ -70,17 +85,20 @@ def submit(
             raise CliError("--wait is for --server (a local search always runs in the foreground)")
         info = backend.submit(request)
         sid = info["id"]
-        out.print(f"search {sid}", highlight=False)
-        if not info.get("created", True):
-            err.print(f"resuming unfinished search {sid}")
-        if backend.runs_here or wait:
-            _run_to_end(backend, sid, workers, ray_address)
-        else:
-            err.print(f"submitted to {backend.server}; watch it with `search status {sid}{backend.where}`",
-                      highlight=False)
+        try:
+            out.print(f"search {sid}", highlight=False)
+            if not info.get("created", True):
+                err.print(f"resuming unfinished search {sid}")
+            if backend.runs_here or wait:
+                return _run_to_end(backend, sid, workers, ray_address)
+        except KeyboardInterrupt:  # stored, not yet running: resumable as any interrupted search
+            views.run_ended(info, {"status": "interrupted"}, backend.where, backend.resume_where)
+        err.print(f"submitted to {backend.server}; watch it with `search status {sid}{backend.where}`",
+                  highlight=False)
 
 
 @guarded
+@_interruptible
 def resume(
     ctx: typer.Context,
     search_id: str = SearchIdArgument,
@@ -105,6 +123,7 @@ def resume(
 
 
 @guarded
+@_interruptible
 def recipe(
     search_id: str = SearchIdArgument,
     bits: Optional[float] = typer.Option(None, "--bits", help="average bits per weight at most this"),

@@ -32,7 +32,7 @@ def list_(ctx: typer.Context, db: Optional[Path] = DbOption, as_json: bool = Jso
         rows, place = backend.list(), backend.place
     if as_json:
         return views.print_json(rows)
-    out.print(views.searches_table(rows, place))
+    views.print_uncut(views.searches_table(rows, place))
 
 
 @guarded

@@ -30,17 +30,42 @@ def fetched(p: dict | None) -> str:
     return f"{p['done_bytes'] / 1e6:.1f}{total} MB"
 
 
+def tail(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, keeping its end (a model path's end names it)."""
+    return text if len(text) <= width else "…" + text[len(text) - width + 1:]
+
+
+MODEL_MIN = 12  # the model column is shortened down to this many characters (its tail), never less
+
+
+def _preparing(p: dict | None) -> str:
+    """The list's short form of the fetch progress (`search status` shows the bytes)."""
+    if not p:
+        return ""
+    if not p.get("total_bytes"):
+        return f"{p['done_bytes'] / 1e6:.0f} MB"
+    return f"{min(100, int(100 * p['done_bytes'] / p['total_bytes']))}%"
+
+
 def searches_table(rows: list[dict], place: str) -> Table:
-    table = Table(title=f"searches {place}")
-    for col in ("id", "model", "status", "phase", "evaluations", "created (UTC)"):
-        table.add_column(col)
-    for r in rows:
-        phase = f"{r['phase']} {fetched(r.get('preparing'))}".strip() if r["phase"] == "preparing" else r["phase"]
-        if r.get("coreml"):
-            c = r["coreml"]
-            phase += f" (coreml {c['status']} {c['validated']}/{c['recipes']}, {c['shipped_mb']:.1f} MB)"
-        table.add_row(r["id"], r["model"], r["status"], phase, str(r["evaluations"]), r["created_at"][:19])
-    return table
+    """Users copy the id into every other command: it is never cut; a long model path is shown
+    by its tail instead, so that the list fits the terminal (80 columns: 16 characters of it)."""
+    def build(model_width: int) -> Table:
+        table = Table(title=f"searches {place}", box=None, pad_edge=False, header_style="bold")
+        for col in ("id", "model", "status", "phase", "evals", "created (UTC)"):
+            table.add_column(col, no_wrap=True)
+        for r in rows:
+            phase = f"{r['phase']} {_preparing(r.get('preparing'))}".strip() if r["phase"] == "preparing" else r["phase"]
+            if r.get("coreml"):  # the Core ML phase: recipes validated, MB shipped to the service
+                c = r["coreml"]
+                phase += f" coreml {c['status']} {c['validated']}/{c['recipes']} {c['shipped_mb']:.0f} MB"
+            table.add_row(r["id"], tail(r["model"], model_width), r["status"], phase, str(r["evaluations"]),
+                          r["created_at"][:16].replace("T", " "))
+        return table
+
+    widest = max((len(r["model"]) for r in rows), default=0)
+    room = out.width - Measurement.get(out, out.options.update_width(10_000), build(0)).maximum
+    return _never_cut(build(widest if widest <= room else max(MODEL_MIN, room)))
 
 
 def recipe_table(info: dict) -> Table:
@@ -48,7 +73,7 @@ def recipe_table(info: dict) -> Table:
     recipes = sorted(info.get("recipes", []), key=lambda r: -r["avg_bits"])
     baselines = info.get("baselines", {})
     mixed = len({r["strategy"] for r in recipes}) > 1
-    table = Table(title=f"recipes of search {info['id']} ({info['model']})")
+    table = Table(title=f"recipes of search {info['id']} ({tail(info['model'], 40)})")
     table.add_column("key", no_wrap=True)
     headers = (["strategy"] if mixed else []) + ["bits", "MB", "thr dB", "pred dB", "PSNR dB"]
     for col in headers:
@@ -66,8 +91,8 @@ def recipe_table(info: dict) -> Table:
 
 
 def _never_cut(table: Table) -> Table:
-    """Users copy recipe keys into `search apply --recipe`: a table wider than the terminal is
-    drawn at its natural width (print it with `print_uncut`) instead of being cut to fit."""
+    """Users copy search ids and recipe keys into other commands: a table wider than the terminal
+    is drawn at its natural width (print it with `print_uncut`) instead of being cut to fit."""
     natural = Measurement.get(out, out.options.update_width(10_000), table).maximum
     if natural > out.width:
         table.width = natural
@@ -106,7 +131,7 @@ def status(info: dict) -> None:
     print_uncut(recipe_table(info))
     validations = search_validations(info)
     if validations is not None:
-        out.print(validations)
+        print_uncut(validations)
 
 
 def coreml_line(c: dict) -> None:
@@ -179,7 +204,7 @@ def _runtime(v: dict) -> str:
 def validation_table(title: str, rows: Iterable[tuple[dict, Optional[float]]]) -> Table:
     """rows: (a stored Validation as a dict, the recipe's measured PSNR or None)."""
     table = Table(title=title)
-    table.add_column("recipe", overflow="fold", min_width=12)
+    table.add_column("recipe", no_wrap=True)  # a key is copied into other commands: never cut
     table.add_column("mlpackage", overflow="fold", min_width=12)
     table.add_column("size MB", justify="right")
     table.add_column("avg bits", justify="right")
@@ -190,7 +215,7 @@ def validation_table(title: str, rows: Iterable[tuple[dict, Optional[float]]]) -
         structural = "[green]ok[/]" if v["structural_ok"] else f"[red]FAIL[/] {escape(v['structural_detail'])}"
         table.add_row(escape(v["recipe_key"]), escape(v["mlpackage"]), f"{v['size_bytes'] / 1e6:.2f}",
                       f"{v['avg_bits']:.2f}", structural, _numeric(v, measured), _runtime(v))
-    return table
+    return _never_cut(table)
 
 
 def search_validations(info: dict) -> Table | None:

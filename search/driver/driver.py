@@ -19,7 +19,7 @@ from search.driver.palettes import load_stored_palette
 from search.driver.pool import EvaluatorPool, ItemFailed, PoolError, actor_class, can_place
 from search.driver.progress import NullReporter, Reporter
 from search.driver.recipe_phase import RecipePhases
-from search.driver.signals import SearchFailed, SearchInterrupted, stop_on_signals
+from search.driver.signals import SearchFailed, SearchInterrupted, deferred, stop_on_signals
 from search.recipes.strategy import descent_plan, floor_plan, isolated_plan, refinement_plan, skipped_note, unfit
 from search.recipes.tables import load_tables, weight_mse
 from storage import Baseline, DiskError, Measurement, PaletteInfo, Search, Storage, StorageError
@@ -89,14 +89,14 @@ class SearchDriver(RecipePhases, CoreMLStage):
             self._phase_coreml()
             self.storage.update_search(sid, status="completed", phase="done", finished=True,
                                        add_elapsed=time.monotonic() - started)
-        except SearchInterrupted:
+        except (SearchInterrupted, KeyboardInterrupt):  # a stop noticed by the pool, or a signal elsewhere
             end("cancelled" if self.cancelled else "interrupted")
-            raise
+            raise SearchInterrupted(f"search {sid} interrupted") from None
         except (ItemFailed, PoolError) as exc:
             end("failed", str(exc))
             raise SearchFailed(str(exc)) from None
         except BaseException as exc:  # a full or read-only disk (DiskError) stops it like an interrupt
-            stopped = isinstance(exc, (KeyboardInterrupt, DiskError))
+            stopped = isinstance(exc, DiskError)
             end("interrupted" if stopped else "failed", None if stopped else first_line(exc))
             raise
         finally:
@@ -172,13 +172,14 @@ class SearchDriver(RecipePhases, CoreMLStage):
         if report:
             self.reporter.phase_start(phase, len(items) if total is None else total)
         t0 = time.monotonic()
-        for item, result in self.pool.run(items, submit, self._should_stop, feed=feed):
-            store(item, result)
-            if item.phase == "palette":
-                continue
-            if self.first_result_s is None:
-                self.first_result_s = time.monotonic() - self.started
-            self.reporter.advance(phase)
+        with deferred():  # the pool's loop notices a stop request within a second
+            for item, result in self.pool.run(items, submit, self._should_stop, feed=feed):
+                store(item, result)
+                if item.phase == "palette":
+                    continue
+                if self.first_result_s is None:
+                    self.first_result_s = time.monotonic() - self.started
+                self.reporter.advance(phase)
         if report:
             self.timings[phase] = self.timings.get(phase, 0.0) + time.monotonic() - t0
             self.reporter.phase_end(phase)

@@ -8,7 +8,7 @@ from common.errors import first_line
 from search.config import SearchConfig
 from search.defaults import REFINE_EVALS
 from search.driver.cluster import driver_id, ensure_ray
-from search.driver.driver import SearchDriver
+from search.driver.driver import SearchDriver, SearchInterrupted
 from search.driver.prepare import PHASE, model_facts, prepare, request_hash, resolve_config
 from search.driver.progress import NullReporter, Reporter
 from storage import Search, Storage, StorageError
@@ -96,7 +96,11 @@ def run_search(storage: Storage, prepared: Prepared, *, workers: int | None = No
     spec, root = prepared.spec, None
     if not search.prepared:
         search, spec, root = prepare(storage, search, spec, reporter or NullReporter())
-    ensure_ray(ray_address)
+    try:
+        ensure_ray(ray_address)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM while Ray starts (search.driver.signals)
+        storage.update_search(search.id, status="interrupted")
+        raise SearchInterrupted(f"search {search.id} interrupted") from None
     driver = SearchDriver(storage, search, spec, workers=workers, reporter=reporter,
                           actor_resources=actor_resources, weights_dir=root)
     driver.packages = packages

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from search.recipes.apple_json import SearchReport
 from common.formats import FLOAT16_BITS, layer_bits
 from workers.evaluation.protocol import LINEAR8_BASELINE
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PLOT_MAX_PSNR = 150.0  # above this (bit-exact runs: ~200 dB or inf) values are clipped / not drawn
 
@@ -59,23 +62,47 @@ def cumulative_curve(report: SearchReport, nbits) -> tuple[list[float], list[flo
     return xs, ys
 
 
-def plot_report(
-    report: SearchReport,
-    path: Path,
-    *,
-    frontier: list[tuple[float, float]] | None = None,
-) -> Path:
-    """Write the PSNR-vs-size PNG for ``report`` to ``path`` and return ``path``.
+# Recipe series: (strategy, legend label, marker, colour); other strategies share the last style.
+SERIES = (("apple", "Apple's recipes", "o", "black"), ("optimal", "optimal recipes", "s", "darkviolet"),
+          ("refined", "refined recipes", "^", "crimson"), (None, "other recipes", "D", "tab:brown"))
+# Where a recipe's label may go, in points from its marker, tried in this order.
+LABEL_OFFSETS = [(dx, dy) for r in (1, 2, 3, 4) for dx, dy in
+                 ((5, 5 * r), (5, -9 - 9 * (r - 1)), (-32, 5 * r), (-32, -9 - 9 * (r - 1)))]
 
-    Draws one cumulative curve per measured bit depth, the linear 8-bit point (50%) and its
-    iso-dB line, the measured recipes as labelled markers joined as "mixed-bit", the
-    reference ``original`` as a dashed line when finite and below PLOT_MAX_PSNR, and an
-    optional ``frontier`` [(reduction %, PSNR)] labelled "optimal".
-    """
+
+def _series(measured: list[tuple[float, float, object]]) -> dict[tuple, list[tuple[float, float, object]]]:
+    known = {s[0] for s in SERIES[:-1]}
+    out: dict[tuple, list] = {}
+    for x, y, r in measured:
+        style = next(s for s in SERIES if s[0] == (r.strategy if r.strategy in known else None))
+        out.setdefault(style, []).append((x, y, r))
+    return out
+
+
+def place_labels(ax, points: list[tuple[float, float, str]], fontsize: int = 8) -> list:
+    """Annotate each (x, y, text) at the first offset where its box overlaps no label placed
+    before and stays inside the axes; a label that fits nowhere is left out (its marker and the
+    legend still show it). Needs the axes limits final. Returns the placed annotations."""
+    renderer = ax.figure.canvas.get_renderer()
+    inside, placed, taken = ax.get_window_extent(renderer), [], []
+    for x, y, text in sorted(points, key=lambda p: (-p[1], p[0])):
+        for dx, dy in LABEL_OFFSETS:
+            label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize)
+            box = label.get_window_extent(renderer).expanded(1.05, 1.1)
+            if inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1) and \
+                    not any(box.overlaps(other) for other in taken):
+                placed.append(label)
+                taken.append(box)
+                break
+            label.remove()
+    return placed
+
+
+def figure(report: SearchReport, *, frontier: list[tuple[float, float]] | None = None) -> Figure:
+    """The PSNR-vs-size figure of ``report`` (see `plot_report`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: the curves alone need no matplotlib
     from matplotlib.figure import Figure
 
-    path = Path(path)
     fig = Figure(figsize=(8, 5.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -84,7 +111,7 @@ def plot_report(
     for nbits in sorted(set(report.cumulative) | set(report.order)):  # formats: "4-bit", "4g16-bit"
         xs, ys = cumulative_curve(report, nbits)
         if xs:
-            ax.plot(xs, ys, "-", marker="." if len(xs) < 30 else None, label=f"{nbits}-bit")
+            ax.plot(xs, ys, "-", marker="." if len(xs) < 30 else None, label=f"{nbits}-bit", alpha=0.8)
             drawn = True
 
     lin8 = _mean(report.baselines.get(LINEAR8_BASELINE[report.protocol]))
@@ -98,21 +125,16 @@ def plot_report(
         ax.axhline(original, color="k", linestyle="--", linewidth=1, label="original (reference)")
         drawn = True
 
-    measured = [(reduction_percent(r.avg_bits), _mean(p), r) for r, p in report.recipes]
-    measured = sorted(((x, y, r) for x, y, r in measured if y is not None), key=lambda m: m[:2])
-    if measured:
-        ax.plot(
-            [m[0] for m in measured], [m[1] for m in measured], "k-o",
-            markersize=6, linewidth=1, label="mixed-bit recipes",
-        )
-        for x, y, r in measured:
-            ax.annotate(f"{r.avg_bits:.2f}b", (x, y), textcoords="offset points",
-                        xytext=(4, 6), fontsize=8)
-        drawn = True
-
     if frontier:
         fx, fy = zip(*sorted(frontier))
-        ax.plot(fx, [min(float(v), PLOT_MAX_PSNR) for v in fy], "g--", label="optimal")
+        ax.plot(fx, [min(float(v), PLOT_MAX_PSNR) for v in fy], "g--", linewidth=1, label="optimal frontier")
+        drawn = True
+
+    measured = [(reduction_percent(r.avg_bits), _mean(p), r) for r, p in report.recipes]
+    measured = sorted(((x, y, r) for x, y, r in measured if y is not None), key=lambda m: m[:2])
+    for (_, name, marker, colour), points in _series(measured).items():
+        ax.plot([m[0] for m in points], [m[1] for m in points], linestyle="-", marker=marker, color=colour,
+                markersize=6, linewidth=0.8, label=name, zorder=3)
         drawn = True
 
     pending = sum(1 for _, p in report.recipes if p is None)
@@ -128,8 +150,31 @@ def plot_report(
     ax.set_ylabel("Signal integrity (PSNR, dB)")
     ax.set_title(report.model_version)
     ax.grid(True, alpha=0.3)
+    if measured:
+        ax.margins(y=0.12)  # room for the labels of the highest and lowest recipes
+        ax.autoscale_view()
+        place_labels(ax, [(x, y, f"{r.avg_bits:.2f}b") for x, y, r in measured])
     if drawn:
         ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def plot_report(
+    report: SearchReport,
+    path: Path,
+    *,
+    frontier: list[tuple[float, float]] | None = None,
+) -> Path:
+    """Write the PSNR-vs-size PNG for ``report`` to ``path`` and return ``path``.
+
+    Draws one cumulative curve per measured bit depth, the linear 8-bit point (50%) and its
+    iso-dB line, the reference ``original`` as a dashed line when finite and below PLOT_MAX_PSNR,
+    an optional ``frontier`` [(reduction %, PSNR)], and the measured recipes as one marked series
+    per strategy (Apple's, optimal, refined), each labelled with its bits where the label fits
+    without covering another.
+    """
+    path = Path(path)
+    fig = figure(report, frontier=frontier)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path

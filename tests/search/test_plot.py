@@ -64,3 +64,43 @@ def test_cumulative_curve_x_by_hand():
     # 4-bit saves 12/16 = 75% of a layer; after a: 100/1000, after c: 600/1000 of candidates
     assert xs == pytest.approx([7.5, 45.0])
     assert ys == [50.0, 36.0]
+
+
+def _crowded_report():
+    """Apple's 6.39 b and 6.00 b recipes a hair apart, an optimal 3.00 b over a refined 2.99 b."""
+    from search.recipes.apple_rule import Recipe
+
+    def recipe(bits, strategy, key):
+        return Recipe(key, {}, bits, 1.0, None, strategy)
+
+    recipes = [(recipe(6.39, "apple", "recipe_6.39_bit_mixedpalette"), 38.2),
+               (recipe(6.00, "apple", "recipe_6.00_bit_mixedpalette"), 37.9),
+               (recipe(4.50, "apple", "recipe_4.50_bit_mixedpalette"), 33.0),
+               (recipe(6.20, "optimal", "recipe_6.20_bit_mixedpalette_optimal"), 38.0),
+               (recipe(3.00, "optimal", "recipe_3.00_bit_mixedpalette_optimal"), 30.1),
+               (recipe(2.99, "refined", "recipe_2.99_bit_mixedpalette_refined"), 30.0)]
+    return SearchReport("org/model", {"original": 210.0, "linear_8bit": 40.0}, recipes,
+                        cumulative=CUM, order={b: ORDER for b in CUM}, sizes=SIZES), recipes
+
+
+def test_recipe_series_legend_and_labels_that_do_not_collide():
+    from search.recipes.plot import figure
+
+    report, recipes = _crowded_report()
+    fig = figure(report, frontier=[(10.0, 55.0), (60.0, 35.0)])
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    series = {"Apple's recipes": 3, "optimal recipes": 2, "refined recipes": 1}
+    for name, n in series.items():  # separate marked series, each in the legend
+        assert len(lines[name].get_xdata()) == n and lines[name].get_marker() not in (None, "None", "")
+    assert len({lines[name].get_marker() for name in series}) == 3
+    legend = {t.get_text() for t in ax.get_legend().get_texts()}
+    assert set(series) <= legend
+
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if t.get_text().endswith("b")]
+    assert sorted(t.get_text() for t in labels) == sorted(f"{r.avg_bits:.2f}b" for r, _ in recipes)
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for i, a in enumerate(boxes):  # no two labels share a pixel (plain interval arithmetic)
+        for b in boxes[i + 1:]:
+            assert a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0, (a, b)

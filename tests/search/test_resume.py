@@ -4,6 +4,8 @@ import json
 import os
 import re
 import signal
+import sqlite3
+import subprocess
 import time
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from tests.cli_helpers import (STALE, comparable, counts, download, error_line, evaluations_this_run, floor_probes,
                                run_cli, start_cli, submit_ok)
 from tests.reference.json_checks import check_apple_recipes_from_json
+from tests.search.test_service import alive, descendants
 
 pytestmark = pytest.mark.slow
 
@@ -99,20 +102,106 @@ def test_sigkill_then_immediate_resume_takes_over(tmp_path, model_cache, referen
     assert comparable(download(db, sid, model_cache)) == comparable(reference["report"])
 
 
-def test_sigint_stores_state_and_resumes(tmp_path, model_cache, reference):
-    db = tmp_path / "s.db"
-    proc, sid = start_and_wait(db, model_cache, lambda c: c.get("isolated", 0) >= 10)
-    os.kill(proc.pid, signal.SIGINT)
+def phase_of(db) -> str | None:
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            row = con.execute("SELECT phase FROM searches").fetchone()
+        finally:
+            con.close()
+        return row and row[0]
+    except sqlite3.OperationalError:  # not created yet
+        return None
+
+
+def has_evaluators(pid: int) -> bool:
+    for p in descendants(pid):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as fh:
+                if b"Evaluator" in fh.read():
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def interrupt(db, model_cache, args, ready, signals=(signal.SIGINT,), **env) -> tuple[str, float]:
+    """Run `search ARGS`, wait until ``ready(db, pid)``, send ``signals``; the command must exit
+    with 130 within seconds and no process it started (Ray's included) may be left.
+    Returns (stderr, seconds from the signal to the exit)."""
+    proc = start_cli(*args, "--db", db, model_cache=model_cache, **env)
+    deadline = time.monotonic() + 300
+    while not ready(db, proc.pid):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"never ready: phase {phase_of(db)}"
+        time.sleep(0.05)
+    tree = descendants(proc.pid)  # walked before the signal: everything the command started
+    t0 = time.monotonic()
+    for sig in signals:
+        os.kill(proc.pid, sig)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr[-2000:]
-    assert f"search resume {sid}" in stderr and "Traceback" not in stderr
-    rows = json.loads(run_cli("list", "--json", "--db", db, model_cache=model_cache).stdout)
-    assert rows[0]["status"] == "interrupted"  # marked at once, no heartbeat wait
+    exit_s = time.monotonic() - t0
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    wait_s = time.monotonic() + 3  # a SIGKILLed process may take a moment to be reaped
+    while [p for p in tree if alive(p)] and time.monotonic() < wait_s:
+        time.sleep(0.1)
+    assert not [p for p in tree if alive(p)], f"left behind of {len(tree)}: {[p for p in tree if alive(p)]}"
+    return stderr, exit_s
+
+
+def at_phase(name):
+    return lambda db, pid: phase_of(db) == name
+
+
+def test_ctrl_c_and_sigterm_in_every_phase_then_resume(tmp_path, model_cache, reference):
+    """Ctrl-C or SIGTERM in each phase (start-up made slow on purpose by the MBP_SEARCH_SLOW_*
+    test hooks): exit 130 within seconds, the search stored as interrupted, no process left
+    (evaluators, raylet, agents); a second signal exits at once; every resume continues, and the
+    search ends equal to an uninterrupted one. Also `search recipe` interrupted in its refinement."""
+    db = tmp_path / "s.db"
+
+    def status() -> str:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            return con.execute("SELECT status FROM searches").fetchone()[0]
+        finally:
+            con.close()
+
+    times = {}
+    slow = {"MBP_SEARCH_SLOW_EVAL_S": "0.05"}  # each phase lasts long enough to be seen
+    steps = [  # (label, command, when to signal, signals, test hooks)
+        ("preparing", ["submit", *SMALL], lambda db, pid: phase_of(db) == "preparing" and status() == "running",
+         (signal.SIGINT,), {"MBP_SEARCH_SLOW_LOAD_S": "600"}),
+        ("starting", ["resume"], lambda db, pid: phase_of(db) == "starting" and has_evaluators(pid),
+         (signal.SIGTERM,), {"MBP_SEARCH_SLOW_START_S": "600"}),
+        ("isolated", ["resume"], at_phase("isolated"), (signal.SIGINT,), slow),
+        ("cumulative", ["resume"], at_phase("cumulative"), (signal.SIGTERM, signal.SIGINT), slow),  # second: at once
+        ("recipes", ["resume"], at_phase("recipes"), (signal.SIGTERM,), slow),
+    ]
+    sid = None
+    for label, args, ready, sigs, env in steps:
+        args = [*args, sid, "--workers", "2"] if args == ["resume"] else args
+        stderr, times[label] = interrupt(db, model_cache, args, ready, sigs, **env)
+        sid = sid or re.search(r"search resume (\w+)", stderr).group(1)
+        if len(sigs) > 1:  # the second signal: no waiting for anything, not even the status update
+            assert "interrupted again: exiting now" in stderr, stderr[-2000:]
+        else:
+            assert f"search resume {sid}" in stderr, stderr[-2000:]
+            assert status() == "interrupted"  # marked at once, no heartbeat wait
     stored_before = counts(db)["evaluations"]
     res = run_cli("resume", sid, "--db", db, model_cache=model_cache)
     assert res.returncode == 0, res.stderr[-3000:]
     assert evaluations_this_run(res.stderr) == reference["total"] - stored_before
     assert comparable(download(db, sid, model_cache)) == comparable(reference["report"])
+
+    stderr, times["refinement"] = interrupt(
+        db, model_cache, ["recipe", sid, "--bits", "5", "--refine-evals", "50"],
+        lambda db, pid: counts(db).get("candidate", 0) >= 1, (signal.SIGINT,), **slow)
+    assert error_line(subprocess.CompletedProcess([], 130, "", stderr)).startswith("error: interrupted")
+    assert status() == "completed"
+    print("\nseconds from the signal to the exit: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    assert max(times.values()) < 30, times  # minutes before this change; seconds on an idle machine
 
 
 def test_item_failing_three_times_fails_the_search_then_resumes(tmp_path, model_cache, reference):

@@ -373,7 +373,7 @@ def test_submit_returns_before_the_model_is_loaded(server):
     assert r.status_code == 409 and r.json()["existing"] == sid, r.text
     listed = remote(server, "list")
     row = next(line for line in listed.stdout.splitlines() if sid in line)
-    assert "preparing" in row and " MB" in row, listed.stdout
+    assert "preparing" in row and ("%" in row or " MB" in row), listed.stdout  # fetched so far
     d = wait_for(lambda: c.get(f"/searches/{sid}").json(), lambda d: d["status"] not in ACTIVE, SEARCH_TIMEOUT_S,
                  "the search to finish", interval=1)
     assert d["status"] == "completed" and d["candidates"] == 47 and len(d["fingerprint"]) == 64, d

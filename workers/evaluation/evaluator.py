@@ -35,6 +35,10 @@ from workers.palettize import Palette, linear_8bit
 
 # Fault injection for the failure-handling tests: work-item keys that always raise.
 _INJECTED_FAILURES = frozenset(k for k in os.environ.get("MBP_SEARCH_FAIL_KEYS", "").split(",") if k)
+# Test hooks for the interruption tests: every evaluator's start-up (as a big model's reference
+# run would) and every evaluation take this much longer.
+_SLOW_START_S = float(os.environ.get("MBP_SEARCH_SLOW_START_S") or 0)
+_SLOW_EVAL_S = float(os.environ.get("MBP_SEARCH_SLOW_EVAL_S") or 0)
 
 
 def compute_dtype(device: str, precision: str) -> torch.dtype:
@@ -106,6 +110,7 @@ class Evaluator:
                     m.weight.data.copy_(palettize_like_apple(m.weight.data, self.default_nbits).to(self.dtype))
             self.reference = self.runner.run()
         self._record_reference()
+        time.sleep(_SLOW_START_S)
 
     def _record_reference(self) -> None:
         """Warm-up done: time a warm run of the analysis' reference, record the prefix cache
@@ -228,6 +233,7 @@ class Evaluator:
     def evaluate(self, item: WorkItem, palettes: dict | None = None) -> EvalResult:
         if item.key in _INJECTED_FAILURES:
             raise RuntimeError(f"injected failure for {item.key} (MBP_SEARCH_FAIL_KEYS)")
+        time.sleep(_SLOW_EVAL_S)
         t0 = time.perf_counter()
         reference = self.pristine_reference if self._on_pristine(item) else self.reference
         if item.phase == "baseline" and item.name == "original" and self.protocol == "apple":
