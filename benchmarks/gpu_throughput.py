@@ -108,12 +108,12 @@ def main() -> int:
     depths = tuple(int(b) for b in args.nbits.split(","))
 
     from workers.arch_models import meta_unet
-    from workers.models import candidate_layers, load_unet, resolve_model
+    from workers.models import candidate_layers, load_denoiser, resolve_model
 
     print(f"model {model} on {device}; building/loading it (built once, cached)...", flush=True)
     spec = resolve_model(model)
     resolution = args.resolution or (spec.default_resolution if spec.tiny else 768)
-    unet = meta_unet(model) if model.endswith("-arch") else load_unet(spec)
+    unet = meta_unet(model) if model.endswith("-arch") else load_denoiser(spec)
     cands = candidate_layers(unet, spec.default_min_size)
     names = [c.name for c in cands]
     fm = flop_model(unet, resolution, 2 * PROMPTS)

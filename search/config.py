@@ -107,6 +107,7 @@ class SearchConfig:
     resolution: int = 1024
     guidance_scale: float | None = None
     batch_size: int = 0
+    images: tuple[str, ...] = ()          # image-to-image: sha256 of each image (workers.evaluation.images)
     precision: str = "auto"
     strategy: tuple[str, ...] = ("apple",)
     targets: tuple[float, ...] = ()       # average bits per weight of the optimal recipes to build
@@ -145,8 +146,9 @@ class SearchConfig:
         self._check_strategy()
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        object.__setattr__(self, "images", tuple(self.images))
         try:
-            self.signal_spec()
+            self.signal_spec(load_images=False)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -190,10 +192,15 @@ class SearchConfig:
         n = self.num_recipes
         return tuple(round(hi - (hi - lo) * i / max(n - 1, 1), 2) for i in range(n)) if n > 1 else (float(hi),)
 
-    def signal_spec(self) -> SignalSpec:
+    def signal_spec(self, load_images: bool = True) -> SignalSpec:
+        """What the evaluators measure; an image-to-image search's images travel in it as bytes
+        (read here from this node's cache), so every evaluator on every node has the same."""
+        from workers.evaluation.images import load_images as read_images
+
+        images = read_images(self.images) if load_images and self.images else ()
         return SignalSpec(prompts=self.prompts, seed=self.seed, protocol=self.protocol, steps=self.steps,
-                          resolution=self.resolution,
-                          guidance_scale=self.guidance_scale, batch_size=self.batch_size)
+                          resolution=self.resolution, guidance_scale=self.guidance_scale,
+                          batch_size=self.batch_size, images=images)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: formats stay values
@@ -201,6 +208,10 @@ class SearchConfig:
             d[key] = list(d[key]) if d[key] is not None else None
         for key in ("nbits", "anchors"):  # per-tensor formats as ints: older configs' fingerprints hold
             d[key] = [PaletteFormat.of(f).to_json() for f in d[key]] if d[key] is not None else None
+        if d["images"]:
+            d["images"] = list(d["images"])
+        else:  # text-to-image: the dict (and fingerprint) of earlier releases
+            del d["images"]
         return d
 
     @classmethod
@@ -209,7 +220,7 @@ class SearchConfig:
         d.pop("extra", None)  # an always-empty field of earlier releases, still in their stored configs
         d.setdefault("protocol", "classic")  # searches stored before protocols existed measured this way
         d.setdefault("refine_evals", 0)  # stored before measured refinement: one-shot
-        for key in ("nbits", "prompts", "strategy", "targets", "anchors"):
+        for key in ("nbits", "prompts", "strategy", "targets", "anchors", "images"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)

@@ -97,6 +97,11 @@ def _anchors(value):
     return parse_format_list(_text(value), "--anchors") if _given(value) else None
 
 
+def _folder(value):
+    """An absolute folder path (the images are read where the search is prepared)."""
+    return str(Path(value).expanduser().resolve()) if _given(value) else None
+
+
 def _prompts(value):
     """The prompts themselves (the CLI reads them from its --prompts file first)."""
     from search.config import ConfigError
@@ -135,7 +140,12 @@ SEARCH_OPTIONS: tuple[SearchOption, ...] = (
                  "(1,2,4,6,8; 16: off)"),
     SearchOption("seed", ("--seed",), Optional[int], None, "noise seed (default: the protocol's own: Apple's "
                  "is torch.Generator()'s default seed, classic's 0)"),
-    SearchOption("steps", ("--steps",), int, 1, "denoising steps per pipeline run"),
+    SearchOption("steps", ("--steps",), Optional[int], None, "denoising steps per pipeline run [default: the "
+                 "model's: 1 (Apple) for text-to-image UNets, 4 for image-to-image (Apple), the pipeline's own for "
+                 "transformers, the model card's for few-step models]"),
+    SearchOption("images_dir", ("--images",), Optional[Path], None, "image-to-image pipelines: a folder of images "
+                 "(one per prompt, in name order) [default: Apple's 8 COCO photographs, fetched once into the "
+                 "model cache]", json_type=Optional[str], parse=_folder),
     SearchOption("resolution", ("--resolution",), Optional[int], None, "image size in pixels (default: 768 under the apple "
                  "protocol, the tiny models' own 64; classic: the model's default)"),
     SearchOption("batch_size", ("--batch-size",), int, 0, "prompts per pipeline call [0: all]"),
@@ -178,7 +188,7 @@ def parse_search_options(values: Mapping[str, Any]) -> dict:
     options["nbits"] = formats or options["nbits"] or PALETTE_NBITS
     if options["prompts"] is None:
         del options["prompts"]
-    SearchConfig(**{k: v for k, v in options.items() if v is not None})
+    SearchConfig(**{k: v for k, v in options.items() if v is not None and k != "images_dir"})  # images: at prepare
     return options
 
 

@@ -78,18 +78,18 @@ def completed_tiny_search(tiny_sdxl_spec, tmp_path_factory):
     from storage.palette_store import PaletteStore
     from workers.evaluation.evaluator import Evaluator
     from workers.evaluation.items import WorkItem
-    from workers.models import candidate_layers, load_unet, unet_fingerprint
+    from workers.models import candidate_layers, load_denoiser, denoiser_fingerprint
     from workers.palettize import kmeans_palette, save_palette
     from workers.evaluation.signal import DEFAULT_PROMPTS
 
     spec = tiny_sdxl_spec
-    unet = load_unet(spec)
+    unet = load_denoiser(spec)
     cands = candidate_layers(unet, spec.default_min_size)
     config = SearchConfig(nbits=(2, 4, 6, 8), num_recipes=2, min_size=spec.default_min_size,
                           resolution=spec.default_resolution, prompts=DEFAULT_PROMPTS[:2])
     db = tmp_path_factory.mktemp("completed-search") / "searches.db"
     storage = Storage(db)
-    fingerprint = unet_fingerprint(unet)
+    fingerprint = denoiser_fingerprint(unet)
     search = storage.create_search(
         model="tiny-sdxl", model_version="tiny-sdxl", model_location=spec.location, model_source=spec.source,
         fingerprint=fingerprint, config=config.to_dict(), config_hash=config.fingerprint(),

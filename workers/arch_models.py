@@ -1,5 +1,7 @@
-"""Built-in full-architecture pipelines for benchmarking without a download: ``sdxl-arch`` and
-``sd15-arch``.
+"""Built-in full-architecture pipelines for benchmarking without a download: ``sdxl-arch``,
+``sd15-arch`` and ``sd35m-arch`` (SD3.5-medium: the real MMDiT-X transformer of
+`workers.real_configs`, 391 candidates, 2,243 M parameters; its T5 encoder has the real width
+4096 and two layers).
 
 The UNet and VAE have the real configs of SDXL base 1.0 and Stable Diffusion 1.5 (an SDXL UNet
 has 2,567.5 M parameters and 792 candidates above 1e5 elements, as the real one), with
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from common.files import publish_dir
 
-ARCH_MODELS = ("sdxl-arch", "sd15-arch")
+ARCH_MODELS = ("sdxl-arch", "sd15-arch", "sd35m-arch")
 ARCH_FORMAT = "1"
 ARCH_MARKER = ".mbp-arch-model"
 
@@ -48,8 +50,11 @@ VAE = dict(
 VAE_EXTRA = {"sdxl-arch": dict(sample_size=1024, scaling_factor=0.13025, force_upcast=True),
              "sd15-arch": dict(sample_size=512, scaling_factor=0.18215)}
 # (hidden, intermediate, heads, projection) of the text encoders: the real widths, two layers.
-ENCODERS = {"sdxl-arch": ((768, 3072, 12, None), (1280, 5120, 20, 1280)), "sd15-arch": ((768, 3072, 12, None),)}
-_SEEDS = {"text_encoder": 21, "text_encoder_2": 22, "unet": 23, "vae": 24}
+ENCODERS = {"sdxl-arch": ((768, 3072, 12, None), (1280, 5120, 20, 1280)), "sd15-arch": ((768, 3072, 12, None),),
+            "sd35m-arch": ((768, 3072, 12, 768), (1280, 5120, 20, 1280))}
+SD3_VAE = dict(VAE, latent_channels=16, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+               use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
+_SEEDS = {"text_encoder": 21, "text_encoder_2": 22, "unet": 23, "vae": 24, "text_encoder_3": 25}
 
 
 def unet_config(name: str) -> dict:
@@ -57,12 +62,40 @@ def unet_config(name: str) -> dict:
 
 
 def meta_unet(name: str):
-    """The UNet on the meta device: its structure and sizes without memory or time."""
+    """The denoiser on the meta device: its structure and sizes without memory or time."""
     import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    from workers.real_configs import SD35_MEDIUM
 
     with torch.device("meta"):
+        if name == "sd35m-arch":
+            return SD3Transformer2DModel(**SD35_MEDIUM)
         return UNet2DConditionModel(**unet_config(name))
+
+
+def _sd35m(vae, tok, encoders):
+    """SD3.5-medium: the real transformer, the SD3 VAE (16 latent channels), CLIP-L/G and a T5
+    of the real width with two layers."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    from workers.real_configs import SD35_MEDIUM
+    from workers.tiny_models import _tokenizer
+    from workers.tiny_parts import t5_tokenizer
+
+    t5_tok = t5_tokenizer()
+    cfg = T5Config(vocab_size=len(t5_tok), d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64,
+                   feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    with _seeded("text_encoder_3"):
+        t5 = T5EncoderModel(cfg).eval().half()
+    with _seeded("unet"):
+        transformer = SD3Transformer2DModel(**SD35_MEDIUM).eval().to(torch.float16)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=encoders[0], tokenizer=tok, text_encoder_2=encoders[1], tokenizer_2=_tokenizer("!"),
+        text_encoder_3=t5, tokenizer_3=t5_tok)
 
 
 def _seeded(component: str):
@@ -96,6 +129,10 @@ def build_arch_pipeline(name: str):
                              hidden_act="gelu", bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos)
         with _seeded("text_encoder_2" if i else "text_encoder"):
             encoders.append((CLIPTextModelWithProjection if proj else CLIPTextModel)(cfg).eval().half())
+    if name == "sd35m-arch":
+        with _seeded("vae"):
+            vae = AutoencoderKL(**SD3_VAE).eval().half()
+        return _sd35m(vae, tok, encoders)
     with _seeded("unet"):
         unet = UNet2DConditionModel(**unet_config(name)).eval().half()
     with _seeded("vae"):
@@ -136,7 +173,7 @@ def ensure_arch_model(name: str, root: Path) -> Path:
         try:
             with quiet_hf():
                 build_arch_pipeline(name).save_pretrained(tmp, safe_serialization=True, variant="fp16")
-            for sub in ("tokenizer", "tokenizer_2"):
+            for sub in ("tokenizer", "tokenizer_2"):  # the CLIP ones
                 if (tmp / sub).is_dir():
                     _write_vocab_files(tmp / sub)
             (tmp / ARCH_MARKER).write_text(marker)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from workers.model_spec import REAL_MIN_SIZE, ModelError, ModelSpec, describe, read_json
+from workers.model_spec import REAL_MIN_SIZE, ModelError, ModelSpec, denoiser_folder, describe, read_json
 
 
 def hub_offline() -> bool:
@@ -63,11 +63,13 @@ def resolve_hub(requested: str, repo: str) -> ModelSpec:
                              "HF_HUB_OFFLINE is set: run with network once, or pass a local "
                              "pipeline directory")
         index_path, reached_hub = _fetch_model_index(repo), True
-    unet_cfg, vae_cfg = (
+    index = read_json(index_path)
+    folder = denoiser_folder(index) or "unet"
+    denoiser_cfg, vae_cfg = (
         read_json(_cached_or_download(repo, f"{sub}/config.json", offline=not reached_hub))
-        for sub in ("unet", "vae"))
-    family, res = describe(read_json(index_path), unet_cfg, vae_cfg, repo, hint=repo)
-    return ModelSpec(requested, "hub", repo, family, REAL_MIN_SIZE, res)
+        for sub in (folder, "vae"))
+    facts = describe(index, denoiser_cfg, vae_cfg, repo, hint=repo)
+    return ModelSpec(requested, "hub", repo, default_min_size=REAL_MIN_SIZE, **facts)
 
 
 def hub_download(spec: ModelSpec, download, choose, progress) -> str:

@@ -1,9 +1,9 @@
-"""Resolving a user's model name to a loadable pipeline, and UNet introspection.
+"""Resolving a user's model name to a loadable pipeline, and loading its denoiser.
 
 ``resolve_model`` checks cheaply (no weights loaded) that a model can be loaded, so a search
 fails at submission with a one-line message instead of minutes later in a worker.
-``unet_fingerprint`` identifies the exact weights a search measured, so results are never
-mixed between models or applied to a different (e.g. fine-tuned) UNet.
+``denoiser_fingerprint`` identifies the exact weights a search measured, so results are never
+mixed between models or applied to a different (e.g. fine-tuned) denoiser.
 """
 
 from __future__ import annotations
@@ -17,19 +17,14 @@ import torch
 from common.errors import typed_line
 from workers.hub import hub_offline, resolve_hub
 from workers.arch_models import ARCH_MODELS, ensure_arch_model
-from workers.model_spec import REAL_MIN_SIZE, ModelError, ModelSpec, describe, read_json
+from workers.denoiser import (Candidate, candidate_layers, denoiser_fingerprint, denoiser_of,  # noqa: F401
+                              pick_device)  # (re-exported)
+from workers.model_spec import (ALIASES, REAL_MIN_SIZE, ModelError, ModelSpec, denoiser_folder, describe, read_json,
+                                supported_line)
 from workers.tiny_models import (BUILTIN_MODELS, TINY_MIN_SIZE, TINY_RESOLUTION, default_cache_dir, ensure_tiny_model,
                                  quiet_hf)
-from workers.unet_facts import Candidate, candidate_layers, pick_device, unet_fingerprint  # noqa: F401 (re-exported)
 
 ERROR_CHARS = 240  # at most this much of a library's error message is quoted
-ALIASES = {
-    "sdxl-base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",
-    "stabilityai/sdxl-base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",
-    "sd-1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd-2.1-base": "stabilityai/stable-diffusion-2-1-base",
-    "sd-2.1": "stabilityai/stable-diffusion-2-1",
-}
 try:  # diffusers >= 0.36 renamed torch_dtype to dtype (the old name warns)
     from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
 
@@ -44,16 +39,21 @@ def _looks_like_path(name: str) -> bool:
             or name.count("/") > 1 or name.endswith("/"))
 
 
-def _resolve_local(requested: str, path: Path) -> ModelSpec:
+def _describe_dir(requested: str, path: Path, tiny: bool = False) -> dict:
+    """The spec fields of a pipeline directory (its model_index.json and configs)."""
     if not (path / "model_index.json").is_file():
         raise ModelError(f"'{requested}' is not a diffusers pipeline directory (no model_index.json)")
-    if not (path / "unet").is_dir():
-        raise ModelError(f"'{requested}' has no unet/ folder: only UNet-based SD/SDXL pipelines "
-                         "can be searched")
-    family, res = describe(read_json(path / "model_index.json"),
-                            read_json(path / "unet" / "config.json"),
-                            read_json(path / "vae" / "config.json"), requested)
-    return ModelSpec(requested, "local", str(path.resolve()), family, REAL_MIN_SIZE, res)
+    index = read_json(path / "model_index.json")
+    folder = denoiser_folder(index)
+    if folder is None or not (path / folder).is_dir():
+        raise ModelError(f"'{requested}' has no unet/ or transformer/ folder; {supported_line()}")
+    return describe(index, read_json(path / folder / "config.json"), read_json(path / "vae" / "config.json"),
+                    requested, hint=requested, tiny_resolution=TINY_RESOLUTION if tiny else 0)
+
+
+def _resolve_local(requested: str, path: Path) -> ModelSpec:
+    return ModelSpec(requested, "local", str(path.resolve()), default_min_size=REAL_MIN_SIZE,
+                     **_describe_dir(requested, path))
 
 
 def path_kind(path: Path) -> str | None:
@@ -114,10 +114,9 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> ModelSpec:
                     else ensure_tiny_model(name, cache_dir))
         except Exception as exc:
             raise ModelError(f"could not build built-in model '{name}': {typed_line(exc, ERROR_CHARS)}") from None
-        family = "sdxl" if "sdxl" in name else "sd"
-        if arch:  # full size: the real candidates and resolution
-            return ModelSpec(requested, "builtin", str(path), family, REAL_MIN_SIZE, 1024 if family == "sdxl" else 512)
-        return ModelSpec(requested, "builtin", str(path), family, TINY_MIN_SIZE, TINY_RESOLUTION)
+        min_size = REAL_MIN_SIZE if arch else TINY_MIN_SIZE
+        return ModelSpec(requested, "builtin", str(path), default_min_size=min_size,
+                         **_describe_dir(requested, path, tiny=not arch))
     if source == "local":
         return _resolve_local(requested, Path(value))
     return resolve_hub(requested, value)
@@ -128,13 +127,13 @@ def _local_only(spec: ModelSpec) -> bool:
 
 
 def _fp16_published(spec: ModelSpec) -> bool | None:
-    """Whether the UNet has fp16 variant files (None: cannot tell without the Hub)."""
+    """Whether the denoiser has fp16 variant files (None: cannot tell without the Hub)."""
     if spec.source != "hub":
-        return any(Path(spec.location, "unet").glob("*.fp16.*"))
+        return any(Path(spec.location, spec.denoiser).glob("*.fp16.*"))
     import huggingface_hub
 
-    names = ("unet/diffusion_pytorch_model.fp16.safetensors",
-             "unet/diffusion_pytorch_model.safetensors.index.fp16.json")
+    names = (f"{spec.denoiser}/diffusion_pytorch_model.fp16.safetensors",
+             f"{spec.denoiser}/diffusion_pytorch_model.safetensors.index.fp16.json")
     if any(isinstance(huggingface_hub.try_to_load_from_cache(spec.location, n), str)
            for n in names):
         return True
@@ -180,18 +179,32 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype=torch.float32):
                          f"{typed_line(exc, ERROR_CHARS)}") from None
 
 
-def load_unet(spec: ModelSpec):
-    """The UNet alone in fp16 on CPU: what the driver needs for candidates and fingerprint."""
-    from diffusers import UNet2DConditionModel
+def load_denoiser(spec: ModelSpec):
+    """The denoiser alone (``unet/`` or ``transformer/``, the class its model_index.json names) in
+    fp16 on CPU: what the driver needs for candidates and fingerprint."""
+    import diffusers
 
     _slow_load_hook()
-    kw = {_DTYPE_KW: torch.float16, "subfolder": "unet", "local_files_only": _local_only(spec)}
+    index = _model_index(spec)
+    folder = denoiser_folder(index) or "unet"
+    cls = getattr(diffusers, (index or {}).get(folder, [None, "UNet2DConditionModel"])[1])
+    kw = {_DTYPE_KW: torch.float16, "subfolder": folder, "local_files_only": _local_only(spec)}
     if not _accelerate_available():
         kw["low_cpu_mem_usage"] = False  # otherwise diffusers prints an install hint
     with quiet_hf():
-        unet = with_variant(lambda variant: UNet2DConditionModel.from_pretrained(
-            spec.location, variant=variant, **kw), spec)
-    return unet.eval()
+        module = with_variant(lambda variant: cls.from_pretrained(spec.location, variant=variant, **kw), spec)
+    return module.eval()
+
+
+def _model_index(spec: ModelSpec) -> dict | None:
+    if spec.source != "hub":
+        return read_json(Path(spec.location) / "model_index.json")
+    import huggingface_hub
+
+    path = huggingface_hub.try_to_load_from_cache(spec.location, "model_index.json")
+    if not isinstance(path, str) and not hub_offline():
+        path = huggingface_hub.hf_hub_download(spec.location, "model_index.json", etag_timeout=10)
+    return read_json(path if isinstance(path, str) else None)
 
 
 def _slow_load_hook() -> None:

@@ -1,11 +1,13 @@
-"""Built-in tiny pipelines ("tiny-sdxl", "tiny-sd") for demos and tests without network.
+"""Built-in tiny pipelines for demos and tests without network: the UNet ones ("tiny-sdxl",
+"tiny-sd", "tiny-sdxl-refiner") here, the transformer ones in `workers.tiny_transformers`.
 
 They are complete diffusers pipeline directories with deterministic random weights, written
 with ``save_pretrained`` and then loaded through the same ``from_pretrained`` path as a Hub
 model, so nothing downstream special-cases them. The structure mirrors the real families
 (SDXL: two CLIP encoders, pooled embeddings, ``text_time`` conditioning, linear attention
-projections; SD-1.5: one encoder, conv projections, PNDM) at a size where one 1-step call
-on a batch of 8 takes a fraction of a second on one CPU core.
+projections; SD-1.5: one encoder, conv projections, PNDM; the SDXL refiner: image-to-image,
+the second encoder only, aesthetic-score conditioning) at a size where one 1-step call on a
+batch of 8 takes a fraction of a second on one CPU core.
 """
 
 from __future__ import annotations
@@ -19,23 +21,16 @@ import warnings
 from pathlib import Path
 
 from common.files import publish_dir
+from workers.tiny_parts import (TINY_RESOLUTION, _round_to_fp16, _seeded, _text_encoder, _tokenizer,  # noqa: F401
+                                _vae, _write_vocab_files)
+from workers.tiny_transformers import TRANSFORMER_BUILDERS
 
-BUILTIN_MODELS = ("tiny-sdxl", "tiny-sd")
+UNET_MODELS = ("tiny-sdxl", "tiny-sd", "tiny-sdxl-refiner")
+BUILTIN_MODELS = UNET_MODELS + tuple(TRANSFORMER_BUILDERS)
 TINY_MIN_SIZE = 10_000  # > 10,000 elements: coremltools' kmeans1d path, as every SDXL candidate (> 1e5)
-TINY_RESOLUTION = 64  # pixels; the VAE scale factor is 8, so latents are 8x8
 FORMAT_VERSION = "1"  # bump when the built directory changes: forces a rebuild
 MARKER = ".mbp-tiny-model"
-_SEEDS = {"text_encoder": 11, "text_encoder_2": 12, "unet": 13, "vae": 14}
 _SAMPLE_SIZE = TINY_RESOLUTION // 8
-
-# Words that become whole tokens; every other word falls back to byte-level pieces.
-_WORDS = (
-    "a an the of and in on with at by from to for under over near next is are "
-    "photo portrait painting drawing illustration watercolor sketch render style "
-    "cat dog bird horse fox bear fish tree forest mountain river lake sea beach city "
-    "street house room kitchen table window car train boat bicycle road sky sun moon "
-    "night light red blue green yellow white black old small large sitting standing"
-).split()
 
 
 def default_cache_dir() -> Path:
@@ -48,110 +43,6 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("mbp-search"))
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-to-printable-character table (byte-level BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-def _learn_merges(words) -> list[tuple[str, str]]:
-    """Plain BPE training on ``words`` until each is one symbol (deterministic tie-break)."""
-    table = _bytes_to_unicode()
-    seqs = []
-    for word in words:
-        chars = [table[b] for b in word.encode("utf-8")]
-        seqs.append(chars[:-1] + [chars[-1] + "</w>"])
-    merges: list[tuple[str, str]] = []
-    while True:
-        counts: dict[tuple[str, str], int] = {}
-        for seq in seqs:
-            for pair in zip(seq, seq[1:]):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            return merges
-        best = min(counts, key=lambda p: (-counts[p], p))
-        merges.append(best)
-        for k, seq in enumerate(seqs):
-            out, i = [], 0
-            while i < len(seq):
-                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
-                    out.append(seq[i] + seq[i + 1])
-                    i += 2
-                else:
-                    out.append(seq[i])
-                    i += 1
-            seqs[k] = out
-
-
-def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A CLIP-style vocabulary: all bytes (plain and word-final), learned merges, specials."""
-    alphabet = list(_bytes_to_unicode().values())
-    merges = _learn_merges(_WORDS)
-    tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(dict.fromkeys(tokens))}, merges
-
-
-def _tokenizer(pad_token: str):
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
-
-
-def _seeded(component: str):
-    import torch
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.random.fork_rng(devices=[]))
-    torch.manual_seed(_SEEDS[component])
-    return stack
-
-
-def _round_to_fp16(module):
-    """Make every float weight exactly fp16-representable so the fp16 variant is lossless."""
-    import torch
-
-    with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
-            if t.is_floating_point():
-                t.copy_(t.to(torch.float16).to(t.dtype))
-    return module
-
-
-def _text_encoder(component: str, vocab_size: int, eos_id: int, projection: bool):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    cfg = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        hidden_act="gelu", bos_token_id=eos_id - 1, eos_token_id=eos_id, pad_token_id=eos_id,
-    )
-    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-    with _seeded(component):
-        return _round_to_fp16(cls(cfg).eval())
-
-
-def _vae():
-    from diffusers import AutoencoderKL
-
-    with _seeded("vae"):
-        vae = AutoencoderKL(
-            block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4, sample_size=TINY_RESOLUTION,
-        )
-    return _round_to_fp16(vae.eval())
-
-
 def _unet(family: str):
     from diffusers import UNet2DConditionModel
 
@@ -159,7 +50,15 @@ def _unet(family: str):
         sample_size=_SAMPLE_SIZE, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(32, 64, 64), norm_num_groups=16,
     )
-    if family == "sdxl":
+    if family == "refiner":  # the refiner: second encoder only (32 wide), 5 time ids (aesthetic score)
+        kw = dict(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 1), attention_head_dim=(2, 4, 4),
+            cross_attention_dim=32, use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=5 * 8 + 32,
+        )
+    elif family == "sdxl":
         kw = dict(
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -181,14 +80,25 @@ def _unet(family: str):
 def build_tiny_pipeline(name: str):
     """Construct the pipeline object in memory (float32, fp16-representable weights)."""
     from diffusers import (EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline)
+                           StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
 
     if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {name!r}; choose one of {BUILTIN_MODELS}")
+    if name in TRANSFORMER_BUILDERS:
+        return TRANSFORMER_BUILDERS[name]()
     sched = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  num_train_timesteps=1000, steps_offset=1)
     tok = _tokenizer("<|endoftext|>")
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    if name == "tiny-sdxl-refiner":
+        return StableDiffusionXLImg2ImgPipeline(
+            vae=_vae(force_upcast=False), unet=_unet("refiner"), tokenizer=None, text_encoder=None,
+            tokenizer_2=_tokenizer("!"),
+            text_encoder_2=_text_encoder("text_encoder_2", len(tok), eos, projection=True),
+            scheduler=EulerDiscreteScheduler(**sched, timestep_spacing="leading",
+                                             prediction_type="epsilon", interpolation_type="linear"),
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+        )
     if name == "tiny-sdxl":
         return StableDiffusionXLPipeline(
             vae=_vae(), unet=_unet("sdxl"), tokenizer=tok, tokenizer_2=_tokenizer("!"),
@@ -203,14 +113,6 @@ def build_tiny_pipeline(name: str):
         scheduler=PNDMScheduler(**sched, skip_prk_steps=True, set_alpha_to_one=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-
-
-def _write_vocab_files(folder: Path) -> None:
-    """Also write the classic vocab.json/merges.txt pair (slow tokenizers, transformers 4.x)."""
-    vocab, merges = _vocab_and_merges()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 @contextlib.contextmanager
@@ -232,6 +134,13 @@ def quiet_hf():
             mod.set_verbosity(verbosity)
             if bars:
                 mod.enable_progress_bar()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def _marker_text(name: str) -> str:
@@ -288,8 +197,8 @@ def ensure_tiny_model(name: str, cache_dir: Path | None = None) -> Path:
                 pipe.save_pretrained(tmp, safe_serialization=True)
                 pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True,
                                                        variant="fp16")
-            for sub in ("tokenizer", "tokenizer_2"):
-                if (tmp / sub).is_dir():
+            for sub in ("tokenizer", "tokenizer_2"):  # the CLIP ones (T5's is one tokenizer.json)
+                if "CLIP" in _read(tmp / sub / "tokenizer_config.json"):
                     _write_vocab_files(tmp / sub)
             (tmp / MARKER).write_text(_marker_text(name))
             publish_dir(tmp, final)

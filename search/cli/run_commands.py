@@ -17,9 +17,12 @@ from search.cli.options import (DbOption, RayOption, SearchIdArgument, ServerOpt
 from search.submit_options import (APPLY_HELP, COREML_NODE_HELP, REFINE_EVALS, REFINE_EVALS_HELP, RESUME_HELP,
                                    WORKERS_HELP, parse_apply, parse_search_options)
 
-MODEL_HELP = ("Hub id, alias (sdxl-base-1.0, sd-1.5, sd-2.1-base), local pipeline directory, or built-in tiny-sdxl / "
-              "tiny-sd (tests, demos) or sdxl-arch / sd15-arch (benchmarks: the real SDXL / SD1.5 UNet and VAE "
-              "architectures with random weights, built locally once: ~5 GB / ~2 GB)")
+MODEL_HELP = ("Hub id, alias (sdxl-base-1.0, sdxl-refiner-1.0, sd-1.5, sd-2.1-base, sdxl-turbo, sd-turbo, "
+              "lcm-dreamshaper-v7, sd3.5-medium, sd3.5-large, flux-schnell, flux-dev, pixart-sigma, ...), local "
+              "pipeline directory, or built-in tiny-sdxl / tiny-sd / tiny-sdxl-refiner / tiny-sd3 / tiny-flux / "
+              "tiny-pixart (tests, demos) or sdxl-arch / sd15-arch / sd35m-arch (benchmarks: the real SDXL / SD1.5 "
+              "UNet / SD3.5-medium transformer architectures with random weights, built locally once: ~5 / ~2 / "
+              "~6 GB)")
 WorkersOption = typer.Option(None, "--workers", "-w", help=WORKERS_HELP)
 
 

@@ -82,7 +82,7 @@ def prepare_resume(storage: Storage, search_id: str) -> Prepared:
     spec = resolve_model(search.model)
     _, fingerprint = model_facts(spec, search.config["min_size"])
     if fingerprint != search.fingerprint:
-        raise ModelError(f"model '{search.model}' changed since search {search.id} started (UNet fingerprint differs); "
+        raise ModelError(f"model '{search.model}' changed since search {search.id} started (denoiser fingerprint differs); "
                          "start a new search")
     return Prepared(search, spec, False)
 

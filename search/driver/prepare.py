@@ -2,7 +2,7 @@
 name checked without the network, options validated) and returns its id; the driver then
 resolves the model (the Hub, for a Hub id), fetches its weights with byte progress (the reporter's
 ``preparing`` bar in MB, and the database's ``prepare_done``/``prepare_total`` for `status` and
-`list`), lists the candidate layers, fingerprints the UNet and stores them (`Storage.set_prepared`).
+`list`), lists the candidate layers, fingerprints the denoiser and stores them (`Storage.set_prepared`).
 
 A search still preparing has fingerprint "" and no layers. Duplicates are recognised before the
 fingerprint exists by the request's hash (model identity + options: `request_hash`), and once the
@@ -23,8 +23,7 @@ from search.config import ConfigError, SearchConfig
 from search.driver.driver import SearchFailed, SearchInterrupted
 from search.driver.progress import Reporter
 from storage import Layer, Search, Storage
-from workers.evaluation.protocol import APPLE_RESOLUTION
-from workers.models import ModelError, ModelSpec, candidate_layers, load_unet, resolve_model, unet_fingerprint
+from workers.models import ModelError, ModelSpec, candidate_layers, denoiser_fingerprint, load_denoiser, resolve_model
 
 PHASE = "preparing"
 PROGRESS_EVERY_S = 1.0
@@ -46,24 +45,36 @@ def request_hash(model_key: str, options: dict) -> str:
 
 
 def resolve_config(spec: ModelSpec, **options) -> SearchConfig:
-    """Fill model-dependent defaults (min size, resolution) and validate everything. Apple's
-    protocol measures every Hub / local model at 768 px (SDXL too), and the full-architecture
-    built-ins (sdxl-arch, sd15-arch); the built-in tiny models keep their own small size."""
+    """Fill model-dependent defaults (min size, resolution, steps, guidance, an image-to-image
+    pipeline's images) and validate everything. Apple's protocol measures every Hub / local UNet
+    model at 768 px (SDXL and the refiner too) and a transformer denoiser at its native size;
+    the built-in tiny models keep their own small size (`ModelSpec.protocol_resolution`)."""
+    from workers.evaluation.images import search_images
+
     options = {k: (tuple(v) if k in _TUPLES and isinstance(v, list) else v) for k, v in options.items()
                if v is not None}
     options.setdefault("min_size", spec.default_min_size)
-    apple = options.get("protocol", "apple") == "apple" and not spec.tiny
-    options.setdefault("resolution", APPLE_RESOLUTION if apple else spec.default_resolution)
+    apple = options.get("protocol", "apple") == "apple"
+    options.setdefault("resolution", spec.protocol_resolution if apple else spec.default_resolution)
+    options.setdefault("steps", spec.default_steps)
+    if spec.default_guidance is not None:
+        options.setdefault("guidance_scale", spec.default_guidance)
+    images_dir = options.pop("images_dir", None)
+    if "images" not in options:  # a stored config already holds its images' digests
+        try:
+            options["images"] = search_images(spec.img2img, images_dir)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return SearchConfig(**options)
 
 
 def model_facts(spec: ModelSpec, min_size: int) -> tuple[list[Layer], str]:
-    unet = load_unet(spec)
-    layers = [Layer(c.name, c.numel, tuple(c.shape), c.kind) for c in candidate_layers(unet, min_size)]
+    denoiser = load_denoiser(spec)
+    layers = [Layer(c.name, c.numel, tuple(c.shape), c.kind) for c in candidate_layers(denoiser, min_size)]
     if not layers:
         raise ModelError(f"model '{spec.requested}' has no Linear/Conv2d weight with more than {min_size} elements; "
                          "lower --min-size")
-    return layers, unet_fingerprint(unet)
+    return layers, denoiser_fingerprint(denoiser)
 
 
 class _Progress:
@@ -126,7 +137,8 @@ def prepare(storage: Storage, search: Search, spec: ModelSpec | None, reporter: 
         model_source=spec.source, fingerprint=fingerprint, config=config.to_dict(),
         config_hash=config.fingerprint(), layers=layers)
     storage.update_search(sid, phase="setup", add_elapsed=time.monotonic() - started)
-    reporter.message(f"model ready: {len(layers)} candidate layers, UNet fingerprint {fingerprint[:12]}")
+    reporter.message(f"model ready: {len(layers)} candidate layers of its {spec.denoiser}, "
+                     f"fingerprint {fingerprint[:12]}")
     return prepared, spec, root
 
 

@@ -318,31 +318,70 @@ def load_pipeline(path: str):
     return pipe
 
 
-class SignalRunner:
-    """Apple's ``run_pipe``: one call with all prompts, the generator state restored each time."""
+def denoiser(pipe) -> nn.Module:
+    """Apple palettizes ``pipe.unet``; a transformer pipeline (SD3, Flux, PixArt) has
+    ``pipe.transformer`` instead, which is used the same way."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
 
-    def __init__(self, prompts: Sequence[str], resolution: int, num_inference_steps: int = 1):
+
+def decode_images(images: Sequence[bytes], size: int) -> list:
+    """Apple's ``Image.open(...).convert("RGB").resize((size, size), Image.LANCZOS)``."""
+    import io
+
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.LANCZOS) for data in images]
+
+
+class SignalRunner:
+    """Apple's ``run_pipe``: one call with all prompts, the generator state restored each time.
+
+    Image-to-image pipelines ("Img2Img" in the class name) get Apple's branch: the images, no
+    height/width, 4 steps, strength 0.25. Prompt i gets image i (with fewer prompts than Apple's 8
+    images the first ones; with fewer images than prompts they repeat). ``guidance_scale``: None
+    keeps the pipeline's default as Apple does; few-step models pass their model card's.
+    """
+
+    def __init__(self, prompts: Sequence[str], resolution: int, num_inference_steps: int = 1,
+                 images: Sequence[bytes] = (), guidance_scale: float | None = None):
         self.prompts = list(prompts)
         self.resolution = int(resolution)
         self.steps = int(num_inference_steps)
+        decoded = decode_images(images, self.resolution)
+        self.images = [decoded[i % len(decoded)] for i in range(len(self.prompts))] if decoded else []
+        self.guidance_scale = guidance_scale
         self.generator = torch.Generator()  # CPU, default seed (67280421310721)
         self.state = self.generator.get_state()  # saved once
         self.runs = 0
         self.seconds = 0.0
 
     def __call__(self, pipe) -> np.ndarray:
+        import inspect
+
         self.generator.set_state(self.state)
+        kwargs = dict(
+            prompt=self.prompts,
+            negative_prompt=[""] * len(self.prompts),
+            num_inference_steps=self.steps,
+            height=self.resolution,
+            width=self.resolution,
+            output_type="latent",
+            generator=self.generator,
+        )
+        if "Img2Img" in pipe.__class__.__name__:
+            kwargs["image"] = self.images
+            kwargs.pop("height")
+            kwargs.pop("width")
+            kwargs["num_inference_steps"] = 4
+            kwargs["strength"] = 0.25
+        if self.guidance_scale is not None:
+            kwargs["guidance_scale"] = self.guidance_scale
+        if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters:
+            kwargs["use_resolution_binning"] = False  # PixArt: the asked size (a tiny model has no bin)
         start = time.perf_counter()
         with torch.no_grad():
-            out = pipe(
-                prompt=self.prompts,
-                negative_prompt=[""] * len(self.prompts),
-                num_inference_steps=self.steps,
-                height=self.resolution,
-                width=self.resolution,
-                output_type="latent",
-                generator=self.generator,
-            )
+            out = pipe(**kwargs)
         self.seconds += time.perf_counter() - start
         self.runs += 1
         return np.array([latent.cpu().numpy() for latent in out.images])
@@ -361,7 +400,7 @@ def signal_integrity(pipe, layers: Sequence[str], nbits: int, cumulative: bool,
     """Apple's ``benchmark_signal_integrity`` (without the metadata entry)."""
     results: dict[str, list[float]] = {}
     for layer in layers:
-        module = find_module(pipe.unet, layer)
+        module = find_module(denoiser(pipe), layer)
         original = palettize(module, nbits, layer)
         test_out = run(pipe)
         if not cumulative:
@@ -377,7 +416,7 @@ def simulate(ref_pipe, transform: Callable[[nn.Module], object], run: SignalRunn
     """Apple's ``simulate_quant_fn``: transform a deep copy of the pristine pipeline, run it, run
     the pristine pipeline again as the reference; mean of the rounded per-prompt PSNRs."""
     simulated = copy.deepcopy(ref_pipe)
-    transform(simulated.unet)
+    transform(denoiser(simulated))
     sim_out = run(simulated)
     del simulated
     ref_out = run(ref_pipe)
@@ -397,6 +436,8 @@ def run_apple_pre_analysis(
     prompts: Sequence[str] = APPLE_PROMPTS,
     default_nbits: int = UNCOMPRESSED_BITS,
     num_inference_steps: int = 1,
+    images: Sequence[bytes] = (),
+    guidance_scale: float | None = None,
     model_version: str | None = None,
     int8_dtype=np.float16,
     psnr_dtype=None,
@@ -428,18 +469,20 @@ def run_apple_pre_analysis(
     """
     if num_threads is None:
         return _run(pipeline_dir, nbits, resolution, min_size, num_recipes, prompts, default_nbits,
-                    num_inference_steps, model_version, int8_dtype, psnr_dtype, small_tensor_kmeans)
+                    (num_inference_steps, images, guidance_scale), model_version, int8_dtype, psnr_dtype,
+                    small_tensor_kmeans)
     previous = torch.get_num_threads()
     torch.set_num_threads(int(num_threads))
     try:
         return _run(pipeline_dir, nbits, resolution, min_size, num_recipes, prompts, default_nbits,
-                    num_inference_steps, model_version, int8_dtype, psnr_dtype, small_tensor_kmeans)
+                    (num_inference_steps, images, guidance_scale), model_version, int8_dtype, psnr_dtype,
+                    small_tensor_kmeans)
     finally:
         torch.set_num_threads(previous)
 
 
 def _run(pipeline_dir, nbits, resolution, min_size, num_recipes, prompts, default_nbits,
-         num_inference_steps, model_version, int8_dtype, psnr_dtype, small_tensor_kmeans) -> dict:
+         signal, model_version, int8_dtype, psnr_dtype, small_tensor_kmeans) -> dict:
     t_start = time.perf_counter()
     depths = [int(n) for n in nbits]
     if not depths or any(n not in ALLOWED_BITS for n in depths):
@@ -455,14 +498,14 @@ def _run(pipeline_dir, nbits, resolution, min_size, num_recipes, prompts, defaul
     timings: dict[str, float] = {}
 
     pipe = load_pipeline(pipeline_dir)
-    run = SignalRunner(prompts, resolution, num_inference_steps)
+    run = SignalRunner(prompts, resolution, *signal)
 
     ref_pipe = copy.deepcopy(pipe)  # pristine copy: baselines and recipes are measured on it
     if default_nbits != UNCOMPRESSED_BITS:
-        palettize_every_weight(pipe.unet, default_nbits, palettize)
+        palettize_every_weight(denoiser(pipe), default_nbits, palettize)
     ref_out = run(pipe)  # the analysis reference (the default-nbits model if any)
 
-    candidates = candidate_layers(pipe.unet, min_size)
+    candidates = candidate_layers(denoiser(pipe), min_size)
     if not candidates:
         raise ValueError(f"no Linear/Conv2d weight has more than {min_size} elements")
     names = [n for n, _ in candidates]

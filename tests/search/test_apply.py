@@ -88,7 +88,7 @@ def test_apply_all_then_validate(storage, completed_tiny_search, coreml_out_dir)
 
 def test_apply_recipe_file_in_apple_format(storage, completed_tiny_search, coreml_out_dir, tmp_path):
     from search.recipes.apple_rule import average_bits
-    from workers.models import load_unet, resolve_model
+    from workers.models import load_denoiser, resolve_model
     from workers.palettize import kmeans_lut
 
     sid = completed_tiny_search["search_id"]
@@ -109,7 +109,7 @@ def test_apply_recipe_file_in_apple_format(storage, completed_tiny_search, corem
     assert v.avg_bits == pytest.approx(average_bits(recipe, sizes))
     _check_runtime(v)
     # the LUTs are workers.palettize.kmeans_lut's, looked up in the model being compressed
-    unet = load_unet(resolve_model("tiny-sdxl"))
+    unet = load_denoiser(resolve_model("tiny-sdxl"))
     m = read_manifest(v.mlpackage)
     assert m.lut_source == "kmeans" and set(m.layers) == {l for l, b in recipe.items() if b != 16}
     ops = {op.name: op for op in iter_ops(read_program(v.mlpackage))}
@@ -131,7 +131,7 @@ def test_recipe_file_with_the_search_bits_reuses_its_measured_psnr(storage, comp
 
 
 def test_errors_are_one_line_and_store_nothing(storage, completed_tiny_search, tiny_sdxl_spec, tmp_path):
-    from workers.models import load_unet
+    from workers.models import load_denoiser
 
     sid = completed_tiny_search["search_id"]
     key, (bits, _) = next(iter(completed_tiny_search["recipes"].items()))
@@ -139,7 +139,7 @@ def test_errors_are_one_line_and_store_nothing(storage, completed_tiny_search, t
     bad_file = tmp_path / "bad.json"
     bad_file.write_text(json.dumps({"recipes": {"r": {"down_blocks.9.nothing": 4, "time_embedding.linear_2": 8}}}))
     changed = [l for l, b in bits.items() if b != 16][:3]
-    other = apple_like_package(load_unet(tiny_sdxl_spec), list(bits), tmp_path / "Other.mlpackage", perturb=changed)
+    other = apple_like_package(load_denoiser(tiny_sdxl_spec), list(bits), tmp_path / "Other.mlpackage", perturb=changed)
     cases = [
         (dict(recipe="nope"), "no recipe 'nope'"),
         (dict(recipe=None), "pass --recipe KEY or --recipe all"),

@@ -24,12 +24,12 @@ def _search(tmp_path, model_cache, *extra):
 def test_cpu_palette_tasks_and_prefix_reuse_match(tmp_path, model_cache, tiny_sdxl_spec):
     from storage import Storage
     from storage.palette_store import PaletteStore
-    from workers.models import load_unet
+    from workers.models import load_denoiser
     from workers.palettize import kmeans_palette, load_palette
 
     db_on, sid_on = _search(tmp_path / "on", model_cache)
     db_off, sid_off = _search(tmp_path / "off", model_cache, "--no-prefix-reuse")
-    unet = load_unet(tiny_sdxl_spec)
+    unet = load_denoiser(tiny_sdxl_spec)
     with Storage(db_on) as on, Storage(db_off) as off:
         pals = on.palettes(sid_on)
         assert pals and pals.keys() == off.palettes(sid_off).keys()

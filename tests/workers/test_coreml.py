@@ -85,9 +85,9 @@ def applied(completed_tiny_search, coreml_out_dir):
 
 @pytest.fixture(scope="module")
 def tiny_unet(tiny_sdxl_spec):
-    from workers.models import load_unet
+    from workers.models import load_denoiser
 
-    return load_unet(tiny_sdxl_spec)
+    return load_denoiser(tiny_sdxl_spec)
 
 
 # -- content matching ----------------------------------------------------------------------

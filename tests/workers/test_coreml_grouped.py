@@ -34,14 +34,14 @@ def _job(info, out_dir, bits, mlpackage=None) -> CoreMLJob:
 
 @pytest.fixture(scope="module")
 def recipe(completed_tiny_search, tiny_sdxl_spec):
-    from workers.models import load_unet
+    from workers.models import load_denoiser
 
     storage = Storage(completed_tiny_search["db"])
     layers = storage.layers(completed_tiny_search["search_id"])
     storage.close()
     cycle = ("4g16", "3", "2g8", "16")
     bits = recipe_formats({l.name: cycle[i % 4] if l.shape[0] % 16 == 0 else "3" for i, l in enumerate(layers)})
-    unet = load_unet(tiny_sdxl_spec)
+    unet = load_denoiser(tiny_sdxl_spec)
     weights = {l: unet.get_submodule(l).weight.detach().half().numpy() for l, f in bits.items() if f != FLOAT16}
     return bits, weights
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from workers import models, tiny_models
-from workers.models import (ALIASES, ModelError, candidate_layers, load_pipeline, load_unet,
-                            pick_device, resolve_model, unet_fingerprint)
+from workers.models import (ALIASES, ModelError, candidate_layers, load_pipeline, load_denoiser,
+                            pick_device, resolve_model, denoiser_fingerprint)
 from workers.tiny_models import BUILTIN_MODELS, TINY_MIN_SIZE, TINY_RESOLUTION, ensure_tiny_model
 
 SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -59,7 +59,7 @@ def test_builtin_specs(tiny_sdxl_spec, tiny_sd_spec, model_cache):
         assert spec.default_resolution == TINY_RESOLUTION
         path = Path(spec.location)
         assert path.is_relative_to(model_cache) and (path / "model_index.json").is_file()
-    assert set(BUILTIN_MODELS) == {"tiny-sdxl", "tiny-sd"}
+    assert set(BUILTIN_MODELS) == {"tiny-sdxl", "tiny-sd", "tiny-sdxl-refiner", "tiny-sd3", "tiny-flux", "tiny-pixart"}
 
 
 def test_default_cache_dir_env(monkeypatch, tmp_path):
@@ -150,9 +150,16 @@ def test_cached_hub_alias(hf_cache, monkeypatch):
         "model_index.json": {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "x"]}})
     spec = resolve_model("sd-2.1")
     assert (spec.family, spec.default_resolution) == ("sd", 768)
+    # A transformer pipeline: native resolution and its pipeline's steps; an unsupported class: one line.
     _fake_cached_repo(hf_cache, "someone/flux-like", {
         "model_index.json": {"_class_name": "FluxPipeline", "transformer": ["diffusers", "x"]}})
-    assert "has no UNet" in _error("someone/flux-like")
+    spec = resolve_model("someone/flux-like")
+    assert (spec.family, spec.denoiser, spec.default_resolution, spec.protocol_resolution, spec.default_steps) == (
+        "flux", "transformer", 1024, 1024, 28)
+    _fake_cached_repo(hf_cache, "someone/inpaint", {
+        "model_index.json": {"_class_name": "StableDiffusionInpaintPipeline", "unet": ["diffusers", "x"]}})
+    message = _error("someone/inpaint")
+    assert "StableDiffusionInpaintPipeline" in message and "FluxPipeline" in message and "\n" not in message
 
 
 def test_cached_hub_pipeline_loads_offline(hf_cache, monkeypatch, tiny_sd_spec):
@@ -166,7 +173,7 @@ def test_cached_hub_pipeline_loads_offline(hf_cache, monkeypatch, tiny_sd_spec):
     spec = resolve_model("someone/tiny-sd")
     assert (spec.source, spec.family, spec.default_resolution) == ("hub", "sd", TINY_RESOLUTION)
     assert models._fp16_published(spec) is True
-    assert unet_fingerprint(load_unet(spec)) == unet_fingerprint(load_unet(tiny_sd_spec))
+    assert denoiser_fingerprint(load_denoiser(spec)) == denoiser_fingerprint(load_denoiser(tiny_sd_spec))
     assert type(load_pipeline(spec)).__name__ == "StableDiffusionPipeline"
 
 
@@ -217,13 +224,13 @@ def test_tokenizer_files(tiny_sdxl_spec, sub):
 
 
 def test_fp16_variant_and_fingerprint_dtype(tiny_sd_spec):
-    unet16 = load_unet(tiny_sd_spec)
+    unet16 = load_denoiser(tiny_sd_spec)
     assert unet16.dtype == torch.float16
     assert any(Path(tiny_sd_spec.location, "unet").glob("*.fp16.safetensors"))
     pipe = load_pipeline(tiny_sd_spec)  # float32; weights are exactly fp16-representable
-    assert unet_fingerprint(unet16) == unet_fingerprint(pipe.unet)
+    assert denoiser_fingerprint(unet16) == denoiser_fingerprint(pipe.unet)
     local = resolve_model(tiny_sd_spec.location)
-    assert unet_fingerprint(load_unet(local)) == unet_fingerprint(unet16)
+    assert denoiser_fingerprint(load_denoiser(local)) == denoiser_fingerprint(unet16)
 
 
 def test_load_without_fp16_variant_and_load_errors(tiny_sd_spec, tmp_path):
@@ -232,19 +239,19 @@ def test_load_without_fp16_variant_and_load_errors(tiny_sd_spec, tmp_path):
     for f in copy.rglob("*.fp16.*"):
         f.unlink()
     spec = resolve_model(str(copy))
-    unet = load_unet(spec)
+    unet = load_denoiser(spec)
     assert unet.dtype == torch.float16
-    assert unet_fingerprint(unet) == unet_fingerprint(load_unet(tiny_sd_spec))
+    assert denoiser_fingerprint(unet) == denoiser_fingerprint(load_denoiser(tiny_sd_spec))
     assert load_pipeline(spec).unet.dtype == torch.float32
     (copy / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
-    for load in (load_unet, load_pipeline):
+    for load in (load_denoiser, load_pipeline):
         with pytest.raises(ModelError) as info:
             load(spec)
         assert "could not load model" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_rebuild_is_deterministic_and_concurrent_safe(tiny_sd_spec, tmp_path):
-    expected = unet_fingerprint(load_unet(tiny_sd_spec))
+    expected = denoiser_fingerprint(load_denoiser(tiny_sd_spec))
     paths: list[Path] = []
     threads = [threading.Thread(target=lambda: paths.append(ensure_tiny_model("tiny-sd", tmp_path)))
                for _ in range(2)]
@@ -254,10 +261,10 @@ def test_rebuild_is_deterministic_and_concurrent_safe(tiny_sd_spec, tmp_path):
         t.join()
     assert len(paths) == 2 and paths[0] == paths[1]
     spec = resolve_model("tiny-sd", tmp_path)
-    assert unet_fingerprint(load_unet(spec)) == expected
+    assert denoiser_fingerprint(load_denoiser(spec)) == expected
     # Deleting forces a rebuild; an outdated marker too; both give the same weights.
     shutil.rmtree(spec.location)
-    assert unet_fingerprint(load_unet(resolve_model("tiny-sd", tmp_path))) == expected
+    assert denoiser_fingerprint(load_denoiser(resolve_model("tiny-sd", tmp_path))) == expected
     marker = Path(spec.location) / tiny_models.MARKER
     marker.write_text("old")
     ensure_tiny_model("tiny-sd", tmp_path)
@@ -267,7 +274,7 @@ def test_rebuild_is_deterministic_and_concurrent_safe(tiny_sd_spec, tmp_path):
 
 def test_in_memory_sdxl_build_matches_cache(tiny_sdxl_spec):
     built = tiny_models.build_tiny_pipeline("tiny-sdxl").unet
-    assert unet_fingerprint(built) == unet_fingerprint(load_unet(tiny_sdxl_spec))
+    assert denoiser_fingerprint(built) == denoiser_fingerprint(load_denoiser(tiny_sdxl_spec))
 
 
 # --- candidates and fingerprints --------------------------------------------------------
@@ -275,7 +282,7 @@ def test_in_memory_sdxl_build_matches_cache(tiny_sdxl_spec):
 def test_candidate_layers(tiny_sdxl_spec, tiny_sd_spec):
     counts = {}
     for spec in (tiny_sdxl_spec, tiny_sd_spec):
-        unet = load_unet(spec)
+        unet = load_denoiser(spec)
         cands = candidate_layers(unet, spec.default_min_size)
         counts[spec.family] = len(cands)
         modules = dict(unet.named_modules())
@@ -295,17 +302,47 @@ def test_candidate_layers(tiny_sdxl_spec, tiny_sd_spec):
 
 
 def test_fingerprint_changes_with_one_weight(tiny_sd_spec):
-    unet = load_unet(tiny_sd_spec)
-    before = unet_fingerprint(unet)
-    assert unet_fingerprint(unet) == before and len(before) == 64
+    unet = load_denoiser(tiny_sd_spec)
+    before = denoiser_fingerprint(unet)
+    assert denoiser_fingerprint(unet) == before and len(before) == 64
     name = candidate_layers(unet, TINY_MIN_SIZE)[3].name
     weight = dict(unet.named_modules())[name].weight
     with torch.no_grad():
         weight.view(-1)[7] += 0.25
-    assert unet_fingerprint(unet) != before
+    assert denoiser_fingerprint(unet) != before
 
 
 def test_pick_device():
     assert pick_device() in {"cpu", "cuda", "mps"}
     if not torch.cuda.is_available():
         assert pick_device() in {"cpu", "mps"}
+
+
+def test_local_transformer_pipeline_directory(model_cache, tmp_path):
+    """A transformer pipeline directory of the user's (here a copy of tiny-sd3, not the built-in
+    name) resolves as a local model and loads through plain from_pretrained: same denoiser."""
+    from diffusers import DiffusionPipeline
+
+    from workers.models import denoiser_of
+
+    builtin = resolve_model("tiny-sd3", model_cache)
+    local = tmp_path / "my-sd3"
+    shutil.copytree(builtin.location, local)
+    spec = resolve_model(str(local))
+    assert (spec.source, spec.family, spec.denoiser, spec.img2img) == ("local", "sd3", "transformer", False)
+    assert spec.default_steps == 28 and spec.default_min_size == 100_000  # the pipeline's own steps, Apple's size
+    plain = DiffusionPipeline.from_pretrained(str(local))
+    assert type(plain).__name__ == "StableDiffusion3Pipeline"
+    assert denoiser_fingerprint(denoiser_of(plain)) == denoiser_fingerprint(load_denoiser(spec))
+    assert denoiser_fingerprint(load_denoiser(spec)) == denoiser_fingerprint(load_denoiser(builtin))
+
+
+def test_family_specs(model_cache):
+    """Every built-in family: its denoiser, Apple's image-to-image rule, steps and size."""
+    expect = {"tiny-sdxl-refiner": ("sdxl", "unet", True, 4), "tiny-sd3": ("sd3", "transformer", False, 28),
+              "tiny-flux": ("flux", "transformer", False, 4), "tiny-pixart": ("pixart", "transformer", False, 20)}
+    for name, facts in expect.items():
+        spec = resolve_model(name, model_cache)
+        assert (spec.family, spec.denoiser, spec.img2img, spec.default_steps) == facts, name
+        assert spec.protocol_resolution == spec.default_resolution == TINY_RESOLUTION
+    assert resolve_model("tiny-sdxl", model_cache).default_steps == 1

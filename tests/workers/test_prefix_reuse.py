@@ -100,3 +100,30 @@ def test_compiled_blocks_match_eager(tiny_sdxl_spec, monkeypatch):
             assert torch.equal(_output(comp, item, pals), _output(plain, item, pals)), item.key
     assert counters["stats"].get("unique_graphs", 0) == compiled, "a block recompiled after a weight swap"
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name,steps", [("tiny-sd3", 2), ("tiny-flux", 2), ("tiny-pixart", 2),
+                                        ("tiny-sdxl-refiner", 4)])
+def test_prefix_reuse_is_bit_identical_on_every_family(name, steps, model_cache):
+    """The same replay on transformer denoisers (checkpoints `transformer_blocks.k`) and on the
+    image-to-image refiner: every output equal, value for value, to the full forward."""
+    from tests.reference.local_images import image_bytes
+    from workers.models import resolve_model
+
+    spec = resolve_model(name, model_cache)
+    images = image_bytes(2) if spec.img2img else ()
+    signal = SignalSpec(prompts=("a cat", "a dog on a beach"), steps=steps, images=images)
+    on, off = _pair(spec, signal)
+    assert on.deterministic and torch.equal(on.reference, off.reference)
+    if spec.denoiser == "transformer":
+        assert any(n.endswith("transformer_blocks.0") for n in checkpoint_names(on.denoiser))
+    layers = list(on.modules)
+    pals = {(l, 4): kmeans_palette(on.modules[l].weight.data.to(torch.float16).numpy(), 4) for l in layers}
+    skipped = []
+    for item in _items(layers):
+        with on._patched(item, pals):
+            skipped.append(len(on.prefix.skip))
+            got = on.runner.run()
+        assert torch.equal(got, _output(off, item, pals)), item.key
+    assert max(skipped) > 0
+    assert torch.equal(on.runner.run(), on.reference)

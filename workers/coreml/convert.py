@@ -89,7 +89,13 @@ def capture_unet_inputs(pipe, runner) -> tuple[UNetInputs, torch.Tensor]:
             merged.update(kwargs)
             calls.append(unet_call_inputs(**merged))
 
-    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    from workers.denoiser import denoiser_of
+
+    denoiser = denoiser_of(pipe)
+    if getattr(pipe, "unet", None) is not denoiser:
+        raise CoreMLError(f"Core ML conversion of a transformer denoiser ({type(denoiser).__name__}) is not supported "
+                          "yet: apply and validate recipes of UNet pipelines (SD 1.x/2.x, SDXL, the refiner)")
+    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         latents = runner.run()
     finally:

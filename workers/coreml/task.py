@@ -138,7 +138,7 @@ def _bases(job: CoreMLJob, ev, fingerprint: str, targets: set[bool]) -> dict[boo
                               f"(specification version {version}); convert it with minimum_deployment_target iOS18")
         return {t: base for t in targets}
     inputs, _ = capture_unet_inputs(ev.pipe, ev.runner)
-    return {t: ensure_base_model(ev.pipe.unet, fingerprint, inputs, Path(job.out_dir) / BASE_DIR, t)
+    return {t: ensure_base_model(ev.denoiser, fingerprint, inputs, Path(job.out_dir) / BASE_DIR, t)
             for t in sorted(targets)}
 
 
@@ -146,7 +146,7 @@ def apply_job(job: CoreMLJob, ev, fingerprint: str) -> tuple[BaseModel, list[Rec
     if job.lut_source not in ("search", "kmeans"):
         raise CoreMLError(f"unknown LUT source {job.lut_source!r}")
     out_dir = Path(job.out_dir)
-    unet = ev.pipe.unet
+    unet = ev.denoiser
     absent = sorted({l for r in job.recipes for l in r.bits if not _has_weight(unet, l)})
     if absent:
         raise CoreMLError(f"{len(absent)} recipe layers are not weight layers of the model being compressed "
@@ -197,7 +197,7 @@ def _validate(job: CoreMLJob, ev, fingerprint: str) -> list[RecipeOutcome]:
                               f"{m.model}")
         if recipe.bits is not None and m.lut_source == "search" and recipe.bits != m.bits:
             raise CoreMLError(f"{package.name} holds other bits than recipe {recipe.key} has now; re-apply it")
-        weights = torch_weights(ev.pipe.unet, sorted(m.layers))
+        weights = torch_weights(ev.denoiser, sorted(m.layers))
         matches = {l: LayerMatch(l, c, ()) for l, c in m.layers.items()}
         palettes = job.palettes if m.lut_source == "search" else None
         if palettes is not None:
@@ -216,13 +216,13 @@ def _validate(job: CoreMLJob, ev, fingerprint: str) -> list[RecipeOutcome]:
 
 def run_job(job: CoreMLJob) -> JobResult:
     """Apply (or re-validate) recipes; everything the driver stores comes back in the result."""
-    from workers.models import unet_fingerprint
+    from workers.models import denoiser_fingerprint
 
     t0 = time.perf_counter()
     if job.action not in ("apply", "validate"):
         raise CoreMLError(f"unknown Core ML job action {job.action!r}")
     ev = _evaluator(job)
-    fingerprint = job.fingerprint or unet_fingerprint(ev.pipe.unet)
+    fingerprint = job.fingerprint or denoiser_fingerprint(ev.denoiser)
     if job.action == "apply":
         base, outcomes = apply_job(job, ev, fingerprint)
         return JobResult(socket.gethostname(), base.path, base.converted, base.cached, tuple(outcomes),

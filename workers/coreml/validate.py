@@ -123,7 +123,7 @@ def check_structure(program, base_consts: Mapping[str, str], luts: Mapping[str, 
 
 def _run_with_weights(evaluator, weights: Mapping[str, np.ndarray]) -> torch.Tensor:
     """The signal run with ``weights`` loaded into the torch UNet; originals always restored."""
-    unet, originals = evaluator.pipe.unet, {}
+    unet, originals = evaluator.denoiser, {}
     try:
         with torch.no_grad():
             for layer, value in weights.items():
@@ -195,7 +195,7 @@ class CoreMLUNet:
 
 def run_with_coreml_unet(evaluator, predictor) -> torch.Tensor:
     """The signal run with the UNet's forward replaced by ``predictor`` (always restored)."""
-    unet = evaluator.pipe.unet
+    unet = evaluator.denoiser
     unet.forward = predictor
     try:
         return evaluator.runner.run()

@@ -4,7 +4,7 @@ Runs inside a Ray actor (see `search.driver.pool`), but is a plain class so it c
 tested directly. It never touches the database: it returns plain dataclasses.
 
 What a measurement compares follows the protocol (`workers.evaluation.protocol`). With Apple's
-``--default-nbits D`` (D < 16) the analysis runs on a pipeline whose every UNet weight is
+``--default-nbits D`` (D < 16) the analysis runs on a pipeline whose every denoiser weight is
 palettized to D bits (that is also its reference), while the baselines and recipes are measured
 on the pristine weights against the pristine reference, as Apple's script does.
 """
@@ -28,7 +28,8 @@ from workers.evaluation.prefix import PrefixCache
 from workers.evaluation.protocol import mean_db, psnr_per_prompt
 from workers.evaluation.signal import SignalRunner, SignalSpec
 from workers.evaluation.weight_swap import InPlaceSwap, palettize_like_apple, weighted_modules
-from workers.models import ModelError, ModelSpec, candidate_layers, load_pipeline, pick_device, unet_fingerprint
+from workers.models import (ModelError, ModelSpec, candidate_layers, denoiser_fingerprint, denoiser_of, load_pipeline,
+                            pick_device)
 from workers.palette_formats import PALETTES, dequantize_torch, fit_palette
 from workers.palettize import Palette, linear_8bit
 
@@ -79,34 +80,34 @@ class Evaluator:
 
             spec = dataclasses.replace(spec, source="local", location=str(local_copy(weights, spec.requested)))
         self.pipe = load_pipeline(spec, device=self.device, dtype=self.dtype)
-        unet = self.pipe.unet
+        self.denoiser = denoiser = denoiser_of(self.pipe)
         with torch.no_grad():  # the reference is the float16 model, whatever the compute dtype
-            for p in unet.parameters():
+            for p in denoiser.parameters():
                 p.data = p.data.to(torch.float16).to(self.dtype)
-        if fingerprint is not None and unet_fingerprint(unet) != fingerprint:
+        if fingerprint is not None and denoiser_fingerprint(denoiser) != fingerprint:
             raise ModelError(f"model '{spec.requested}' on this node differs from the one the search was started with "
-                             "(UNet fingerprint mismatch)")
-        self.modules = {c.name: unet.get_submodule(c.name) for c in candidate_layers(unet, min_size)}
+                             "(denoiser fingerprint mismatch)")
+        self.modules = {c.name: denoiser.get_submodule(c.name) for c in candidate_layers(denoiser, min_size)}
         self.protocol = signal.protocol
         self.runner = SignalRunner(self.pipe, signal, self.device)
         self.load_s = time.perf_counter() - t0
         self.node, self.worker = _ray_identity()
         self._palettes: dict[tuple[str, int], Palette] = {}
         # --default-nbits: keep the pristine weights and reference for baselines and recipes,
-        # then palettize every UNet weight to the default depth; that pipeline is the analysis'.
+        # then palettize every denoiser weight to the default depth; that pipeline is the analysis'.
         self.default_nbits = int(default_nbits)
         self.pristine: dict[str, torch.Tensor] | None = None
         self._pristine_palettes: dict[tuple[str, int], Palette] = {}
-        self.prefix = PrefixCache(unet, reuse=prefix_reuse, compile=compile) if prefix_reuse or compile else None
+        self.prefix = PrefixCache(denoiser, reuse=prefix_reuse, compile=compile) if prefix_reuse or compile else None
         if self.prefix is not None:
             self.runner.before_call = self.prefix.before_call
         t0 = time.perf_counter()
         self.reference = self.pristine_reference = self.runner.run()  # cold: includes compiling
         self.reference_s = time.perf_counter() - t0
         if is_palettized(self.default_nbits):
-            self.pristine = {name: m.weight.data.clone() for name, m in weighted_modules(unet)}
-            with torch.no_grad():  # in place: a compiled UNet keeps its graphs
-                for name, m in weighted_modules(unet):
+            self.pristine = {name: m.weight.data.clone() for name, m in weighted_modules(denoiser)}
+            with torch.no_grad():  # in place: a compiled denoiser keeps its graphs
+                for name, m in weighted_modules(denoiser):
                     m.weight.data.copy_(palettize_like_apple(m.weight.data, self.default_nbits).to(self.dtype))
             self.reference = self.runner.run()
         self._record_reference()
@@ -183,7 +184,7 @@ class Evaluator:
     def _patched(self, item: WorkItem, palettes: dict):
         """Swap in the modified weights for one run (in place) and always put the originals back;
         the run resumes from the reference's activations where the item allows it."""
-        modules = dict(weighted_modules(self.pipe.unet))
+        modules = dict(weighted_modules(self.denoiser))
         swap = InPlaceSwap(modules)
         try:
             with torch.no_grad():
@@ -211,7 +212,7 @@ class Evaluator:
             swap.restore()
 
     def _swap_linear8(self, swap, modules) -> None:
-        if self.protocol == "apple":  # every UNet weight, per tensor int8 (Apple's fake_int8_quantize), on the device
+        if self.protocol == "apple":  # every denoiser weight, per tensor int8 (Apple's fake_int8_quantize), on the device
             for name, module in modules.items():
                 swap(name, fake_int8_per_tensor_torch(module.weight.data.to(torch.float16)).to(self.dtype))
         else:  # classic: the candidates, per output channel uint8

@@ -1,4 +1,9 @@
-"""Prefix reuse: an evaluation resumes the UNet forward at the first module it changes.
+"""Prefix reuse: an evaluation resumes the denoiser's forward at the first module it changes.
+
+Written here for a UNet; a transformer denoiser (SD3, Flux, PixArt) is the same walk over its
+``named_modules``: its direct children (``pos_embed``, ``time_text_embed``,
+``context_embedder``, ...) and every ``transformer_blocks.k`` / ``single_transformer_blocks.k``
+are the checkpoints, and a block that runs after the first changed one is never replayed.
 
 Only some UNet weights change in an evaluation, and everything the UNet computes before the
 first changed module runs is the reference run's computation on the reference run's inputs.
@@ -39,10 +44,10 @@ MAX_LIST_DEPTH = 3
 COMPILE_BACKEND = os.environ.get("MBP_SEARCH_COMPILE_BACKEND", "inductor")  # tests use "eager"
 
 
-def checkpoint_names(unet: nn.Module) -> list[str]:
+def checkpoint_names(denoiser: nn.Module) -> list[str]:
     """The modules whose outputs are cached, in ``named_modules`` order."""
     out = []
-    for name, module in unet.named_modules():
+    for name, module in denoiser.named_modules():
         if not name or isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             continue
         parts = name.split(".")
@@ -55,10 +60,10 @@ def checkpoint_names(unet: nn.Module) -> list[str]:
 class PrefixCache:
     """Records checkpoint outputs during the reference run and replays them in evaluations."""
 
-    def __init__(self, unet: nn.Module, *, reuse: bool = True, compile: bool = False):
-        self.unet, self.reuse = unet, reuse
-        self.names = checkpoint_names(unet)
-        self.modules = {n: unet.get_submodule(n) for n in self.names}
+    def __init__(self, denoiser: nn.Module, *, reuse: bool = True, compile: bool = False):
+        self.denoiser, self.reuse = denoiser, reuse
+        self.names = checkpoint_names(denoiser)
+        self.modules = {n: denoiser.get_submodule(n) for n in self.names}
         leaves = [n for n in self.names if not any(o.startswith(n + ".") for o in self.names)]
         self._eager = {n: m.forward for n, m in self.modules.items()}  # the class's forward, bound
         self._run = dict(self._eager)
@@ -82,7 +87,7 @@ class PrefixCache:
     def _attach(self) -> None:
         for name, module in self.modules.items():
             module.forward = self._dispatcher(name)
-        self._hooks.append(self.unet.register_forward_hook(self._after_unet))
+        self._hooks.append(self.denoiser.register_forward_hook(self._after_denoiser))
 
     def _detach(self) -> None:
         for module in self.modules.values():
@@ -115,7 +120,7 @@ class PrefixCache:
 
         return forward
 
-    def _after_unet(self, *_args) -> None:
+    def _after_denoiser(self, *_args) -> None:
         self.step += 1
 
     def before_call(self, index: int) -> None:
@@ -144,7 +149,7 @@ class PrefixCache:
             return hook
 
         handles = []
-        for name, module in self.unet.named_modules():
+        for name, module in self.denoiser.named_modules():
             if name:
                 handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
         self.eager = True

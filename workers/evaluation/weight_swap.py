@@ -1,4 +1,4 @@
-"""UNet weights as an evaluation changes them: which modules have weights, Apple's
+"""Denoiser weights as an evaluation changes them: which modules have weights, Apple's
 ``--default-nbits`` palettization, and swapping values in place (``copy_``) and back."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from workers.evaluation.device_ops import histogram_torch
 from workers.palettize import dequantize_torch, palette_from_histogram
 
 
-def weighted_modules(unet):
-    """Every UNet module with a weight tensor, in `named_modules` order (what Apple's
+def weighted_modules(denoiser):
+    """Every denoiser module with a weight tensor, in `named_modules` order (what Apple's
     fake_int8_quantize and --default-nbits walk over: norms and small layers too)."""
-    for name, module in unet.named_modules():
+    for name, module in denoiser.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor):
             yield name, module
