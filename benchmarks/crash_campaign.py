@@ -47,6 +47,7 @@ from tests.search.test_service import descendants, kill_tree  # noqa: E402
 
 CONFIG = ["--model", "tiny-sdxl", "--nbits", "2,8", "--min-size", "16384", "--strategy", "both", "--targets", "4",
           "--refine-evals", "4", "--num-recipes", "3", "--curves"]
+SMALL = ["--model", "tiny-sdxl", "--nbits", "8", "--min-size", "16384", "--num-recipes", "3"]  # CI: one depth, Apple's rule
 TARGETS = ("driver", "evaluator", "resume", "service")
 WORKERS = "2"
 RESUME_S = 15.0  # a resume killed this soon after it started was killed during its own resume
@@ -87,14 +88,14 @@ def stored_keys(db: Path) -> set[str]:
 
 
 def phase_of(db: Path) -> str:
-    rows = query(db, "SELECT phase, fingerprint FROM searches")
+    rows = query(db, "SELECT phase, fingerprint, config_json FROM searches")
     if not rows:
         return "preparing"
-    phase, fingerprint = rows[0]
+    phase, fingerprint, config = rows[0]
     if not fingerprint:
         return "preparing"
     if phase == "isolated":
-        pairs = query(db, "SELECT COUNT(*) FROM layers")[0][0] * 2  # two bit depths
+        pairs = query(db, "SELECT COUNT(*) FROM layers")[0][0] * len(json.loads(config)["nbits"])
         if query(db, "SELECT COUNT(*) FROM palettes")[0][0] < pairs:
             return "palettes"  # fitted while the isolated phase runs
     return {"candidates": "refinement", "setup": "preparing"}.get(phase, phase)
@@ -107,8 +108,8 @@ def evaluations(db: Path) -> int:
 
 # -- runs ----------------------------------------------------------------------------------------
 class Campaign:
-    def __init__(self, work: Path, seed: int, model_cache: Path, log=print):
-        self.work, self.rng, self.log = work, random.Random(seed), log
+    def __init__(self, work: Path, seed: int, model_cache: Path, config: list[str], log=print):
+        self.work, self.rng, self.log, self.config = work, random.Random(seed), log, config
         self.env = cli_env(model_cache, RAY_USAGE_STATS_ENABLED="0", MBP_SEARCH_STALE_S="3")
         for name in ("MBP_SEARCH_SERVER", "MBP_SEARCH_TOKEN", "RAY_ADDRESS", "MBP_SEARCH_DB"):
             self.env.pop(name, None)
@@ -125,7 +126,7 @@ class Campaign:
         done = query(db, "SELECT id FROM searches WHERE status = 'completed'")
         if done:  # a campaign run again in the same --work
             return self.download(db, done[0][0]), evaluations(db)
-        proc = self.start("submit", *CONFIG, "--workers", WORKERS, "--db", db)
+        proc = self.start("submit", *self.config, "--workers", WORKERS, "--db", db)
         out, err = proc.communicate(timeout=3600)
         if proc.returncode != 0:
             raise SystemExit(f"reference run failed: {err[-2000:]}")
@@ -175,7 +176,7 @@ class Campaign:
         resume within its first RESUME_S seconds (loading the model, checking its fingerprint,
         starting evaluators) counts as a kill during its own resume."""
         db = self.work / f"{name}.db"
-        proc, started, is_resume = self.start("submit", *CONFIG, "--workers", WORKERS, "--db", db), time.monotonic(), False
+        proc, started, is_resume = self.start("submit", *self.config, "--workers", WORKERS, "--db", db), time.monotonic(), False
         sid = proc.stdout.readline().split()[1]
         start_stored, quick, marks = 0, False, self.marks(kills, total)
         while True:
@@ -253,6 +254,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per-search", type=int, default=6, help="kills of one search before the next starts")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--small", action="store_true", help="one bit depth, Apple's rule only (local targets): what CI runs")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = ap.parse_args(argv)
@@ -260,7 +262,9 @@ def main(argv=None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="crash-campaign-"))
     work.mkdir(parents=True, exist_ok=True)
     cache = Path(os.environ.get("MBP_SEARCH_CACHE") or work / "cache")
-    c = Campaign(work, args.seed, cache)
+    if args.small and "service" in targets:
+        ap.error("--small is for the local targets (driver, evaluator, resume)")
+    c = Campaign(work, args.seed, cache, SMALL if args.small else CONFIG)
     t0 = time.monotonic()
     reference, total = c.reference()
     print(f"reference: {total} evaluations in {time.monotonic() - t0:.0f} s", flush=True)

@@ -1,14 +1,14 @@
 """Many clients: bounded load on a real `search serve` (loopback) while a search runs.
 
-In one run, side by side: the same search first on an idle service, then again while
-``--clients`` concurrent clients poll the list, the search's status, its plot and its download
-(each waiting ``--pause`` s between requests) and a cycler runs ``--cycles`` submit / cancel /
-resume / cancel cycles of other searches. Reported: p50 / p99 latency per route, errors (a 5xx,
+In one run, side by side: the same search first on an idle service, then again while, for
+``--load-s`` seconds, ``--clients`` concurrent clients poll the list, the search's status, its
+plot and its download (each waiting ``--pause`` s between requests) and a cycler runs up to
+``--cycles`` submit / cancel / resume / cancel cycles of other searches. Reported: p50 / p99 latency per route, errors (a 5xx,
 a refused connection, a timeout or a status the route should not answer), and the running
 search's evaluations/s (stored measurements over the time between its first and last one, read
 from the database) idle vs loaded.
 
-    python benchmarks/load_test.py --clients 50 --cycles 20 --out load.json
+    python benchmarks/load_test.py --clients 50 --cycles 20 --load-s 600 --out load.json
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ ROUTES = ("list", "status", "plot", "recipes")
 
 
 def rate(db: Path, sid: str) -> tuple[int, float]:
-    """(measurements, per second between the first and the last one stored)."""
+    """(measurements, per second between the first and the last one stored): the evaluators'
+    pace, without the model load before the first."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
         rows = [r[0] for r in con.execute("SELECT created_at FROM measurements WHERE search_id = ? ORDER BY id",
@@ -49,8 +50,8 @@ def rate(db: Path, sid: str) -> tuple[int, float]:
     finally:
         con.close()
     times = [datetime.fromisoformat(str(t)) for t in rows]
-    span = (times[-1] - times[0]).total_seconds()
-    return len(times), (len(times) - 1) / span
+    span = (times[-1] - times[0]).total_seconds() if len(times) > 1 else 0.0
+    return len(times), (len(times) - 1) / span if span else 0.0
 
 
 class Load:
@@ -106,7 +107,7 @@ class Load:
                 await self.wait_status(http, sid, ("cancelled", "completed", "failed"))
             self.done_cycles += 1
 
-    async def run(self, finished) -> float:
+    async def run(self, finished, load_s: float) -> float:
         limits = httpx.Limits(max_connections=self.clients + 4)
         async with httpx.AsyncClient(base_url=self.url, timeout=120, limits=limits, trust_env=False) as http:
             stop = asyncio.Event()
@@ -114,11 +115,11 @@ class Load:
                      for _ in range(self.clients)]
             cycler = asyncio.create_task(self.cycler(http))
             t0 = time.monotonic()
-            while not await asyncio.to_thread(finished):
+            while time.monotonic() - t0 < load_s and not await asyncio.to_thread(finished):
                 await asyncio.sleep(1)
-            await cycler  # every cycle done, even if the search finished first
             stop.set()
-            await asyncio.gather(*tasks)
+            cycler.cancel()
+            await asyncio.gather(*tasks, cycler, return_exceptions=True)
             return time.monotonic() - t0
 
 
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--pause", type=float, default=1.0, help="seconds each client waits between requests")
     ap.add_argument("--cycles", type=int, default=20)
+    ap.add_argument("--load-s", type=float, default=600.0, help="how long the load lasts (the idle run gets as long)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -168,14 +170,28 @@ def main(argv=None) -> int:
                 raise SystemExit(f"search {sid} is {status}, not running: see {work / 'serve.log'}")
             return status == "completed"
 
+        def window(sid: str) -> None:
+            """Until the search has measured for ``load_s`` seconds (or completed)."""
+            while not completed(sid) and not (rate_or_none(sid) and time.monotonic() - first[sid] >= args.load_s):
+                time.sleep(2)
+
+        first: dict[str, float] = {}
+
+        def rate_or_none(sid: str):
+            if sid not in first and rate(db, sid)[0] > 0:
+                first[sid] = time.monotonic()
+            return sid in first
+
         idle_sid = submit(1)
-        while not completed(idle_sid):
-            time.sleep(2)
+        window(idle_sid)
         idle = rate(db, idle_sid)
-        print(f"idle: {idle[0]} measurements, {idle[1]:.3f} evaluations/s")
+        http.post(f"/searches/{idle_sid}/cancel")
+        print(f"idle: {idle[0]} measurements, {idle[1]:.3f} evaluations/s", flush=True)
         loaded_sid = submit(2)  # the same search (another noise seed: a new search, same work)
+        while not rate_or_none(loaded_sid):
+            time.sleep(1)
         load = Load(url, token, loaded_sid, args.clients, args.pause, args.cycles, args.seed)
-        wall = asyncio.run(load.run(lambda: completed(loaded_sid)))
+        wall = asyncio.run(load.run(lambda: completed(loaded_sid), args.load_s))
         loaded = rate(db, loaded_sid)
         print(f"loaded: {loaded[0]} measurements, {loaded[1]:.3f} evaluations/s ({wall:.0f} s under load)")
     finally:

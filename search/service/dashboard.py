@@ -26,11 +26,13 @@ from search.service.progress_file import read_progress
 from search.service.requests import ApiError, find_search
 from search.service.responses import errors
 from storage.reader import ReadOnlyStorage
+from storage.records import ACTIVE
 
 STATIC = Path(__file__).with_name("static")
 PAGES = {"/": "index.html", "/docs": "docs.html"}
 VENDOR_MAX_AGE_S = 86400  # pinned vendored files never change under one name
 SHARED_S = 1.0  # pages poll every 2 s; what one computed serves the others for this long
+CHART_REFRESH_S = 5.0  # while results arrive each second, the chart points are recomputed this often
 CHARTS_KEPT = 32  # searches whose latest chart JSON the service keeps (~200 kB each at SDXL size)
 
 
@@ -50,7 +52,7 @@ def dashboard_router(service) -> APIRouter:
     files = _static_files()
     readers: list[ReadOnlyStorage] = []
     lock = threading.Lock()
-    charts: dict[str, tuple[str, bytes]] = {}  # search id -> (ETag, chart data JSON) of its latest version
+    charts: dict[str, tuple[str, bytes, float]] = {}  # search id -> (ETag, chart JSON, computed at): latest
     rows: dict[str, tuple] = {}  # search id -> (version, list row) of searches that are not active
 
     def reader() -> ReadOnlyStorage:
@@ -116,11 +118,14 @@ def dashboard_router(service) -> APIRouter:
         r = reader()
         s = find_search(r, search_id)
         etag = chart_version(r, s)
+        cached = charts.get(s.id)
+        if cached is not None and cached[0] != etag and s.status in ACTIVE and \
+                time.monotonic() - cached[2] < CHART_REFRESH_S:
+            etag = cached[0]  # a running search's charts are redrawn every CHART_REFRESH_S, not per result
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"ETag": etag})
-        cached = charts.get(s.id)
         if cached is None or cached[0] != etag:  # computed once per version, whatever number of pages ask
-            cached = (etag, json.dumps(chart_data(r, s), allow_nan=False).encode())
+            cached = (etag, json.dumps(chart_data(r, s), allow_nan=False).encode(), time.monotonic())
             charts.pop(s.id, None)
             charts[s.id] = cached
             while len(charts) > CHARTS_KEPT:  # the least recently computed go first

@@ -256,6 +256,7 @@ def driver_pids(head: RayNode, sid: str) -> list[int]:
     return pids
 
 
+@pytest.mark.timeout(1800)  # a search, a Core ML phase killed and resumed, `--here`: ~15 min on a loaded 2-core box
 def test_apply_all_ships_packages_from_the_coreml_node_and_resumes_after_kill(cluster, tmp_path):
     """`search submit --apply all --server`: after its recipes the search applies them on the Core
     ML node (which sees neither the service's data directory nor the model: the weights come
