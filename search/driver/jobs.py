@@ -94,11 +94,11 @@ def run_search(storage: Storage, prepared: Prepared, *, workers: int | None = No
     ships to (None: next to the database)."""
     search = storage.claim(prepared.search.id, driver_id(), lambda s: s.driver_gone(utcnow()))
     spec, root = prepared.spec, None
-    if not search.prepared:
-        search, spec, root = prepare(storage, search, spec, reporter or NullReporter())
     try:
+        if not search.prepared:
+            search, spec, root = prepare(storage, search, spec, reporter or NullReporter())
         ensure_ray(ray_address)
-    except KeyboardInterrupt:  # Ctrl-C / SIGTERM while Ray starts (search.driver.signals)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM before the driver took over (search.driver.signals)
         storage.update_search(search.id, status="interrupted")
         raise SearchInterrupted(f"search {search.id} interrupted") from None
     driver = SearchDriver(storage, search, spec, workers=workers, reporter=reporter,

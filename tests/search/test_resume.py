@@ -154,6 +154,7 @@ def at_phase(name):
     return lambda db, pid: phase_of(db) == name
 
 
+@pytest.mark.timeout(1800)  # seven commands in a row
 def test_ctrl_c_and_sigterm_in_every_phase_then_resume(tmp_path, model_cache, reference):
     """Ctrl-C or SIGTERM in each phase (start-up made slow on purpose by the MBP_SEARCH_SLOW_*
     test hooks): exit 130 within seconds, the search stored as interrupted, no process left
