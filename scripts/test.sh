@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest "$@"
+# Two test files at a time (--dist loadfile keeps a file's shared searches in one process): most
+# of a search test's time is Ray start-up and waiting, so two overlap well on 2 cores.
+exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
