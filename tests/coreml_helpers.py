@@ -30,14 +30,14 @@ def check_search_luts(package: Path, db: Path, search_id: str) -> str:
     from workers.coreml.apply import layer_luts, read_manifest, torch_weights
     from workers.coreml.common import LayerMatch, describe_program, read_program
     from workers.coreml.validate import check_structure
-    from workers.models import load_unet, resolve_model
+    from workers.models import load_denoiser, resolve_model
     from workers.palettize import load_palette
 
     with Storage(db) as st:
         palettes = {k: load_palette(PaletteStore(db).path(v.path)) for k, v in st.palettes(search_id).items()}
         model = st.get_search(search_id).model
     m = read_manifest(package)
-    unet = load_unet(resolve_model(model))
+    unet = load_denoiser(resolve_model(model))
     luts = layer_luts(torch_weights(unet, list(m.layers)), m.bits,
                       {l: LayerMatch(l, c, ()) for l, c in m.layers.items()}, palettes)
     base_consts, _ = describe_program(read_program(m.base_mlpackage))

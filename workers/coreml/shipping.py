@@ -79,11 +79,11 @@ class CoreMLWorker:
 
     def node(self) -> str:
         """Load the model (shipped weights copied once per node) and say where this runs."""
-        from workers.models import unet_fingerprint
+        from workers.models import denoiser_fingerprint
 
         if self.ev is None:
             self.ev = _evaluator(self.job)
-            self.fingerprint = self.job.fingerprint or unet_fingerprint(self.ev.pipe.unet)
+            self.fingerprint = self.job.fingerprint or denoiser_fingerprint(self.ev.denoiser)
         return socket.gethostname()
 
     def apply(self, key: str) -> Packed:
