@@ -24,6 +24,8 @@ FLOAT16_BITS = 16  # "not palettized": the layer stays in float16
 RECIPE_BITS = frozenset(PALETTE_NBITS + (FLOAT16_BITS,))  # Apple's per-tensor recipe values
 LUT_ENTRY_BITS = 16  # LUT entries are float16
 _SPELLING = re.compile(r"(\d+)(?:g(\d+))?")
+# The spellings of palettized formats exactly, as a JSON Schema pattern (published by the routes).
+LUT_SPELLING_PATTERN = rf"^({'|'.join(map(str, LUT_NBITS))})(g0*[1-9][0-9]*)?$"
 
 
 @dataclass(frozen=True, eq=False)

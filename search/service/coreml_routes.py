@@ -13,12 +13,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated, Literal, Optional
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.clock import utcnow
 from common.errors import first_line
+from common.formats import LUT_SPELLING_PATTERN
 from search.read_models import coreml_progress
 from search.service.progress_file import read_progress
 from search.submit_options import APPLY_HELP, COREML_NODE_HELP, parse_apply
@@ -161,7 +162,8 @@ def here_job(search_id: str, request: Request) -> dict:
 
 
 @router.get("/searches/{search_id}/coreml/palette", response_class=FileResponse, responses=errors(404, 409, 422))
-def here_palette(search_id: str, layer: str, bits: str, request: Request):
+def here_palette(search_id: str, request: Request, layer: Annotated[str, Query(min_length=1)],
+                 bits: Annotated[str, Query(pattern=LUT_SPELLING_PATTERN, examples=["4", "4g16"])]):
     """One exact palette the search measured (its stored .npz), by layer and format."""
     from common.formats import PaletteFormat
     from storage.palette_store import PaletteStore
