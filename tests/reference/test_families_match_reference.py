@@ -41,7 +41,7 @@ def _search(name: str, tmp_path, model_cache) -> dict:
     sid = proc.stdout.split()[1]
     out = run_cli("download", sid, "-o", "-", "--db", tmp_path / "s.db", model_cache=model_cache)
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout)
+    return {**json.loads(out.stdout), "id": sid}
 
 
 def _agree(ours: dict, ref: dict, what: str) -> int:
@@ -85,3 +85,21 @@ def test_family_search_equals_serial_reference(name, tmp_path, model_cache):
     # module names of the denoiser are the JSON's keys, as in Apple's format
     prefix = "transformer_blocks." if spec.denoiser == "transformer" else ("down_blocks.", "up_blocks.", "mid_block")
     assert any(k.startswith(prefix) for k in single)
+    _apply_one_recipe(ours, tmp_path, model_cache)
+
+
+def _apply_one_recipe(ours: dict, tmp_path, model_cache) -> None:
+    """`search apply` of the lowest recipe: converted to Core ML, every palettized weight a LUT op
+    with exactly the search's LUT and indices (read back from the package by the test's own
+    helper), the torch run on the decompressed weights within 0.1 dB of the measured PSNR."""
+    from storage import Storage
+    from tests.coreml_helpers import check_search_luts
+
+    key = sorted(ours["recipes"])[0]
+    proc = run_cli("apply", ours["id"], "--recipe", key, "-o", tmp_path / "coreml", "--db", tmp_path / "s.db",
+                   model_cache=model_cache, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with Storage(tmp_path / "s.db") as st:
+        v = st.validations(ours["id"])[key]
+    assert v.structural_ok and v.numeric_ok is True, (v.structural_detail, v.numeric_psnr)
+    assert "search's LUTs and indices" in check_search_luts(v.mlpackage, tmp_path / "s.db", ours["id"])

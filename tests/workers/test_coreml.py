@@ -21,7 +21,7 @@ from storage.palette_store import PaletteStore
 from workers.coreml.common import CoreMLError, describe_program, fp16_digest, iter_ops, match_layers, package_size, read_program
 from workers.coreml.apply import LayerLut, read_manifest
 from workers.coreml.task import CoreMLJob, RecipeJob, run_job
-from workers.coreml.validate import CoreMLUNet, check_structure, run_with_coreml_unet
+from workers.coreml.validate import CoreMLDenoiser, check_structure, run_with_coreml
 from workers.palettize import load_palette
 from workers.evaluation.signal import psnr
 
@@ -216,7 +216,7 @@ def test_package_of_another_model_names_unmatched_layers(completed_tiny_search, 
 # -- the runtime path's plumbing, without Core ML ------------------------------------------
 class TorchBackedModel:
     """A real converted package's spec (input names, shapes, types) whose predict runs the torch
-    UNet: checks on Linux that CoreMLUNet feeds the pipeline's UNet calls correctly."""
+    UNet: checks on Linux that CoreMLDenoiser feeds the pipeline's UNet calls correctly."""
 
     def __init__(self, package, unet):
         from workers.coreml.common import load_mlmodel
@@ -242,6 +242,6 @@ def test_coreml_unet_adapter_feeds_the_pipeline(applied):
     job, result = applied
     ev = _evaluator(job)
     unet = ev.pipe.unet
-    out = run_with_coreml_unet(ev, CoreMLUNet(TorchBackedModel(result.base_mlpackage, unet)))
+    out = run_with_coreml(ev, CoreMLDenoiser(TorchBackedModel(result.base_mlpackage, unet), unet.forward))
     assert "forward" not in vars(unet)  # restored
     assert float(np.mean(psnr(ev.reference, out))) > 100

@@ -1,8 +1,8 @@
-"""Convert the search's diffusers UNet to a Core ML ML program (float16), cached per model.
+"""Convert the search's denoiser (UNet or transformer) to a float16 Core ML ML program, cached.
 
-The inputs are the ones the search's pipeline call really passes to the UNet (captured with
-a forward pre-hook during one signal run): same batch (prompts x classifier-free guidance),
-same latent size, same conditioning. The UNet is traced in float32 on the CPU and converted
+The inputs are the ones the search's pipeline call really passes to the denoiser (captured with
+a forward pre-hook during one signal run, `workers.coreml.call_inputs`): same batch, same
+latent size, same conditioning. The denoiser is traced in float32 on the CPU and converted
 with ``compute_precision=FLOAT16``, so every Core ML weight holds exactly the float16 value
 the search measured.
 """
@@ -24,6 +24,7 @@ import torch
 
 from common.errors import first_line
 from common.files import atomic_write_text, publish_dir
+from workers.coreml.call_inputs import DenoiserInputs, flatten_call
 from workers.coreml.common import ERROR_CHARS, CoreMLError, describe_program, quiet_coremltools, read_program
 
 OUTPUT_NAME = "noise_pred"
@@ -32,20 +33,6 @@ BASE_FORMAT = "1"  # bump when the conversion changes: cached base models are re
 # Apple's recipes target); 3-bit and grouped LUTs exist from macOS 15 / iOS 18 on (spec version 9).
 TARGETS = {False: "macOS14", True: "macOS15"}
 IOS18_SPEC_VERSION = 9
-
-
-@dataclass(frozen=True)
-class UNetInputs:
-    """Named float32 inputs of one UNet call, in the order the Core ML model takes them."""
-
-    names: tuple[str, ...]
-    arrays: tuple[np.ndarray, ...]
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(int(d) for d in a.shape) for n, a in zip(self.names, self.arrays)}
-
-    def feeds(self) -> dict[str, np.ndarray]:
-        return dict(zip(self.names, self.arrays))
 
 
 @dataclass(frozen=True)
@@ -60,77 +47,48 @@ class BaseModel:
     seconds: float
 
 
-def unet_call_inputs(sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None,
-                     **_ignored) -> UNetInputs:
-    """Flatten one ``unet(...)`` call into named float32 arrays (timestep expanded to the batch)."""
-    batch = sample.shape[0]
-    t = torch.as_tensor(timestep).reshape(-1).to("cpu", torch.float32)
-    names = ["sample", "timestep", "encoder_hidden_states"]
-    tensors = [sample, t.expand(batch) if t.numel() == 1 else t, encoder_hidden_states]
-    if timestep_cond is not None:
-        names.append("timestep_cond")
-        tensors.append(timestep_cond)
-    for key in ("text_embeds", "time_ids"):
-        if added_cond_kwargs and added_cond_kwargs.get(key) is not None:
-            names.append(key)
-            tensors.append(added_cond_kwargs[key])
-    arrays = tuple(np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy()) for x in tensors)
-    return UNetInputs(tuple(names), arrays)
+def capture_inputs(pipe, runner) -> tuple[DenoiserInputs, torch.Tensor]:
+    """Run the signal once; return the first denoiser call's inputs and the output latents."""
+    from workers.denoiser import denoiser_of
 
-
-def capture_unet_inputs(pipe, runner) -> tuple[UNetInputs, torch.Tensor]:
-    """Run the signal once; return the first UNet call's inputs and the output latents."""
-    calls: list[UNetInputs] = []
+    denoiser, calls = denoiser_of(pipe), []
 
     def hook(_module, args, kwargs):
         if not calls:
-            names = ("sample", "timestep", "encoder_hidden_states")
-            merged = dict(zip(names, args))
-            merged.update(kwargs)
-            calls.append(unet_call_inputs(**merged))
+            calls.append(flatten_call(denoiser.forward, args, kwargs))
 
-    from workers.denoiser import denoiser_of
-
-    denoiser = denoiser_of(pipe)
-    if getattr(pipe, "unet", None) is not denoiser:
-        raise CoreMLError(f"Core ML conversion of a transformer denoiser ({type(denoiser).__name__}) is not supported "
-                          "yet: apply and validate recipes of UNet pipelines (SD 1.x/2.x, SDXL, the refiner)")
     handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         latents = runner.run()
     finally:
         handle.remove()
     if not calls:
-        raise CoreMLError("the pipeline never called its UNet during the signal run")
+        raise CoreMLError(f"the pipeline never called its {type(denoiser).__name__} during the signal run")
     return calls[0], latents
 
 
-class _UNetForCoreML(torch.nn.Module):
-    """Positional inputs -> ``unet(...).sample``: the signature torch.jit.trace needs."""
+class _DenoiserForCoreML(torch.nn.Module):
+    """Positional inputs -> the denoiser's first output: the signature torch.jit.trace needs."""
 
-    def __init__(self, unet, names: tuple[str, ...]):
+    def __init__(self, denoiser, inputs: DenoiserInputs):
         super().__init__()
-        self.unet, self.names = unet, names
+        self.denoiser, self.inputs = denoiser, inputs
 
-    def forward(self, *inputs):
-        kw = dict(zip(self.names, inputs))
-        added = {k: kw.pop(k) for k in ("text_embeds", "time_ids") if k in kw}
-        return self.unet(kw.pop("sample"), kw.pop("timestep"), encoder_hidden_states=kw.pop("encoder_hidden_states"),
-                         timestep_cond=kw.pop("timestep_cond", None), added_cond_kwargs=added or None,
-                         return_dict=False)[0]
+    def forward(self, *tensors):
+        return self.denoiser(**self.inputs.call_kwargs(tensors), return_dict=False)[0]
 
 
-def convert_unet(unet, inputs: UNetInputs, path: str | os.PathLike, ios18: bool = False) -> None:
-    """Trace ``unet`` in float32 on the CPU and save it as a float16 ML program at ``path``
+def convert_denoiser(denoiser, inputs: DenoiserInputs, path: str | os.PathLike, ios18: bool = False) -> None:
+    """Trace ``denoiser`` in float32 on the CPU and save it as a float16 ML program at ``path``
     (minimum deployment target macOS 14, or macOS 15 / iOS 18 for 3-bit and grouped formats)."""
     import coremltools as ct
 
     quiet_coremltools()
-    params = list(unet.parameters())
+    params = list(denoiser.parameters())
     if params and (params[0].device.type != "cpu" or params[0].dtype != torch.float32):
-        unet = copy.deepcopy(unet).to("cpu", torch.float32)
+        denoiser = copy.deepcopy(denoiser).to("cpu", torch.float32)
     example = tuple(torch.from_numpy(a) for a in inputs.arrays)
-    wrapper = _UNetForCoreML(unet, inputs.names).eval()
+    wrapper = _DenoiserForCoreML(denoiser, inputs).eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings about shape asserts
@@ -142,7 +100,8 @@ def convert_unet(unet, inputs: UNetInputs, path: str | os.PathLike, ios18: bool 
                         for n, a in zip(inputs.names, inputs.arrays)],
                 outputs=[ct.TensorType(name=OUTPUT_NAME)])
     except Exception as exc:
-        raise CoreMLError(f"Core ML conversion of the UNet failed: {first_line(exc, ERROR_CHARS)}") from None
+        raise CoreMLError(f"Core ML conversion of the {type(denoiser).__name__} failed: "
+                          f"{first_line(exc, ERROR_CHARS)}") from None
     save_package(model, path)
 
 
@@ -158,7 +117,7 @@ def save_package(model, path: str | os.PathLike) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _cache_key(fingerprint: str, inputs: UNetInputs, ios18: bool = False) -> str:
+def _cache_key(fingerprint: str, inputs: DenoiserInputs, ios18: bool = False) -> str:
     import coremltools as ct
 
     key = {"fingerprint": fingerprint, "inputs": inputs.shapes(), "coremltools": ct.__version__, "format": BASE_FORMAT}
@@ -168,7 +127,7 @@ def _cache_key(fingerprint: str, inputs: UNetInputs, ios18: bool = False) -> str
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def ensure_base_model(unet, fingerprint: str, inputs: UNetInputs, cache_dir: str | os.PathLike,
+def ensure_base_model(denoiser, fingerprint: str, inputs: DenoiserInputs, cache_dir: str | os.PathLike,
                       ios18: bool = False) -> BaseModel:
     """The converted UNet for these weights and input shapes, converting only on a cache miss.
 
@@ -187,7 +146,7 @@ def ensure_base_model(unet, fingerprint: str, inputs: UNetInputs, cache_dir: str
             return BaseModel(str(path), True, True, meta["consts"], weights, time.perf_counter() - t0)
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    convert_unet(unet, inputs, path, ios18)
+    convert_denoiser(denoiser, inputs, path, ios18)
     consts, weights = describe_program(read_program(path))
     atomic_write_text(sidecar, json.dumps({"key": key, "fingerprint": fingerprint, "inputs": inputs.shapes(),
                                            "consts": consts, "weights": weights}))

@@ -21,7 +21,7 @@ from common.formats import LayerSizes, average_bits, is_palettized
 from workers.coreml.common import CoreMLError, LayerMatch, listing, match_layers, package_size, read_program
 from workers.coreml.apply import (Manifest, layer_luts, needs_ios18, package_name, palettize, read_manifest,
                                   torch_weights, write_manifest)
-from workers.coreml.convert import (IOS18_SPEC_VERSION, BaseModel, capture_unet_inputs, ensure_base_model,
+from workers.coreml.convert import (IOS18_SPEC_VERSION, BaseModel, capture_inputs, ensure_base_model,
                                     load_base_model, spec_version, user_base_model)
 from workers.coreml.validate import check_numeric, check_runtime, check_structure
 from workers.evaluation.items import EvaluatorSettings
@@ -137,7 +137,7 @@ def _bases(job: CoreMLJob, ev, fingerprint: str, targets: set[bool]) -> dict[boo
                               f"from iOS 18 / macOS 15 on, but {Path(job.mlpackage).name} targets an older OS "
                               f"(specification version {version}); convert it with minimum_deployment_target iOS18")
         return {t: base for t in targets}
-    inputs, _ = capture_unet_inputs(ev.pipe, ev.runner)
+    inputs, _ = capture_inputs(ev.pipe, ev.runner)
     return {t: ensure_base_model(ev.denoiser, fingerprint, inputs, Path(job.out_dir) / BASE_DIR, t)
             for t in sorted(targets)}
 

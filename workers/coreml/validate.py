@@ -1,13 +1,14 @@
-"""Validate a palettized UNet package: structure, numerics in torch, Core ML prediction (macOS).
+"""Validate a palettized denoiser package (UNet or transformer): structure, numerics in torch,
+Core ML prediction (macOS).
 
 1. structural: read back from the saved package, every palettized weight is a
    ``constexpr_lut_to_dense`` with 2^bits float16 LUT entries (one LUT per channel group for a
    grouped format) equal to the expected LUTs, and
    its unpacked indices equal the expected indices; every other const is bit-identical to
    the base model's and no other weight was compressed.
-2. numeric: the weights decompressed from the package replace the torch UNet's, the search's
+2. numeric: the weights decompressed from the package replace the torch denoiser's, the search's
    signal protocol runs, and the PSNR must be within ``tolerance`` dB of the measured one.
-3. runtime (macOS only): the pipeline runs with Core ML predicting the UNet, per compute unit,
+3. runtime (macOS only): the pipeline runs with Core ML predicting the denoiser, per compute unit,
    against the torch float16 reference latents.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from common.errors import first_line
 from workers.coreml.common import (LUT_OP, PALETTIZED_SUFFIX, CoreMLError, const_value, iter_ops, listing,
                             value_digest)
 from workers.coreml.apply import LayerLut
-from workers.coreml.convert import unet_call_inputs
+from workers.coreml.call_inputs import flatten_call
 
 COMPUTE_UNITS = ("CPU_AND_GPU", "CPU_AND_NE")
 NUMERIC_TOLERANCE_DB = 0.1
@@ -122,7 +123,7 @@ def check_structure(program, base_consts: Mapping[str, str], luts: Mapping[str, 
 
 
 def _run_with_weights(evaluator, weights: Mapping[str, np.ndarray]) -> torch.Tensor:
-    """The signal run with ``weights`` loaded into the torch UNet; originals always restored."""
+    """The signal run with ``weights`` loaded into the torch denoiser; originals always restored."""
     unet, originals = evaluator.denoiser, {}
     try:
         with torch.no_grad():
@@ -147,33 +148,35 @@ def check_numeric(evaluator, weights: Mapping[str, np.ndarray], measured: float 
                                                 f"({'within' if ok else 'NOT within'} {tolerance} dB)")
 
 
-class CoreMLUNet:
-    """Stands in for ``unet.forward``: feeds each UNet call to a Core ML model's ``predict``.
+class CoreMLDenoiser:
+    """Stands in for the denoiser's ``forward``: feeds each call to a Core ML model's ``predict``.
 
-    Adapts to the model's inputs: splits the batch when the model takes a smaller one, and
-    turns (B, S, C) text embeddings into (B, C, 1, S) for models that expect them so
-    (Apple's torch2coreml layout).
+    Binds each call to the denoiser's own signature (`workers.coreml.call_inputs`), so it serves
+    UNets and transformers alike. Adapts to the model's inputs: splits the batch when the model
+    takes a smaller one, and turns (B, S, C) text embeddings into (B, C, 1, S) for models that
+    expect them so (Apple's torch2coreml layout).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, forward):
         from coremltools.proto import FeatureTypes_pb2
 
         spec = model.get_spec()
         half = FeatureTypes_pb2.ArrayFeatureType.FLOAT16
-        self.model = model
+        self.model, self.forward = model, forward
         self.inputs = {i.name: (tuple(int(d) for d in i.type.multiArrayType.shape),
                                 np.float16 if i.type.multiArrayType.dataType == half else np.float32)
                        for i in spec.description.input}
         self.output = spec.description.output[0].name
 
-    def __call__(self, sample, timestep, encoder_hidden_states=None, timestep_cond=None, cross_attention_kwargs=None,
-                 added_cond_kwargs=None, return_dict=True, **_ignored):
-        feeds = unet_call_inputs(sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs).feeds()
+    def __call__(self, *args, **kwargs):
+        call = flatten_call(self.forward, args, kwargs)
+        feeds = call.feeds()
         missing = sorted(set(self.inputs) - set(feeds))
         if missing:
             raise CoreMLError(f"the Core ML model needs inputs the pipeline does not give: {', '.join(missing)}")
-        batch = sample.shape[0]
-        step = self.inputs.get("sample", ((batch,), None))[0][0] or batch
+        first = call.arrays[0]
+        batch = first.shape[0]
+        step = next(iter(self.inputs.values()))[0][0] or batch
         if batch % step:
             raise CoreMLError(f"pipeline batch {batch} is not a multiple of the Core ML model's batch {step}")
         outs = []
@@ -185,22 +188,23 @@ class CoreMLUNet:
                     x = x.transpose(0, 2, 1)[:, :, None, :]
                 chunk[name] = np.ascontiguousarray(x, dtype=dtype)
             outs.append(np.asarray(self.model.predict(chunk)[self.output], dtype=np.float32))
-        out = torch.from_numpy(np.concatenate(outs)).to(sample.device, sample.dtype)
-        if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+        like = next(t for t in (*args, *kwargs.values()) if torch.is_tensor(t))
+        out = torch.from_numpy(np.concatenate(outs)).to(like.device, like.dtype)
+        if kwargs.get("return_dict", True):
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-            return UNet2DConditionOutput(sample=out)
+            return Transformer2DModelOutput(sample=out)  # UNet outputs are read as `.sample` or `[0]` alike
         return (out,)
 
 
-def run_with_coreml_unet(evaluator, predictor) -> torch.Tensor:
-    """The signal run with the UNet's forward replaced by ``predictor`` (always restored)."""
-    unet = evaluator.denoiser
-    unet.forward = predictor
+def run_with_coreml(evaluator, predictor) -> torch.Tensor:
+    """The signal run with the denoiser's forward replaced by ``predictor`` (always restored)."""
+    denoiser = evaluator.denoiser
+    denoiser.forward = predictor
     try:
         return evaluator.runner.run()
     finally:
-        del unet.forward
+        del denoiser.forward
 
 
 def check_runtime(evaluator, package: str, compute_units=COMPUTE_UNITS) -> RuntimeResult:
@@ -214,7 +218,7 @@ def check_runtime(evaluator, package: str, compute_units=COMPUTE_UNITS) -> Runti
     for unit in compute_units:
         try:
             model = ct.models.MLModel(package, compute_units=getattr(ct.ComputeUnit, unit))
-            out = run_with_coreml_unet(evaluator, CoreMLUNet(model))
+            out = run_with_coreml(evaluator, CoreMLDenoiser(model, evaluator.denoiser.forward))
             results[unit] = evaluator.score(out, evaluator.pristine_reference)[1]
         except Exception as exc:
             notes.append(f"{unit} failed: {first_line(exc, 200)}")
