@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from contextlib import asynccontextmanager
 from datetime import timezone
 from pathlib import Path
@@ -48,6 +49,8 @@ from storage import Search, StorageError
 from storage.coreml_store import CoreMLStore
 from storage.records import ACTIVE
 from workers.models import ModelError
+
+PLOT_REFRESH_S = 5.0  # a running search's plot.png: drawing it per request cost the search half its speed
 
 
 def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = None, allowed_model_dirs=(),
@@ -200,8 +203,10 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
         s = lookup(search_id)
         path = service.plot_path(s.id)
         with plot_lock:  # one drawing at a time: concurrent requests for a plot share its file
-            fresh = (s.status == "completed" and s.finished_at is not None and path.exists()
-                     and path.stat().st_mtime > s.finished_at.replace(tzinfo=timezone.utc).timestamp())
+            drawn = path.stat().st_mtime if path.exists() else None
+            fresh = drawn is not None and (  # a running search's plot is redrawn at most every PLOT_REFRESH_S
+                time.time() - drawn < PLOT_REFRESH_S if s.status in ACTIVE else
+                s.finished_at is not None and drawn > s.finished_at.replace(tzinfo=timezone.utc).timestamp())
             if not fresh:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(path, read_models.plot_png(service.storage, s))
