@@ -19,6 +19,13 @@ def pytest_configure(config):
         "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow files first (a stable sort: the order within each group stays): pytest-xdist hands out
+    whole files in this order, so the short ones fill the gaps at the end instead of a long
+    search file starting last and running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory):
     """A session-wide model cache; MBP_SEARCH_CACHE points at it (also for subprocesses)."""
