@@ -196,6 +196,8 @@ class Campaign:
             own_resume = is_resume and time.monotonic() - started < RESUME_S
             self.record("resume" if own_resume else "driver", db, before, phase)
             marks.pop(0)
+            if query(db, "SELECT status FROM searches") == [("completed",)]:
+                return db, sid  # killed after it stored its completion: nothing is left to resume
             quick = "resume" in targets and not quick and self.rng.random() < 0.3  # the next kill: early in the resume
             start_stored = evaluations(db)
             proc, started, is_resume = self.start("resume", sid, "--workers", WORKERS, "--db", db), time.monotonic(), True
