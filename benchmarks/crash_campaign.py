@@ -18,8 +18,7 @@ kill and missing after it: must be 0); measurements redone (a completing run's "
 run" above what was missing when it started: must be 0); in-flight items re-queued after evaluator
 kills (work redone by design: the killed evaluator's current item); final JSON differences (0).
 
-    python benchmarks/crash_campaign.py --kills 60 --seed 1 --out crash.json
-    python benchmarks/crash_campaign.py --kills 3 --targets driver,evaluator   # what CI runs
+    python benchmarks/crash_campaign.py --kills 60 --seed 1 --out crash.json   (CI: test_crash_campaign.py)
 """
 from __future__ import annotations
 
@@ -261,8 +260,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = ap.parse_args(argv)
     targets = args.targets.split(",")
-    work = args.work or Path(tempfile.mkdtemp(prefix="crash-campaign-"))
-    work.mkdir(parents=True, exist_ok=True)
+    (work := args.work or Path(tempfile.mkdtemp(prefix="crash-campaign-"))).mkdir(parents=True, exist_ok=True)
     cache = Path(os.environ.get("MBP_SEARCH_CACHE") or work / "cache")
     if args.small and "service" in targets:
         ap.error("--small is for the local targets (driver, evaluator, resume)")
