@@ -9,8 +9,7 @@ What gets killed (each kill's target drawn from the seed):
   driver     the `search submit` / `search resume` process with its local Ray (its process group)
   evaluator  one Ray evaluator process; the search goes on (its pool replaces it, re-queuing)
   resume     a driver, then the resume that follows it, a few seconds into its own resume
-  service    a whole `search serve` (process tree, drivers included); it is started again and
-             resumes the search itself
+  service    a whole `search serve` (its process tree); started again, it resumes the search itself
 
 Counted: kills per target and per phase the search was in (preparing, palettes, isolated,
 cumulative, recipes, refinement = `candidates`); measurements lost (a key stored just before a
@@ -259,11 +258,11 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = ap.parse_args(argv)
-    targets = args.targets.split(",")
-    (work := args.work or Path(tempfile.mkdtemp(prefix="crash-campaign-"))).mkdir(parents=True, exist_ok=True)
-    cache = Path(os.environ.get("MBP_SEARCH_CACHE") or work / "cache")
+    targets, work = args.targets.split(","), args.work or Path(tempfile.mkdtemp(prefix="crash-campaign-"))
+    work.mkdir(parents=True, exist_ok=True)
     if args.small and "service" in targets:
         ap.error("--small is for the local targets (driver, evaluator, resume)")
+    cache = Path(os.environ.get("MBP_SEARCH_CACHE") or work / "cache")
     c = Campaign(work, args.seed, cache, SMALL if args.small else CONFIG)
     t0 = time.monotonic()
     reference, total = c.reference()
