@@ -29,7 +29,6 @@ import re
 import secrets
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.cli_helpers import cli_cmd, cli_env, comparable  # noqa: E402  the tests' way of running the CLI
 from tests.search.test_service import descendants, kill_tree  # noqa: E402
+from benchmarks.search_state import evaluations, phase_of, query, stored_keys  # noqa: E402
 
 CONFIG = ["--model", "tiny-sdxl", "--nbits", "2,8", "--min-size", "16384", "--strategy", "both", "--targets", "4",
           "--refine-evals", "4", "--num-recipes", "3", "--curves"]
@@ -64,56 +64,16 @@ def evaluators(pid: int) -> list[int]:
     return found
 
 
-# -- the database, read-only ---------------------------------------------------------------------
-def query(db: Path, sql: str) -> list:
-    if not db.exists():
-        return []
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        return con.execute(sql).fetchall()
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        con.close()
-
-
-def stored_keys(db: Path) -> set[str]:
-    """Everything a search stores as it goes: measurements, baselines, palettes, measured recipes."""
-    return ({k for (k,) in query(db, "SELECT key FROM measurements")}
-            | {f"baseline/{n}" for (n,) in query(db, "SELECT name FROM baselines")}
-            | {f"palette/{l}/{b}/{g}" for l, b, g in query(db, "SELECT layer, bits, group_size FROM palettes")}
-            | {f"recipe/{k}" for (k,) in query(db, "SELECT key FROM recipes WHERE psnr IS NOT NULL")})
-
-
-def phase_of(db: Path) -> str:
-    rows = query(db, "SELECT phase, fingerprint, config_json FROM searches")
-    if not rows:
-        return "preparing"
-    phase, fingerprint, config = rows[0]
-    if not fingerprint:
-        return "preparing"
-    if phase == "isolated":
-        pairs = query(db, "SELECT COUNT(*) FROM layers")[0][0] * len(json.loads(config)["nbits"])
-        if query(db, "SELECT COUNT(*) FROM palettes")[0][0] < pairs:
-            return "palettes"  # fitted while the isolated phase runs
-    return {"candidates": "refinement", "setup": "preparing"}.get(phase, phase)
-
-
-def evaluations(db: Path) -> int:
-    rows = query(db, "SELECT SUM(evaluations) FROM searches")
-    return (rows[0][0] or 0) if rows else 0
-
-
 # -- runs ----------------------------------------------------------------------------------------
 class Campaign:
-    def __init__(self, work: Path, seed: int, model_cache: Path, config: list[str], log=print):
+    def __init__(self, work: Path, seed: int, model_cache: Path, config: list[str], log=print, phase: str = ""):
         self.work, self.rng, self.log, self.config = work, random.Random(seed), log, config
         self.env = cli_env(model_cache, RAY_USAGE_STATS_ENABLED="0", MBP_SEARCH_STALE_S="3")
         for name in ("MBP_SEARCH_SERVER", "MBP_SEARCH_TOKEN", "RAY_ADDRESS", "MBP_SEARCH_DB"):
             self.env.pop(name, None)
         self.kills: list[dict] = []
         self.lost = self.redone = self.requeued = 0
-        self.differences = 0
+        self.differences, self.phase = 0, phase
 
     def start(self, *args, **popen) -> subprocess.Popen:
         return subprocess.Popen(cli_cmd(*args), cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
@@ -152,22 +112,25 @@ class Campaign:
         self.requeued += sum(int(n) for n in re.findall(r"re-queued (\d+) item", err))
         return True
 
-    def moment(self, db: Path, ended, quick: bool, mark: int) -> bool:
+    def moment(self, db: Path, ended, quick: bool, mark: int | str) -> bool:
         """Wait for the kill's moment: RESUME_S-bounded random seconds into a (re)start when
         ``quick``, else the moment the search has stored ``mark`` results (plus up to 2 random
-        seconds). False if the run ended first."""
+        seconds) or, ``mark`` a phase (--phase), has entered it (plus up to 0.3 s). False if the
+        run ended first."""
         until = time.monotonic() + (self.rng.uniform(1.0, RESUME_S) if quick else 1e9)
-        extra = self.rng.uniform(0.0, 2.0)
+        extra = self.rng.uniform(0.0, 0.3 if isinstance(mark, str) else 2.0)
         while not ended():
-            if time.monotonic() >= until or (not quick and evaluations(db) >= mark):
+            reached = phase_of(db) == mark if isinstance(mark, str) else evaluations(db) >= mark
+            if time.monotonic() >= until or (not quick and reached):
                 time.sleep(0 if quick else extra)
                 return not ended()
             time.sleep(0.05)
         return False
 
-    def marks(self, kills: int, total: int) -> list[int]:
-        """Where in the search (stored results) each kill falls: drawn from the seed, in order."""
-        return sorted(self.rng.randrange(0, total) for _ in range(kills))
+    def marks(self, kills: int, total: int) -> list[int] | list[str]:
+        """Where in the search (stored results) each kill falls: drawn from the seed, in order;
+        with --phase, that phase each time (a resume enters it again)."""
+        return [self.phase] * kills if self.phase else sorted(self.rng.randrange(0, total) for _ in range(kills))
 
     def local_search(self, name: str, kills: int, targets: list[str], total: int) -> tuple[Path, str]:
         """One search, killed ``kills`` times, resumed each time until it completes. A kill of a
@@ -196,7 +159,7 @@ class Campaign:
             marks.pop(0)
             if query(db, "SELECT status FROM searches") == [("completed",)]:
                 return db, sid  # killed after it stored its completion: nothing is left to resume
-            quick = "resume" in targets and not quick and self.rng.random() < 0.3  # the next kill: early in the resume
+            quick = "resume" in targets and not quick and not self.phase and self.rng.random() < 0.3  # next: early in the resume
             start_stored = evaluations(db)
             proc, started, is_resume = self.start("resume", sid, "--workers", WORKERS, "--db", db), time.monotonic(), True
 
@@ -255,6 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--small", action="store_true", help="one bit depth, Apple's rule only (local targets): what CI runs")
+    ap.add_argument("--phase", default="", help="kill every time the search enters this phase (e.g. recipes)")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = ap.parse_args(argv)
@@ -263,7 +227,7 @@ def main(argv=None) -> int:
     if args.small and "service" in targets:
         ap.error("--small is for the local targets (driver, evaluator, resume)")
     cache = Path(os.environ.get("MBP_SEARCH_CACHE") or work / "cache")
-    c = Campaign(work, args.seed, cache, SMALL if args.small else CONFIG)
+    c = Campaign(work, args.seed, cache, SMALL if args.small else CONFIG, phase=args.phase)
     t0 = time.monotonic()
     reference, total = c.reference()
     print(f"reference: {total} evaluations in {time.monotonic() - t0:.0f} s", flush=True)
