@@ -46,8 +46,10 @@ class DenoiserInputs:
 
 
 def flatten_call(forward, args, kwargs) -> DenoiserInputs:
-    """Bind ``forward(*args, **kwargs)`` to its signature and split tensors from the rest."""
-    bound = inspect.signature(forward).bind_partial(*args, **kwargs).arguments
+    """Bind ``forward(*args, **kwargs)`` to its signature and split tensors from the rest.
+    ``forward`` may be given as its `inspect.Signature` (callers feeding every call keep one)."""
+    signature = forward if isinstance(forward, inspect.Signature) else inspect.signature(forward)
+    bound = signature.bind_partial(*args, **kwargs).arguments
     names, tensors, sources, static = [], [], [], []
 
     def add(name: str, source: tuple[str, str | None], t: torch.Tensor) -> None:

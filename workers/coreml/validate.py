@@ -13,6 +13,7 @@ Core ML prediction (macOS).
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -162,14 +163,14 @@ class CoreMLDenoiser:
 
         spec = model.get_spec()
         half = FeatureTypes_pb2.ArrayFeatureType.FLOAT16
-        self.model, self.forward = model, forward
+        self.model, self.signature = model, inspect.signature(forward)  # bound once, not per denoiser call
         self.inputs = {i.name: (tuple(int(d) for d in i.type.multiArrayType.shape),
                                 np.float16 if i.type.multiArrayType.dataType == half else np.float32)
                        for i in spec.description.input}
         self.output = spec.description.output[0].name
 
     def __call__(self, *args, **kwargs):
-        call = flatten_call(self.forward, args, kwargs)
+        call = flatten_call(self.signature, args, kwargs)
         feeds = call.feeds()
         missing = sorted(set(self.inputs) - set(feeds))
         if missing:
