@@ -31,6 +31,7 @@ from workers.palette_formats import PaletteError, save_palette
 from workers.weights import WeightShipper, fetch_pipeline
 
 HEARTBEAT_S = 5.0
+CANCEL_POLL_S = 1.0
 
 
 class SearchDriver(RecipePhases, CoreMLStage):
@@ -42,7 +43,7 @@ class SearchDriver(RecipePhases, CoreMLStage):
         self.reporter, self.requested_workers, self.actor_resources = reporter or NullReporter(), workers, actor_resources
         self.palette_store = PaletteStore(storage.path)
         self._stop, self.cancelled = threading.Event(), False
-        self._last_beat = 0.0
+        self._last_beat = self._last_poll = 0.0
         self.palette_refs: dict[tuple[str, int], object] = {}
         self.pool: EvaluatorPool | None = None
         self.evaluations = 0  # results this driver computed and stored (resume cost accounting)
@@ -58,11 +59,14 @@ class SearchDriver(RecipePhases, CoreMLStage):
         self._stop.set()
 
     def _should_stop(self) -> bool:
-        """Heartbeat, and notice `search cancel` from any process sharing the database."""
+        """Heartbeat, and notice `search cancel` from any process sharing the database (within
+        a second: one small read, where the heartbeat is a write)."""
         now = time.monotonic()
-        if now - self._last_beat > HEARTBEAT_S:
-            self.storage.heartbeat(self.search.id)
-            self._last_beat = now
+        if now - self._last_poll > CANCEL_POLL_S:
+            self._last_poll = now
+            if now - self._last_beat > HEARTBEAT_S:
+                self.storage.heartbeat(self.search.id)
+                self._last_beat = now
             if self.storage.get_search(self.search.id).status == "cancelling":
                 self.cancelled = True
                 self._stop.set()

@@ -482,7 +482,7 @@ def test_cancel_resume_and_restart_resume(server):
     """One search through everything: HTTP submit, cancel, resume, the service stopped mid-run
     (SIGTERM: drivers interrupted cleanly), restarted (resumes it by itself), completion."""
     c = server.client()
-    body = {**TINY, "num_recipes": 4}
+    body = {**TINY, "nbits": "4,8", "num_recipes": 4}  # two depths: the cancel lands well before the end
     r = c.post("/searches", json=body)
     assert r.status_code == 201, r.text
     sid = r.json()["id"]
@@ -495,7 +495,8 @@ def test_cancel_resume_and_restart_resume(server):
     d = wait_for(get, lambda d: d["status"] not in ACTIVE, 60, "the driver to stop")
     assert d["status"] == "cancelled"
     stored = d["counts"]["palettes"]["done"]
-    assert 8 <= stored < 47
+    measured = sum(d["measurements"].values())  # palettes fit in seconds: count progress by measurements
+    assert 8 <= stored <= 94 and measured < 94 + 94 + floor_probes(47), d
     assert c.post(f"/searches/{sid}/cancel").status_code == 409
     # An unfinished duplicate is refused, naming the existing search.
     r = c.post("/searches", json=body)
@@ -509,23 +510,23 @@ def test_cancel_resume_and_restart_resume(server):
     assert c.post(f"/searches/{sid}/resume").status_code == 409  # already running
     r = c.post("/searches", json={**body, "resume": True})  # submit --resume of a running search: the same one
     assert r.status_code == 200 and r.json()["id"] == sid and r.json()["created"] is False
-    d = wait_for(get, lambda d: d["counts"]["palettes"]["done"] >= stored + 3, SEARCH_TIMEOUT_S,
-                 "palettes after the resume")
+    d = wait_for(get, lambda d: sum(d["measurements"].values()) >= measured + 3, SEARCH_TIMEOUT_S,
+                 "measurements after the resume")
 
     server.stop()  # SIGTERM: the service interrupts its drivers and leaves
     row = search_row(server.db, sid)
     assert row["status"] == "interrupted", row
-    print(f"\ncancelled with {stored} palettes stored; interrupted by the service's shutdown after "
-          f"{d['counts']['palettes']['done']}+ palettes, phase {row['phase']}")
+    print(f"\ncancelled with {stored} palettes and {measured} measurements stored; interrupted by the service's "
+          f"shutdown after {sum(d['measurements'].values())}+ measurements, phase {row['phase']}")
 
     server.start()
     c = server.client()
     d = wait_for(lambda: c.get(f"/searches/{sid}").json(), lambda d: d["status"] not in ACTIVE, SEARCH_TIMEOUT_S,
                  "the resumed search to finish", interval=1)
     assert d["status"] == "completed", d
-    assert d["measurements"] == {"isolated": 47, "cumulative": 47, "floor": floor_probes(47)}
+    assert d["measurements"] == {"isolated": 94, "cumulative": 94, "floor": floor_probes(47)}
     # Apple's thresholds on bit-exact CPU arithmetic: identical all-float16 recipes are stored once.
     k = len(d["recipes"])
     assert 2 <= k <= 4 and d["counts"]["recipes"] == {"done": k, "total": k}
-    assert d["evaluations"] == 47 + 2 + 47 + floor_probes(47) + k  # every result stored once, none lost
+    assert d["evaluations"] == 94 + 2 + 94 + floor_probes(47) + k  # every result stored once, none lost
     assert "resumed interrupted search" in server.log_tail(20000)
