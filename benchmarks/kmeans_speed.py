@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     # (what our palettes used before) against workers.kmeans1d_fast (the same program, numba).
     from coremltools._deps import _kmeans1d
     from workers import kmeans1d_fast
-    counts = np.bincount(w.view(np.uint16).ravel(), minlength=1 << 16)
-    x, wt = _support(counts)
+    from workers.palettize import fp16_histogram, histogram_support
+    x, wt, _ = histogram_support(fp16_histogram(w))
     print(f"\nthe weighted k-means alone on the {x.size:,} distinct values:")
     print(f"{'nbits':>5} {'kmeans1d s':>11} {'kmeans1d_fast s':>16} {'speed-up':>9} {'identical':>10}")
     for nbits in args.nbits:
@@ -84,17 +84,6 @@ def main(argv=None) -> int:
         same = clusters.tolist() == list(ref.clusters) and centroids.tolist() == list(ref.centroids)
         print(f"{nbits:>5} {t_ref:>11.3f} {t_fast:>16.3f} {t_ref / t_fast:>8.1f}x {str(same):>10}")
     return 0
-
-
-def _support(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct fp16 values in ascending order and their counts (-0.0 counted as +0.0)."""
-    counts = counts.copy()
-    counts[0] += counts[0x8000]
-    counts[0x8000] = 0
-    values = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
-    keep = (counts > 0) & np.isfinite(values)
-    order = np.argsort(values[keep], kind="stable")
-    return values[keep][order], counts[keep][order].astype(np.float64)
 
 
 if __name__ == "__main__":

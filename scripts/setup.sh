@@ -22,7 +22,7 @@ if ! "$VENV/bin/python" -c "import search, workers, storage, ray, coremltools, p
 fi
 # Compile the k-means once (numba caches it next to the module), so the first search and every
 # palette task load it in a fraction of a second instead of compiling it each.
-"$VENV/bin/python" -c "import numpy as n; from workers.kmeans1d_fast import cluster; cluster(n.arange(3.0), n.ones(3), 2)"
+"$VENV/bin/python" -m workers.kmeans1d_fast
 # The dashboard's browser tests drive Debian's chromium (tests/search/test_dashboard.py skips
 # without it); installed here when missing and we may (root with apt-get).
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -50,19 +50,15 @@ def _row_minima(prev, p, n, argmin_out, min_out, cols_buf, top_val, level_start,
 
     The recursion (reduce the columns, recurse on the odd rows, fill in the even rows) runs as
     a loop down the levels and back up. At level L the rows are every 2**L-th row starting at
-    2**L - 1; `cols_buf` holds each level's surviving columns one after another.
+    2**L - 1, so there are n >> L of them. `cols_buf` starts with all n columns (0..n-1, set
+    once by the caller) and holds each level's surviving columns after them, one level after
+    another.
     """
     # Down: REDUCE at every level; level L's input columns are level L-1's survivors.
     level = 0
-    in_start, in_len = 0, n
-    for c in range(n):
-        cols_buf[c] = c
-    out = n
-    while True:
-        step = 1 << level
-        nrows = (n - (step - 1) + step - 1) // step if n >= step else 0
-        if nrows == 0:
-            break
+    in_start, in_len, out = 0, n, n
+    while n >> level:
+        nrows, step = n >> level, 1 << level
         first = step - 1
         start, size = out, 0
         for t in range(in_len):
@@ -81,9 +77,8 @@ def _row_minima(prev, p, n, argmin_out, min_out, cols_buf, top_val, level_start,
         level += 1
     # Up: INTERPOLATE the even rows of each level from the odd rows' answers below.
     for lv in range(level - 1, -1, -1):
-        step = 1 << lv
+        nrows, step = n >> lv, 1 << lv
         first = step - 1
-        nrows = (n - first + step - 1) // step
         start_c, ncols = level_start[lv], level_len[lv]
         for idx in range(ncols):
             pos[cols_buf[start_c + idx]] = idx
@@ -118,6 +113,7 @@ def _cluster(x, w, k):
         prev[i] = _cost(p, 0, i)
     top_val = np.empty(n)
     cols_buf = np.empty(3 * n + 64, dtype=np.int64)  # level sizes halve: n + n + n/2 + ... < 3n
+    cols_buf[:n] = np.arange(n)  # every level 0's input columns; never overwritten
     level_start = np.zeros(64, dtype=np.int64)
     level_len = np.zeros(64, dtype=np.int64)
     pos = np.zeros(n, dtype=np.int64)
@@ -153,3 +149,7 @@ def cluster(values: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray
     if not 1 <= k <= x.size:
         raise ValueError(f"k must be between 1 and the number of values ({x.size}), got {k}")
     return _cluster(x, w, int(k))
+
+
+if __name__ == "__main__":  # `python -m workers.kmeans1d_fast`: compile once into numba's cache (setup)
+    cluster(np.arange(3.0), np.ones(3), 2)
