@@ -23,9 +23,20 @@ fi
 # Compile the k-means once (numba caches it next to the module), so the first search and every
 # palette task load it in a fraction of a second instead of compiling it each.
 "$VENV/bin/python" -m workers.kmeans1d_fast
-# The dashboard's browser tests drive Debian's chromium (tests/search/test_dashboard.py skips
-# without it); installed here when missing and we may (root with apt-get).
-if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
-    || echo "setup: could not install chromium; the dashboard's browser tests will be skipped" >&2
+# The dashboard's browser tests drive Debian's chromium: without it tests/search/test_dashboard.py
+# is skipped, and fails under CI=true. Installed here when missing and we may (root with apt-get);
+# under CI a browser that is still missing stops the setup here, with the reason.
+CHROMIUM=${MBP_TEST_CHROMIUM:-/usr/bin/chromium}
+if [ ! -x "$CHROMIUM" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+      || echo "setup: apt-get install chromium failed" >&2
+  fi
+  if [ ! -x "$CHROMIUM" ]; then
+    why="no Chromium at $CHROMIUM (setup installs Debian's chromium as root with apt-get; MBP_TEST_CHROMIUM names another)"
+    case "${CI:-}" in
+      true|1) echo "setup: $why; CI=true, so the dashboard's browser tests must run" >&2; exit 1 ;;
+      *) echo "setup: $why; the dashboard's browser tests will be skipped" >&2 ;;
+    esac
+  fi
 fi

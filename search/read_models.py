@@ -53,6 +53,18 @@ def coreml_progress(storage: Storage, s: Search) -> dict | None:
                              "node": p.node, "ship_s": p.ship_s} for k, p in packages.items()}}
 
 
+def bundles(storage: Storage, s: Search) -> dict:
+    """The Resources folders built for a search's recipes (`search bundle`, the Core ML phase):
+    status (built: a folder where `search bundle` wrote it; shipped: a zip the service keeps, to
+    download; failed), the checks or why, the folder's total size (bundle.json's), the zip's size
+    and sha256 when shipped. Never a file path."""
+    from storage.coreml_store import CoreMLStore
+
+    return {k: {"status": b.status, "detail": b.detail, "total_bytes": b.total_bytes, "zip_bytes": b.zip_bytes,
+                "sha256": b.sha256, "node": b.node, "seconds": b.seconds, "options": b.options}
+            for k, b in CoreMLStore(storage).bundles(s.id).items()}
+
+
 def preparing(s: Search) -> dict | None:
     """While a search's model is being fetched: bytes fetched and in all (total 0: not known yet)."""
     if s.prepared:
@@ -83,7 +95,7 @@ def phase_counts(storage: Storage, s: Search, pairs: int) -> dict:
 
 def search_detail(storage: Storage, s: Search, now: datetime | None = None) -> dict:
     """`search status` / ``GET /searches/{id}``: the summary plus config, baselines, recipes,
-    Core ML validations and per-phase counts."""
+    Core ML validations, bundles and per-phase counts."""
     info = search_summary(storage, s, now)
     candidates, pairs = len(storage.layers(s.id)), format_pairs(storage, s)
     info.update(
@@ -94,6 +106,7 @@ def search_detail(storage: Storage, s: Search, now: datetime | None = None) -> d
                   "threshold": r.threshold, "predicted_psnr": r.predicted_psnr, "psnr": r.psnr, "target": r.target}
                  for r in storage.recipes(s.id)],
         validations={k: asdict(v) for k, v in storage.validations(s.id).items()},
+        bundles=bundles(storage, s),
         counts=phase_counts(storage, s, pairs),
         eval_floor=eval_floor(storage, s),
     )
@@ -133,4 +146,5 @@ def plot_png(storage: Storage, s: Search) -> bytes:
         return plot_report(build_report(storage, s), Path(tmp) / "psnr.png").read_bytes()
 
 
-__all__ = ["iso", "search_summary", "coreml_progress", "preparing", "search_detail", "phase_counts", "recipes_json", "plot_png"]
+__all__ = ["iso", "search_summary", "coreml_progress", "bundles", "preparing", "search_detail", "phase_counts",
+           "recipes_json", "plot_png"]

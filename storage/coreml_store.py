@@ -3,13 +3,15 @@ back to the head (`PackageInfo`). Kept apart from `storage.api` (one job, one mo
 the same engine, one short transaction per call."""
 from __future__ import annotations
 
+import json
+
 from sqlalchemy import select, update
 from sqlalchemy.dialects.sqlite import insert
 
 from common.clock import utcnow
 from storage import schema as s
 from storage.api import Storage
-from storage.records import CoreMLRequest, PackageInfo
+from storage.records import BundleInfo, CoreMLRequest, PackageInfo
 
 JOB_STATES = ("queued", "running", "completed", "failed", "interrupted")
 
@@ -68,3 +70,21 @@ class CoreMLStore:
                               .order_by(s.CoreMLPackageRow.id))
             return {r.recipe_key: PackageInfo(r.recipe_key, r.status, r.detail, r.path, r.size_bytes, r.sha256,
                                               r.node, r.ship_s) for r in rows}
+
+    def put_bundle(self, search_id: str, b: BundleInfo) -> None:
+        """The latest bundle of a recipe wins (re-building replaces the row)."""
+        values = dict(search_id=search_id, recipe_key=b.recipe_key, status=b.status, detail=b.detail, path=b.path,
+                      total_bytes=b.total_bytes, sha256=b.sha256, options_json=json.dumps(b.options, sort_keys=True),
+                      node=b.node, seconds=b.seconds, zip_bytes=b.zip_bytes, created_at=utcnow())
+        stmt = insert(s.BundleRow).values(**values)
+        stmt = stmt.on_conflict_do_update(index_elements=["search_id", "recipe_key"],
+                                          set_={k: stmt.excluded[k] for k in values
+                                                if k not in ("search_id", "recipe_key")})
+        with self.scope() as db:
+            db.execute(stmt)
+
+    def bundles(self, search_id: str) -> dict[str, BundleInfo]:
+        with self.scope() as db:
+            rows = db.scalars(select(s.BundleRow).where(s.BundleRow.search_id == search_id).order_by(s.BundleRow.id))
+            return {r.recipe_key: BundleInfo(r.recipe_key, r.status, r.detail, r.path, r.total_bytes, r.sha256,
+                                             json.loads(r.options_json), r.node, r.seconds, r.zip_bytes) for r in rows}

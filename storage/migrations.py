@@ -58,8 +58,13 @@ def _v5_coreml(conn: Connection) -> None:
     schema.Base.metadata.create_all(conn, tables=[t.__table__ for t in schema.V5_TABLES])
 
 
+def _v6_bundles(conn: Connection) -> None:
+    """Resources folders for Apple's Swift pipeline (`search bundle`), one row per recipe."""
+    schema.Base.metadata.create_all(conn, tables=[t.__table__ for t in schema.V6_TABLES])
+
+
 STEPS: list[Callable[[Connection], None]] = [_v1_initial, _v2_validations, _v3_preparing, _v4_palette_formats,
-                                             _v5_coreml]
+                                             _v5_coreml, _v6_bundles]
 LATEST_VERSION = len(STEPS)
 
 

@@ -1,4 +1,5 @@
-"""Where the Core ML packages shipped to the head live: ``<root>/<search>/<key>.mlpackage.zip``.
+"""Where the Core ML packages shipped to the head live: ``<root>/<search>/<key>.mlpackage.zip``,
+and beside each the recipe's Resources folder for Apple's Swift pipeline, ``<key>.bundle.zip``.
 
 A zip arrives in pieces into a private ``.partial`` file next to its final name and is renamed
 into place only when complete and its digest checked (`commit`); the row that makes it visible
@@ -14,10 +15,19 @@ from pathlib import Path
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 SUFFIX = ".mlpackage.zip"
+BUNDLE_SUFFIX = ".bundle.zip"
+SUFFIXES = (SUFFIX, BUNDLE_SUFFIX)
 
 
-def zip_name(key: str) -> str:
-    return f"{_SAFE.sub('_', key)}{SUFFIX}"
+def safe_name(key: str) -> str:
+    """A recipe key as one file name (a stored key is already one; anything else is replaced)."""
+    return _SAFE.sub("_", key)
+
+
+def zip_name(key: str, suffix: str = SUFFIX) -> str:
+    if suffix not in SUFFIXES:
+        raise ValueError(f"unknown package suffix {suffix!r}")
+    return f"{safe_name(key)}{suffix}"
 
 
 class PackageWriter:
@@ -63,14 +73,14 @@ class PackageStore:
         db_path = Path(db_path).expanduser()
         return cls(db_path.parent / f"{db_path.name}.packages")
 
-    def relative_path(self, search_id: str, key: str) -> str:
-        return f"{search_id}/{zip_name(key)}"
+    def relative_path(self, search_id: str, key: str, suffix: str = SUFFIX) -> str:
+        return f"{search_id}/{zip_name(key, suffix)}"
 
     def path(self, relative: str) -> Path:
         return self.root / relative
 
-    def writer(self, search_id: str, key: str) -> PackageWriter:
-        return PackageWriter(self.path(self.relative_path(search_id, key)))
+    def writer(self, search_id: str, key: str, suffix: str = SUFFIX) -> PackageWriter:
+        return PackageWriter(self.path(self.relative_path(search_id, key, suffix)))
 
     def complete(self, relative: str | None, size: int) -> bool:
         """The stored zip is there, whole."""

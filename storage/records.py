@@ -163,3 +163,18 @@ class PackageInfo:
     sha256: str
     node: str
     ship_s: float
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """A recipe's Resources folder for Apple's Swift pipeline (`search bundle`)."""
+    recipe_key: str
+    status: str        # built (a folder on the node that built it) | shipped (a zip on the head) | failed
+    detail: str        # the checks' summary, or why it failed
+    path: str | None
+    total_bytes: int
+    sha256: str        # of the shipped zip ("" otherwise)
+    options: dict      # BundleOptions as built
+    node: str
+    seconds: float
+    zip_bytes: int = 0  # of the shipped zip (0 otherwise): the head checks it is stored whole

@@ -178,3 +178,26 @@ class CoreMLPackageRow(Base):
 
 
 V5_TABLES = [CoreMLJobRow, CoreMLPackageRow]
+
+
+class BundleRow(Base):
+    """A Resources folder built for a recipe (schema v6): where it is, how big, how it checked."""
+
+    __tablename__ = "coreml_bundles"
+    __table_args__ = (UniqueConstraint("search_id", "recipe_key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
+    recipe_key: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))    # built | shipped | failed
+    detail: Mapped[str] = mapped_column(Text)          # checks, or why it failed
+    path: Mapped[str | None] = mapped_column(Text, nullable=True)   # the folder (local) or zip (shipped)
+    total_bytes: Mapped[int] = mapped_column(Integer, default=0)   # the folder's files (bundle.json's total)
+    sha256: Mapped[str] = mapped_column(String(64), default="")    # of the zip, when shipped
+    zip_bytes: Mapped[int] = mapped_column(Integer, default=0)     # of the zip, when shipped
+    options_json: Mapped[str] = mapped_column(Text)    # BundleOptions as built
+    node: Mapped[str] = mapped_column(Text)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+V6_TABLES = [BundleRow]

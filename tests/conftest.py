@@ -7,6 +7,7 @@ tests never touch the user's cache or the network.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,12 +73,12 @@ def device(request) -> str:
 
 # -- a completed search to apply (Core ML stage tests) -----------------------------------
 
-@pytest.fixture(scope="session")
-def completed_tiny_search(tiny_sdxl_spec, tmp_path_factory):
-    """A `tiny-sdxl` search in its final state, built directly (no Ray): candidate layers,
-    real k-means palettes saved in the PaletteStore, two recipes whose end-to-end PSNR was
-    measured by the real Evaluator. Returns {"db", "search_id", "recipes": {key: (bits, psnr)}}.
-    Tests must not change the recipes, palettes or measurements (they may add validations)."""
+def build_completed_search(spec, model: str, db, cycles=((4, 16, 2, 16, 6, 16, 4, 16),), prompts: int = 2,
+                           with_8bit: bool = True) -> dict:
+    """A search of ``model`` in its final state, built directly (no Ray): candidate layers, real
+    k-means palettes saved in the PaletteStore, one recipe per cycle of bits over the candidates
+    (plus one with three 8-bit layers when ``with_8bit``) whose end-to-end PSNR was measured by the
+    real Evaluator. Returns {"db", "search_id", "recipes": {key: (bits, psnr)}}."""
     from common.formats import formats_json
     from search.config import SearchConfig
     from search.recipes.apple_rule import make_recipe
@@ -89,23 +90,26 @@ def completed_tiny_search(tiny_sdxl_spec, tmp_path_factory):
     from workers.palettize import kmeans_palette, save_palette
     from workers.evaluation.signal import DEFAULT_PROMPTS
 
-    spec = tiny_sdxl_spec
     unet = load_denoiser(spec)
     cands = candidate_layers(unet, spec.default_min_size)
+    from tests.reference.local_images import write_images
+    from workers.evaluation.images import folder_images
+
+    images = folder_images(str(write_images(Path(db).parent / "images", prompts))) if spec.img2img else ()
     config = SearchConfig(nbits=(2, 4, 6, 8), num_recipes=2, min_size=spec.default_min_size,
-                          resolution=spec.default_resolution, prompts=DEFAULT_PROMPTS[:2])
-    db = tmp_path_factory.mktemp("completed-search") / "searches.db"
+                          resolution=spec.default_resolution, prompts=DEFAULT_PROMPTS[:prompts], images=images,
+                          steps=spec.default_steps if spec.img2img else 1)
     storage = Storage(db)
     fingerprint = denoiser_fingerprint(unet)
     search = storage.create_search(
-        model="tiny-sdxl", model_version="tiny-sdxl", model_location=spec.location, model_source=spec.source,
+        model=model, model_version=model, model_location=spec.location, model_source=spec.source,
         fingerprint=fingerprint, config=config.to_dict(), config_hash=config.fingerprint(),
         layers=[Layer(c.name, c.numel, c.shape, c.kind) for c in cands])
     sizes = {c.name: c.numel for c in cands}
-    # Two mixed recipes over 1-8 bits (few 6/8-bit layers: their exact k-means is the slow part).
-    cycle = (4, 16, 2, 16, 6, 16, 4, 16)
-    recipes = [make_recipe({c.name: cycle[i % len(cycle)] for i, c in enumerate(cands)}, sizes),
-               make_recipe({c.name: 8 if i < 3 else 4 if i % 2 else 16 for i, c in enumerate(cands)}, sizes)]
+    # Mixed recipes over 1-8 bits (few 6/8-bit layers: their exact k-means is the slow part).
+    recipes = [make_recipe({c.name: cycle[i % len(cycle)] for i, c in enumerate(cands)}, sizes) for cycle in cycles]
+    if with_8bit:
+        recipes.append(make_recipe({c.name: 8 if i < 3 else 4 if i % 2 else 16 for i, c in enumerate(cands)}, sizes))
     store, palettes = PaletteStore(db), {}
     for r in recipes:
         for layer, bits in r.bits.items():
@@ -131,6 +135,14 @@ def completed_tiny_search(tiny_sdxl_spec, tmp_path_factory):
     storage.update_search(search.id, status="completed", phase="done", finished=True)
     storage.close()
     return {"db": db, "search_id": search.id, "recipes": out}
+
+
+@pytest.fixture(scope="session")
+def completed_tiny_search(tiny_sdxl_spec, tmp_path_factory):
+    """A `tiny-sdxl` search in its final state (`build_completed_search`): two recipes.
+    Tests must not change the recipes, palettes or measurements (they may add validations)."""
+    db = tmp_path_factory.mktemp("completed-search") / "searches.db"
+    return build_completed_search(tiny_sdxl_spec, "tiny-sdxl", db)
 
 
 @pytest.fixture(scope="session")

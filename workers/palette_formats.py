@@ -7,6 +7,11 @@ LUT. Each group's LUT is the exact k-means of that group's fp16 values, i.e. `km
 applied to the group: the histogram method works per group unchanged. (coremltools' own
 ``per_grouped_channel`` k-means does the same with ``kmeans1d`` for groups of 10,000 elements
 and more, and falls back to scikit-learn's heuristic k-means below that; ours stays exact.)
+
+Per-tensor palettes are that exact k-means too, except under Apple's protocol for a tensor under
+10,000 elements (``apple=True``): Apple's script hands those to scikit-learn through coremltools,
+so they get coremltools' own call (`workers.apple_kmeans`). Grouped formats are not Apple's and
+keep the exact k-means under every protocol.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import numpy as np
 
 from common.files import atomic_write_bytes
 from common.formats import PaletteFormat
+from workers.apple_kmeans import apple_palette, takes_sklearn
 from workers.palettize import Palette, PaletteError, _bits, dequantize_torch as _dequantize_tensor
 from workers.palettize import kmeans_palette, load_palette as _load_tensor_palette, palette_from_histogram
 from workers.palettize import save_palette as _save_tensor_palette
@@ -94,12 +100,16 @@ class GroupedPalette:
 PALETTES = (Palette, GroupedPalette)
 
 
-def fit_palette(weights: np.ndarray, fmt) -> Palette | GroupedPalette:
-    """The exact k-means palette of an fp16 weight in ``fmt`` (per tensor, or per channel group)."""
+def fit_palette(weights: np.ndarray, fmt, *, apple: bool = False) -> Palette | GroupedPalette:
+    """The k-means palette of an fp16 weight in ``fmt`` (per tensor, or per channel group): the
+    exact one, or with ``apple`` (Apple's protocol) coremltools' own call for a per-tensor format
+    of a weight under 10,000 elements, as Apple's script palettizes it."""
     f = PaletteFormat.of(fmt)
     if not f.palettized:
         raise PaletteError("float16 has no palette")
     if not f.grouped:
+        if apple and takes_sklearn(np.size(weights)):
+            return apple_palette(weights, f.bits)
         return kmeans_palette(weights, f.bits)
     _bits(weights)
     channels = weights.shape[0] if weights.ndim else 0
@@ -119,6 +129,17 @@ def palette_from_histograms(counts: np.ndarray, fmt) -> Palette | GroupedPalette
     if counts.ndim != 2:
         raise PaletteError(f"format {f} needs one histogram per channel group")
     return GroupedPalette(f.group_size, tuple(palette_from_histogram(c, f.bits) for c in counts))
+
+
+def palette_from_sample(sample: np.ndarray, fmt) -> Palette | GroupedPalette:
+    """What the CPU palette tasks run on what an evaluator sent for a layer: its histogram(s)
+    (integer counts, `palette_from_histograms`), or, under Apple's protocol for a weight under
+    10,000 elements, the float16 weight itself, whose scikit-learn k-means depends on more than
+    its histogram (`fit_palette` with ``apple=True``)."""
+    sample = np.asarray(sample)
+    if sample.dtype == np.float16:
+        return fit_palette(sample, fmt, apple=True)
+    return palette_from_histograms(sample, fmt)
 
 
 def dequantize_torch(weight, palette):

@@ -149,7 +149,6 @@ def palette_from_histogram(counts: np.ndarray, nbits: int) -> Palette:
     counts = np.array(counts, dtype=np.int64)
     if counts.shape != (1 << 16,) or (counts < 0).any() or counts.sum() == 0:
         raise PaletteError("counts must be a non-empty histogram of the 65,536 fp16 bit patterns")
-    numel = int(counts.sum())
     if counts[~_FINITE].any():
         raise PaletteError("weights contain NaN or inf")
     counts[0] += counts[0x8000]  # folded here too: the weight MSE below sums these counts
@@ -164,15 +163,27 @@ def palette_from_histogram(counts: np.ndarray, nbits: int) -> Palette:
         raise PaletteError("k-means centroids came back unordered")
     # Values present: their cluster (not always the nearest fp16-rounded centroid at a
     # boundary, and that ~1 weight in 10^5 moves a PSNR by up to 0.3 dB). Absent patterns
-    # (never looked up for this tensor): the nearest entry, exact midpoints lower; NaN -> 0.
-    c64 = cent.astype(np.float64)
-    code = np.searchsorted((c64[:-1] + c64[1:]) / 2, _VALUES, side="left")
-    code[np.isnan(_VALUES)] = 0
+    # (never looked up for this tensor): the nearest entry.
+    code = nearest_code(cent)
     code[patterns] = members
     code[0x8000] = code[0]  # -0.0 was counted as +0.0
     code = code.astype(np.uint8)
-    mse = float(np.dot(counts, (_VALUES0 - lut.astype(np.float64)[code]) ** 2) / numel)
-    return Palette(nbits, lut, code, mse)
+    return Palette(nbits, lut, code, histogram_mse(counts, lut, code))
+
+
+def nearest_code(lut: np.ndarray) -> np.ndarray:
+    """Index of the nearest entry of an ascending fp16 ``lut`` for every fp16 bit pattern (exact
+    midpoints take the lower entry, NaN 0): what a palette's table holds for values the tensor
+    does not contain (int64; the caller sets the present values to their clusters)."""
+    c64 = np.asarray(lut, dtype=np.float16).astype(np.float64)
+    code = np.searchsorted((c64[:-1] + c64[1:]) / 2, _VALUES, side="left")
+    code[np.isnan(_VALUES)] = 0
+    return code
+
+
+def histogram_mse(counts: np.ndarray, lut: np.ndarray, code: np.ndarray) -> float:
+    """Mean squared error of the palettized tensor whose bit-pattern histogram is ``counts``."""
+    return float(np.dot(counts, (_VALUES0 - np.asarray(lut).astype(np.float64)[code]) ** 2) / int(counts.sum()))
 
 
 def kmeans_lut(weights: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:

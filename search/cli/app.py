@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from search.cli import coreml_commands, run_commands, serve_command, show_commands
+from search.cli import bundle_commands, coreml_commands, run_commands, serve_command, show_commands
 
 
 class _Cli(typer.Typer):
@@ -50,6 +50,7 @@ app.command()(show_commands.plot)
 app.command()(serve_command.serve)
 app.command("apply")(coreml_commands.apply_cmd)
 app.command("validate")(coreml_commands.validate_cmd)
+app.command("bundle")(bundle_commands.bundle_cmd)
 
 
 def main() -> None:  # pragma: no cover

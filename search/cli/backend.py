@@ -28,9 +28,11 @@ class Backend(Protocol):
         """Apple's JSON text, and what to say about it ({"recipes": n, "status": s}) when known."""
     def plot_png(self, search_id: str) -> bytes: ...
     def coreml(self, search_id: str) -> dict:
-        """``{"id", "status", "coreml": read_models.coreml_progress}`` (the packages with size and sha256)."""
-    def fetch_package(self, search_id: str, key: str, fh) -> None:
-        """Append recipe ``key``'s zip to binary file ``fh`` from its current position (resumes)."""
+        """``{"id", "status", "coreml": read_models.coreml_progress, "bundles": read_models.bundles}``
+        (the packages and bundles with size and sha256)."""
+    def fetch_package(self, search_id: str, key: str, fh, kind: str = "mlpackage") -> None:
+        """Append recipe ``key``'s zip (``kind`` mlpackage or bundle) to binary file ``fh`` from its
+        current position (resumes)."""
     def cancel(self, search_id: str) -> dict: ...
     def submit(self, request: dict) -> dict:
         """``request``: the service's submit body (model, workers, resume, the search options).

@@ -56,7 +56,7 @@ def _report(report) -> None:
         raise typer.Exit(1)
 
 
-def _call(fn, **kwargs):
+def call_driver(fn, **kwargs):
     """Run ``fn``; ApplyError becomes the CLI's one red line; Ray stops if this command started it."""
     import ray
 
@@ -87,7 +87,8 @@ def _queue_on_service(ctx: typer.Context, search_id: str, recipe: Optional[str],
     out.print(f"search {info['id']}: Core ML phase {info['note']} ({cm['recipes']} recipe(s), "
               f"{cm['applied']} already shipped)", highlight=False)
     err.print(f"watch it with `search status {info['id']} --server {backend.server}`; fetch the packages with "
-              f"`search download {info['id']} --mlpackage all -o DIR --server {backend.server}`", highlight=False)
+              f"`search download {info['id']} --mlpackage all -o DIR --server {backend.server}` (their Resources "
+              "folders for Apple's Swift pipeline: --bundle all)", highlight=False)
 
 
 def _apply_here(ctx: typer.Context, search_id: str, recipe: Optional[str], output: Optional[Path],
@@ -147,7 +148,7 @@ def apply_cmd(
     from search.driver.coreml_jobs import apply_recipes
 
     with LocalBackend(db) as backend:
-        report = _call(apply_recipes, storage=backend.storage, search_id=search_id, out_dir=output, recipe=recipe,
+        report = call_driver(apply_recipes, storage=backend.storage, search_id=search_id, out_dir=output, recipe=recipe,
                        mlpackage=mlpackage, recipe_file=recipe_file, model=model, coreml_node=coreml_node,
                        ray_address=ray_address)
     _report(report)
@@ -169,7 +170,7 @@ def validate_cmd(
     from search.driver.coreml_jobs import validate_recipes
 
     with LocalBackend(db) as backend:
-        report = _call(validate_recipes, storage=backend.storage, search_id=search_id, recipe=recipe,
+        report = call_driver(validate_recipes, storage=backend.storage, search_id=search_id, recipe=recipe,
                        package_dir=package_dir, model=model, coreml_node=coreml_node, ray_address=ray_address)
     _report(report)
 

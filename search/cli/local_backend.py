@@ -63,16 +63,19 @@ class LocalBackend:
 
     def coreml(self, search_id: str) -> dict:
         s = self.storage.get_search(search_id)
-        return {"id": s.id, "status": s.effective_status(utcnow()), "coreml": read_models.coreml_progress(self.storage, s)}
+        return {"id": s.id, "status": s.effective_status(utcnow()),
+                "coreml": read_models.coreml_progress(self.storage, s), "bundles": read_models.bundles(self.storage, s)}
 
-    def fetch_package(self, search_id: str, key: str, fh) -> None:
-        """Append the stored zip of ``key`` from ``fh``'s current size on (as the remote one resumes)."""
+    def fetch_package(self, search_id: str, key: str, fh, kind: str = "mlpackage") -> None:
+        """Append the stored zip of ``key``'s package or bundle (``kind``) from ``fh``'s current size
+        on (as the remote one resumes)."""
         import shutil
 
         from storage.coreml_store import CoreMLStore
         from storage.package_store import PackageStore
 
-        p = CoreMLStore(self.storage).packages(search_id)[key]
+        store = CoreMLStore(self.storage)
+        p = (store.packages if kind == "mlpackage" else store.bundles)(search_id)[key]
         with open(PackageStore.beside(self.storage.path).path(p.path), "rb") as src:
             src.seek(fh.tell())
             shutil.copyfileobj(src, fh, 8 * 2**20)

@@ -1,18 +1,22 @@
-"""`search download ID --mlpackage KEY|all -o DIR`: the Core ML packages the cluster shipped to the
-service (or, locally, next to the database), fetched in pieces, checked against their stored
-sha256 and unpacked. A download goes to a hidden ``.partial`` zip that a new attempt resumes;
-only a zip whose digest matches is unpacked, and the package directory appears whole or not at all.
+"""`search download ID --mlpackage KEY|all -o DIR` and `--bundle KEY|all -o DIR`: the Core ML
+packages and the Resources folders (bundles) the cluster shipped to the service (or, locally, next
+to the database), fetched in pieces, checked against their stored sha256 and unpacked. A download
+goes to a hidden ``.partial`` zip that a new attempt resumes; only a zip whose digest matches is
+unpacked, and the package directory (``DIR/<name>.mlpackage``) or the bundle's folder
+(``DIR/<key>/``, the one Swift's ``resourcesAt:`` takes) appears whole or not at all.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
 from common.files import publish_dir
 from search.cli.console import CliError
+from storage.package_store import safe_name
 
 BLOCK = 8 * 2**20
 
@@ -63,27 +67,104 @@ def _unpack(zip_path: Path, out_dir: Path) -> Path:
     return out_dir / top
 
 
-def download_packages(backend, search_id: str, choice: str, out_dir: Path) -> list[tuple[str, Path, dict]]:
-    """Fetch, check and unpack the chosen packages; returns (key, package directory, stored facts)."""
+def _fetch(backend, search_id: str, key: str, kind: str, size: int, sha256: str, out_dir: Path) -> Path:
+    """Download (or resume) one zip into a hidden partial file in ``out_dir``; returns it once its
+    digest is the stored one (a damaged one is deleted: one line)."""
+    digest_key = hashlib.sha256(key.encode()).hexdigest()[:16]
+    partial = out_dir / f".{search_id}-{digest_key}.{kind}.zip.partial"
+    with open(partial, "ab") as fh:
+        if fh.tell() > size:  # not this zip: start again
+            fh.truncate(0)
+            fh.seek(0)
+        backend.fetch_package(search_id, key, fh, kind)
+    digest = _sha256(partial)
+    if digest != sha256:
+        partial.unlink(missing_ok=True)
+        what = "package" if kind == "mlpackage" else "bundle"
+        raise CliError(f"the {what} of recipe {key} arrived damaged (sha256 {digest[:12]}..., expected "
+                       f"{sha256[:12]}...); download it again")
+    return partial
+
+
+def _out_dir(out_dir: Path, what: str) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise CliError(f"{out_dir} is a file; give a directory for the .mlpackage folders")
+        raise CliError(f"{out_dir} is a file; give a directory for the {what}")
     if not out_dir.parent.exists():
         raise CliError(f"directory {out_dir.parent} does not exist")
+
+
+def download_packages(backend, search_id: str, choice: str, out_dir: Path) -> list[tuple[str, Path, dict]]:
+    """Fetch, check and unpack the chosen packages; returns (key, package directory, stored facts)."""
+    _out_dir(out_dir, ".mlpackage folders")
     info = backend.coreml(search_id)
     chosen = _choose(info, choice, backend.where)
     out_dir.mkdir(exist_ok=True)
     done = []
     for key, facts in chosen.items():
-        partial = out_dir / f".{info['id']}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.mlpackage.zip.partial"
-        with open(partial, "ab") as fh:
-            if fh.tell() > facts["size_bytes"]:
-                fh.truncate(0)
-            backend.fetch_package(info["id"], key, fh)
-        digest = _sha256(partial)
-        if digest != facts["sha256"]:
-            partial.unlink(missing_ok=True)
-            raise CliError(f"the package of recipe {key} arrived damaged (sha256 {digest[:12]}..., expected "
-                           f"{facts['sha256'][:12]}...); download it again")
+        partial = _fetch(backend, info["id"], key, "mlpackage", facts["size_bytes"], facts["sha256"], out_dir)
         done.append((key, _unpack(partial, out_dir), facts))
+        partial.unlink()
+    return done
+
+
+# -- bundles: a recipe's Resources folder for Apple's Swift pipeline ----------------------------
+BUNDLE_TOP = "Resources"  # the zip's one folder (workers.coreml.shipping.zip_bundle)
+
+
+def _choose_bundles(info: dict, choice: str, where: str) -> dict[str, dict]:
+    bundles = info.get("bundles") or {}
+    shipped = {k: b for k, b in bundles.items() if b["status"] == "shipped"}
+    if choice == "all":
+        if not shipped:
+            cm = info.get("coreml") or {}
+            how = (f"the Core ML phase builds them: `search apply {info['id']}{where}`" if where else
+                   f"build one here with `search bundle {info['id']} --recipe KEY -o DIR`")
+            raise CliError(f"search {info['id']} has no shipped bundles (Core ML phase: "
+                           f"{cm.get('status', 'never asked')}); {how}")
+        return shipped
+    if choice not in shipped:
+        b = bundles.get(choice)
+        why = f" ({b['status']}: {b['detail']})" if b is not None else ""
+        raise CliError(f"search {info['id']} has no shipped bundle for recipe '{choice}'{why} "
+                       f"(bundles: {', '.join(shipped) or 'none'})")
+    return {choice: shipped[choice]}
+
+
+def _unpack_bundle(zip_path: Path, out_dir: Path, key: str) -> Path:
+    """Unpack the zip's one ``Resources/`` folder as ``out_dir/<key>`` (built aside, then moved
+    into place), after checking its bundle.json names this recipe."""
+    from workers.coreml.bundle.manifest import MANIFEST, read
+
+    with zipfile.ZipFile(zip_path) as zf:
+        names = [PurePosixPath(n) for n in zf.namelist()]
+        if (any(n.is_absolute() or ".." in n.parts or n.parts[0] != BUNDLE_TOP for n in names)
+                or PurePosixPath(BUNDLE_TOP, MANIFEST) not in names):
+            raise CliError(f"{zip_path.name}: not one {BUNDLE_TOP}/ folder with a {MANIFEST}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{safe_name(key)}-", dir=out_dir))
+        try:
+            zf.extractall(tmp)
+            try:
+                manifest = read(tmp / BUNDLE_TOP)
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
+            if manifest.get("recipe_key") != key:
+                raise CliError(f"the bundle of recipe {key} holds recipe {manifest.get('recipe_key')!r}")
+            final = out_dir / safe_name(key)
+            publish_dir(tmp / BUNDLE_TOP, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def download_bundles(backend, search_id: str, choice: str, out_dir: Path) -> list[tuple[str, Path, dict]]:
+    """Fetch, check and unpack the chosen bundles; returns (key, Resources folder, stored facts)."""
+    _out_dir(out_dir, "bundle folders")
+    info = backend.coreml(search_id)
+    chosen = _choose_bundles(info, choice, backend.where)
+    out_dir.mkdir(exist_ok=True)
+    done = []
+    for key, facts in chosen.items():
+        partial = _fetch(backend, info["id"], key, "bundle", facts["zip_bytes"], facts["sha256"], out_dir)
+        done.append((key, _unpack_bundle(partial, out_dir, key), facts))
         partial.unlink()
     return done

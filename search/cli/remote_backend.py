@@ -52,8 +52,8 @@ class RemoteBackend:
     def coreml(self, search_id: str) -> dict:
         return self.client.coreml(search_id)
 
-    def fetch_package(self, search_id: str, key: str, fh) -> None:
-        self.client.download_package(search_id, key, fh)
+    def fetch_package(self, search_id: str, key: str, fh, kind: str = "mlpackage") -> None:
+        self.client.download_package(search_id, key, fh, kind)
 
     def queue_coreml(self, search_id: str, apply: str, coreml_node: str) -> dict:
         return self.client.queue_coreml(search_id, apply, coreml_node)

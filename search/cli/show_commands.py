@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from common.files import atomic_write_bytes, atomic_write_text
 from search.cli import views
@@ -56,13 +57,23 @@ def status(ctx: typer.Context, search_id: str = SearchIdArgument, db: Optional[P
 @guarded
 def download(ctx: typer.Context, search_id: str = SearchIdArgument,
              output: str = typer.Option(..., "-o", "--output", help="JSON file, or - for stdout; with --mlpackage "
-                                        "the directory for the .mlpackage folders"),
+                                        "the directory for the .mlpackage folders, with --bundle the directory "
+                                        "for the bundles' folders (DIR/<key>)"),
              mlpackage: Optional[str] = typer.Option(None, "--mlpackage", help="instead: the Core ML packages the "
                                                      "cluster made (search submit --apply / search apply --server), "
                                                      "a recipe key or 'all'; each is checked against its sha256"),
+             bundle: Optional[str] = typer.Option(None, "--bundle", help="instead: the Resources folders for Apple's "
+                                                  "Swift pipeline the cluster built (search submit --apply / search "
+                                                  "apply --server), a recipe key or 'all'; each is checked against "
+                                                  "its sha256 and unpacked to DIR/<key>"),
              db: Optional[Path] = DbOption, server: Optional[str] = ServerOption,
              token: Optional[str] = TokenOption) -> None:
-    """Write the search's recipes and measurements in Apple's JSON format (or its Core ML packages)."""
+    """Write the search's recipes and measurements in Apple's JSON format (or its Core ML packages,
+    or its Resources folders for Apple's Swift pipeline)."""
+    if mlpackage is not None and bundle is not None:
+        raise CliError("--mlpackage and --bundle download different things: give one of them")
+    if bundle is not None:
+        return _download_bundles(ctx, search_id, bundle, output, db, server, token)
     if mlpackage is not None:
         from search.cli.packages import download_packages
 
@@ -83,6 +94,47 @@ def download(ctx: typer.Context, search_id: str = SearchIdArgument,
         return
     atomic_write_text(output, text)
     err.print(f"wrote {output}" + (f" ({facts['recipes']} recipes, status {facts['status']})" if facts else ""))
+    note = apple_script_note(text)
+    if note:
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+
+
+def apple_script_note(text: str) -> str | None:
+    """One line when Apple's mixed_bit_compression_apply.py cannot load the JSON's model_version
+    (it calls DiffusionPipeline.from_pretrained on it): built-in models and local directories."""
+    import json
+
+    from workers.arch_models import ARCH_MODELS
+    from workers.tiny_models import BUILTIN_MODELS
+
+    try:
+        version = json.loads(text).get("model_version")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(version, str):
+        return None
+    how = "use `search bundle` or `search apply --mlpackage` instead of Apple's apply script"
+    if version in BUILTIN_MODELS or version in ARCH_MODELS:
+        return f"model_version '{version}' is a built-in model of this project, which Apple's apply script cannot load; {how}"
+    if version.startswith(("/", ".", "~")) or Path(version).expanduser().is_dir():
+        return (f"model_version '{version}' is a local directory: Apple's apply script loads it only on a machine "
+                f"that has it at that path; {how}")
+    return None
+
+
+def _download_bundles(ctx: typer.Context, search_id: str, choice: str, output: str, db, server, token) -> None:
+    from search.cli.packages import download_bundles
+
+    if output == "-":
+        raise CliError("--bundle needs -o DIR (a directory), not -")
+    with open_backend(ctx, db, server, token) as backend:
+        got = download_bundles(backend, search_id, choice, Path(output))
+    for key, path, facts in got:
+        out.print(f"{key}: {path} (Resources folder {facts['total_bytes'] / 1e6:.2f} MB, zip sha256 "
+                  f"{facts['sha256'][:16]}... checked)", highlight=False, soft_wrap=True)
+    if any(not facts["options"].get("compile") for _, _, facts in got):
+        err.print("the folders hold .mlpackage files: compile them on a Mac (README.txt in each folder) before "
+                  "Swift's resourcesAt: loads them", highlight=False)
 
 
 @guarded

@@ -128,6 +128,8 @@ def status(info: dict) -> None:
         out.print(f"[red]error:[/] {info['error']}", highlight=False)
     if info.get("coreml"):
         coreml_line(info["coreml"])
+    if info.get("bundles"):
+        bundle_lines(info["id"], info["bundles"])
     print_uncut(recipe_table(info))
     validations = search_validations(info)
     if validations is not None:
@@ -145,6 +147,19 @@ def coreml_line(c: dict) -> None:
         out.print(f"[red]  {escape(key)} failed:[/] {escape(detail)}", highlight=False, soft_wrap=True)
     if c.get("error"):
         out.print(f"[red]Core ML phase error:[/] {escape(c['error'])}", highlight=False, soft_wrap=True)
+
+
+def bundle_lines(sid: str, bundles: dict) -> None:
+    """A search's Resources folders for Apple's Swift pipeline: one line each with its total size
+    (bundle.json's) and how it checked; shipped ones can be downloaded."""
+    for key, b in bundles.items():
+        size = f"{b['total_bytes'] / 1e6:.2f} MB" if b["total_bytes"] else "no folder"
+        zipped = f", a {b['zip_bytes'] / 1e6:.2f} MB zip on the service" if b["status"] == "shipped" else ""
+        status = f"[red]{b['status']}[/]" if b["status"] == "failed" else b["status"]
+        out.print(f"bundle {escape(key)}: {status}, {size}{zipped}; {escape(b['detail'])}", highlight=False,
+                  soft_wrap=True)
+    if any(b["status"] == "shipped" for b in bundles.values()):
+        out.print(f"download: search download {sid} --bundle KEY|all -o DIR", highlight=False, soft_wrap=True)
 
 
 def run_ended(info: dict, ended: dict, where: str, resume_where: str) -> None:

@@ -86,7 +86,7 @@ def node_choice(coreml_node: str | None, ray_address: str | None) -> str:
 
 
 # -- reading what the search stored ---------------------------------------------------------
-def _search(storage: Storage, search_id: str) -> Search:
+def load_search(storage: Storage, search_id: str) -> Search:
     try:
         return storage.get_search(search_id)
     except StorageError as exc:
@@ -158,7 +158,7 @@ def _file_recipes(path: Path, search: Search, stored: list[StoredRecipe], sizes:
 
 
 # -- apply / validate -----------------------------------------------------------------------
-def _run(execute: Executor | None, job: CoreMLJob, node: str, ray_address: str | None) -> JobResult:
+def run_on_node(execute: Executor | None, job: CoreMLJob, node: str, ray_address: str | None) -> JobResult:
     execute = execute or ray_executor(ray_address)
     try:
         return execute(job, node)
@@ -183,7 +183,7 @@ def apply_recipes(storage: Storage, search_id: str, *, out_dir: str | os.PathLik
                   execute: Executor | None = None) -> ApplyReport:
     """Apply one recipe (or all) of a search, or of a recipe file, to a Core ML UNet; store validations."""
     node = node_choice(coreml_node, ray_address)
-    search = _search(storage, search_id)
+    search = load_search(storage, search_id)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ApplyError(f"output {out} is a file; give a directory")
@@ -212,7 +212,7 @@ def apply_recipes(storage: Storage, search_id: str, *, out_dir: str | os.PathLik
     job = CoreMLJob("apply", search.id, model or search.model, None if other_model else search.fingerprint,
                     evaluator_settings(search), tuple(recipes), palettes, lut_source, str(out),
                     str(Path(mlpackage).expanduser().resolve()) if mlpackage else None)
-    result = _run(execute, job, node, ray_address)
+    result = run_on_node(execute, job, node, ray_address)
     return _store(storage, search, result, notes)
 
 
@@ -222,7 +222,7 @@ def validate_recipes(storage: Storage, search_id: str, *, recipe: str | None = N
                      execute: Executor | None = None) -> ApplyReport:
     """Validate again the packages `apply` wrote (e.g. on a Mac, for Core ML prediction)."""
     node = node_choice(coreml_node, ray_address)
-    search = _search(storage, search_id)
+    search = load_search(storage, search_id)
     rows = storage.validations(search.id)
     if not rows:
         raise ApplyError(f"search {search.id} has no applied recipes; run `search apply {search.id}` first")
@@ -241,5 +241,5 @@ def validate_recipes(storage: Storage, search_id: str, *, recipe: str | None = N
     palettes = {} if other_model else stored_palettes(storage, search, wanted)
     job = CoreMLJob("validate", search.id, model or search.model, None if other_model else search.fingerprint,
                     evaluator_settings(search), tuple(jobs), palettes)
-    result = _run(execute, job, node, ray_address)
+    result = run_on_node(execute, job, node, ray_address)
     return _store(storage, search, result)

@@ -1,13 +1,17 @@
 """The ``coreml`` phase on a cluster: the search's recipes and exact palettes go to a Core ML
 worker actor (`workers.coreml.shipping`, on a node with the ``coreml`` resource unless the
-request says ``any``), which applies and validates one recipe at a time; each package comes back
-to the head in pieces through Ray's object store and is kept in the `PackageStore`.
+request says ``any``), which applies and validates one recipe at a time and builds its Resources
+folder for Apple's Swift pipeline (default `BundleOptions`; Flux and PixArt have no Swift
+pipeline, so no bundle: one note); each package and each bundle comes back to the head in
+pieces through Ray's object store and is kept in the `PackageStore` (``<key>.mlpackage.zip``,
+``<key>.bundle.zip``).
 
 It runs after a search's recipes (`search submit --apply`) or on its own for a finished search
 (``POST /searches/{id}/coreml``, `search apply --server`). Resuming is running again: a recipe
-whose zip is stored whole and whose validation is stored is not redone. A recipe that cannot be
-applied is marked failed with the reason and the others go on; the search's measurements are
-only read. Only the driver writes the database.
+whose zip is stored whole and whose validation is stored is not applied again, a bundle whose zip
+is stored whole is not built again. A recipe that cannot be applied or bundled is marked failed
+with the reason and the others go on; the search's measurements are only read. Only the driver
+writes the database.
 """
 from __future__ import annotations
 
@@ -19,14 +23,16 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from common.errors import first_line, typed_line
 from common.formats import is_palettized
+from search.driver.bundle_jobs import summary
 from search.driver.coreml_jobs import ApplyError, evaluator_settings, require_node, select_keys, stored_palettes
 from search.driver.progress import NullReporter, Reporter
 from search.driver.signals import SearchInterrupted
 from storage import Search, Storage, Validation
 from storage.coreml_store import CoreMLStore
-from storage.package_store import PackageStore
-from storage.records import PackageInfo
-from workers.coreml.shipping import IN_FLIGHT, CoreMLWorker, Packed
+from storage.package_store import BUNDLE_SUFFIX, SUFFIX, PackageStore
+from storage.records import BundleInfo, PackageInfo
+from workers.coreml.bundle.contract import NO_SWIFT_PIPELINE, bundle_family
+from workers.coreml.shipping import IN_FLIGHT, CoreMLWorker, Packed, PackedBundle
 from workers.coreml.task import COREML_RESOURCE, CoreMLJob, RecipeJob
 
 PHASE = "coreml"
@@ -44,6 +50,17 @@ def done_keys(storage: Storage, packages: PackageStore, search_id: str) -> set[s
             if p.status == "shipped" and k in validated and packages.complete(p.path, p.size_bytes)}
 
 
+def bundled_keys(storage: Storage, packages: PackageStore, search_id: str) -> set[str]:
+    """Recipes whose bundle zip is stored whole on the head."""
+    return {k for k, b in CoreMLStore(storage).bundles(search_id).items()
+            if b.status == "shipped" and packages.complete(b.path, b.zip_bytes)}
+
+
+def no_bundle_note(family: str) -> str:
+    return (f"{family} models have no pipeline in Apple's Swift package: no Resources folder is built, "
+            "the Core ML packages are the result")
+
+
 class CoreMLPhase:
     def __init__(self, storage: Storage, search: Search, packages: PackageStore, *, spec=None, weights=None,
                  reporter: Reporter | None = None, should_stop: Callable[[], bool] = lambda: False):
@@ -51,7 +68,8 @@ class CoreMLPhase:
         self.jobs = CoreMLStore(storage)
         self.spec, self.weights = spec, weights  # the model as the driver resolved it, its shipped files
         self.reporter, self.should_stop = reporter or NullReporter(), should_stop
-        self.shipped_bytes, self.ship_s = 0, 0.0
+        self.shipped_bytes, self.ship_s = 0, 0.0  # packages shipped node -> head
+        self.bundle_bytes, self.bundle_ship_s, self.bundles_built = 0, 0.0, 0  # bundles built and shipped
 
     def pending(self) -> bool:
         job = self.jobs.job(self.search.id)
@@ -81,13 +99,21 @@ class CoreMLPhase:
             return select_keys(stored, "all", where)
         return [k for choice in job.keys for k in select_keys(stored, choice, where)]
 
+    def _family(self) -> str | None:
+        """Swift's family of the search's model, when the driver resolved it (None: the worker says)."""
+        return bundle_family(self.spec.family, self.spec.img2img) if self.spec is not None else None
+
     def _run(self) -> None:
         sid = self.search.id
         keys = self._keys()
+        family = self._family()
         done = done_keys(self.storage, self.packages, sid)
-        todo = [k for k in keys if k not in done]
+        bundled = set(keys) if family in NO_SWIFT_PIPELINE else bundled_keys(self.storage, self.packages, sid)
+        todo = [k for k in keys if k not in done or k not in bundled]
         self.reporter.phase_start(PHASE, len(keys))
         self.reporter.advance(PHASE, len(keys) - len(todo))
+        if family in NO_SWIFT_PIPELINE:
+            self.reporter.message(no_bundle_note(family))
         if todo:
             node = self.jobs.job(sid).coreml_node
             require_node(node)
@@ -95,16 +121,30 @@ class CoreMLPhase:
             try:
                 host = self._wait(worker.node.remote())
                 self.jobs.update(sid, node=host)
-                self.reporter.message(f"Core ML worker ready on {host}; {len(todo)} recipe(s) to apply "
-                                      f"({len(keys) - len(todo)} already shipped and validated)")
+                if family is None:
+                    family = self._wait(worker.bundle_family.remote())
+                    if family in NO_SWIFT_PIPELINE:
+                        self.reporter.message(no_bundle_note(family))
+                        bundled = set(keys)
+                to_apply, to_bundle = [k for k in keys if k not in done], [k for k in keys if k not in bundled]
+                bundles = ("" if family in NO_SWIFT_PIPELINE else
+                           f", {len(to_bundle)} bundle(s) to build ({len(keys) - len(to_bundle)} already shipped)")
+                self.reporter.message(f"Core ML worker ready on {host}; {len(to_apply)} recipe(s) to apply "
+                                      f"({len(keys) - len(to_apply)} already shipped and validated){bundles}")
                 for key in todo:
-                    self._one(worker, key)
+                    if key not in done:
+                        self._one(worker, key)
+                    if key not in bundled:
+                        self._bundle(worker, key)
+                    self.reporter.advance(PHASE)
             finally:
                 ray.kill(worker, no_restart=True)
         self.reporter.phase_end(PHASE)
-        if self.shipped_bytes:
-            self.reporter.message(f"Core ML packages shipped to the head: {self.shipped_bytes / 1e6:.2f} MB in "
-                                  f"{self.ship_s:.2f} s ({self.shipped_bytes / 1e6 / max(self.ship_s, 1e-9):.1f} MB/s)")
+        for what, size, seconds in (("packages", self.shipped_bytes, self.ship_s),
+                                    ("bundles", self.bundle_bytes, self.bundle_ship_s)):
+            if size:
+                self.reporter.message(f"Core ML {what} shipped to the head: {size / 1e6:.2f} MB in {seconds:.2f} s "
+                                      f"({size / 1e6 / max(seconds, 1e-9):.1f} MB/s)")
 
     def _start(self, keys: list[str], node: str):
         s, by_key = self.search, {r.key: r for r in self.storage.recipes(self.search.id)}
@@ -116,7 +156,7 @@ class CoreMLPhase:
         options = dict(num_cpus=1, max_restarts=0, max_task_retries=0)
         if node == "coreml":  # the coreml resource reserves the Mac; a node may offer it with no CPU for evaluators
             options.update(num_cpus=0, resources={COREML_RESOURCE: 1})
-        return ray.remote(CoreMLWorker).options(**options).remote(job)
+        return ray.remote(CoreMLWorker).options(**options).remote(job, s.model_version)
 
     def _wait(self, ref):
         """ray.get that keeps the heartbeat and notices a stop request; task errors become ApplyError."""
@@ -128,47 +168,81 @@ class CoreMLPhase:
             if ready:
                 return ray.get(ref)
 
-    def _one(self, worker, key: str) -> None:
-        sid = self.search.id
+    def _call(self, ref, what: str):
+        """Wait for a worker call; (result, None), or (None, why) when the call raised (the worker
+        lives on); the worker dying or not running stops the phase."""
         try:
-            packed: Packed = self._wait(worker.apply.remote(key))
+            return self._wait(ref), None
         except RayActorError as exc:
             raise ApplyError(f"the Core ML worker died: {first_line(exc, 300)}") from None
         except RayTaskError as exc:
             cause = getattr(exc, "cause", None)
-            why = typed_line(cause, 300) if isinstance(cause, Exception) else first_line(exc, 300)
+            return None, typed_line(cause, 300) if isinstance(cause, Exception) else first_line(exc, 300)
+        except RayError as exc:
+            raise ApplyError(f"the Core ML worker could not {what}: {first_line(exc, 300)}") from None
+
+    def _ship(self, worker, key: str, kind: str, suffix: str, size: int, sha256: str) -> float:
+        """Pull a zip the worker made into the package store (kept only whole); returns the seconds."""
+        t0 = time.monotonic()
+        writer = self.packages.writer(self.search.id, key, suffix)
+        try:
+            pieces = worker.pieces.options(num_returns="streaming",
+                                           _generator_backpressure_num_objects=IN_FLIGHT).remote(key, kind)
+            for ref in pieces:
+                writer.write(self._wait(ref))
+            writer.commit(size, sha256)
+        except BaseException:
+            writer.abort()  # a partial zip is never kept
+            raise
+        return time.monotonic() - t0
+
+    def _one(self, worker, key: str) -> None:
+        sid = self.search.id
+        packed, why = self._call(worker.apply.remote(key), "run")
+        if packed is None:
             self.jobs.put_package(sid, PackageInfo(key, "failed", why, None, 0, "", "", 0.0))
             self.reporter.message(f"[red]recipe {key} failed on the Core ML node:[/] {why}")
-            self.reporter.advance(PHASE)
             return
-        except RayError as exc:
-            raise ApplyError(f"the Core ML worker could not run: {first_line(exc, 300)}") from None
+        packed: Packed
         o = packed.outcome
         self.storage.put_validation(sid, Validation(o.key, o.mlpackage, o.size_bytes, o.avg_bits, o.structural_ok,
                                                     o.structural_detail, o.numeric_psnr, o.numeric_ok, o.runtime,
                                                     o.runtime_note, packed.node))
-        t0 = time.monotonic()
-        writer = self.packages.writer(sid, key)
-        try:
-            pieces = worker.pieces.options(num_returns="streaming",
-                                           _generator_backpressure_num_objects=IN_FLIGHT).remote(key)
-            for ref in pieces:
-                writer.write(self._wait(ref))
-            writer.commit(packed.size_bytes, packed.sha256)
-        except BaseException:
-            writer.abort()  # a partial zip is never kept
-            raise
-        seconds = time.monotonic() - t0
+        seconds = self._ship(worker, key, "mlpackage", SUFFIX, packed.size_bytes, packed.sha256)
         self.shipped_bytes += packed.size_bytes
         self.ship_s += seconds
         why = "" if o.structural_ok and o.numeric_ok is not False else (
             o.structural_detail if not o.structural_ok else o.numeric_detail)
         self.jobs.put_package(sid, PackageInfo(key, "shipped", why, self.packages.relative_path(sid, key),
                                                packed.size_bytes, packed.sha256, packed.node, seconds))
-        self.reporter.advance(PHASE)
         if why:
             self.reporter.message(f"[red]recipe {key} failed validation:[/] {why}")
 
+    def _bundle(self, worker, key: str) -> None:
+        """Build the recipe's Resources folder on the node and ship its zip; one whose checks
+        fail is stored as failed with why (and not shipped), and built again on resume."""
+        sid = self.search.id
+        packed, why = self._call(worker.bundle.remote(key), "build a bundle")
+        self.bundles_built += 1
+        if packed is None:
+            self.jobs.put_bundle(sid, BundleInfo(key, "failed", why, None, 0, "", {}, "", 0.0))
+            self.reporter.message(f"[red]the bundle of recipe {key} failed on the Core ML node:[/] {why}")
+            return
+        packed: PackedBundle
+        r = packed.result
+        for note in r.notes:
+            self.reporter.message(f"bundle of recipe {key}: {note}")
+        if not (r.structural_ok and r.numeric_ok is not False):
+            self.jobs.put_bundle(sid, BundleInfo(key, "failed", summary(r), None, r.total_bytes, "", packed.options,
+                                                 packed.node, r.seconds))
+            self.reporter.message(f"[red]the bundle of recipe {key} failed its checks:[/] {summary(r)}")
+            return
+        self.bundle_ship_s += self._ship(worker, key, "bundle", BUNDLE_SUFFIX, packed.size_bytes, packed.sha256)
+        self.bundle_bytes += packed.size_bytes
+        self.jobs.put_bundle(sid, BundleInfo(key, "shipped", summary(r),
+                                             self.packages.relative_path(sid, key, BUNDLE_SUFFIX), r.total_bytes,
+                                             packed.sha256, packed.options, packed.node, r.seconds,
+                                             packed.size_bytes))
 
 
 class CoreMLStage:

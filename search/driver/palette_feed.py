@@ -3,7 +3,9 @@
 The evaluators compute each candidate's fp16 bit-pattern histogram where its weight is (a
 ``torch.bincount`` on the GPU); the k-means itself (`workers.palettize.palette_from_histogram`,
 coremltools' ``kmeans1d``, so the palette and its digest are what the in-actor fit gives) runs
-as CPU tasks spread over the cluster's free cores, never inside the GPU actors. Every palette is
+as CPU tasks spread over the cluster's free cores, never inside the GPU actors. Under Apple's
+protocol a candidate under 10,000 elements comes as its float16 weight instead, and the task runs
+coremltools' own k-means call on it, as Apple's script does (`palette_from_sample`). Every palette is
 stored the moment it arrives, and the items that only waited for it (the isolated measurement
 of that layer at that depth) go to the evaluators at once.
 """
@@ -17,9 +19,9 @@ from ray.exceptions import RayError
 
 from search.driver.pool import ItemFailed
 from workers.evaluation.items import WorkItem
-from workers.palette_formats import palette_from_histograms
+from workers.palette_formats import palette_from_sample
 
-_fit = ray.remote(max_retries=3, retry_exceptions=False)(palette_from_histograms)
+_fit = ray.remote(max_retries=3, retry_exceptions=False)(palette_from_sample)
 
 
 def task_cpus(actor_cpus: float) -> tuple[float, int]:

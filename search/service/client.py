@@ -126,12 +126,15 @@ class Client:
     def post_validations(self, search_id: str, rows: list[dict]) -> dict:
         return self._json("POST", f"/searches/{_segment(search_id)}/coreml/validations", json=rows)
 
-    def download_package(self, search_id: str, key: str, fh) -> None:
-        """Append recipe ``key``'s zip to the open binary file ``fh`` in pieces, from its current
-        size on (a Range request: an interrupted download resumes)."""
+    def download_package(self, search_id: str, key: str, fh, kind: str = "mlpackage") -> None:
+        """Append recipe ``key``'s zip (``kind`` mlpackage: its Core ML package; bundle: its
+        Resources folder) to the open binary file ``fh`` in pieces, from its current size on (a
+        Range request: an interrupted download resumes)."""
+        if kind not in ("mlpackage", "bundle"):
+            raise ValueError(f"unknown kind {kind!r}")
         start = fh.tell()
         headers = {"Range": f"bytes={start}-"} if start else {}
-        path = f"/searches/{_segment(search_id)}/coreml/{_segment(key)}.mlpackage.zip"
+        path = f"/searches/{_segment(search_id)}/coreml/{_segment(key)}.{kind}.zip"
         try:
             with self.http.stream("GET", path, headers=headers) as r:
                 if r.status_code == 416:  # already whole
@@ -145,7 +148,8 @@ class Client:
                 for piece in r.iter_bytes(8 * 2**20):
                     fh.write(piece)
         except httpx.HTTPError as exc:
-            raise RemoteError(f"downloading the package of recipe {key} from {self.server} failed: {exc}") from None
+            what = "package" if kind == "mlpackage" else "bundle"
+            raise RemoteError(f"downloading the {what} of recipe {key} from {self.server} failed: {exc}") from None
 
 
 def _segment(search_id: str) -> str:

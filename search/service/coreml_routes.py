@@ -1,12 +1,13 @@
-"""The Core ML stage through the service: queue it for a search, read its jobs, packages and
-validations, download a package. An `APIRouter` that `search.service.app` includes; the app's
+"""The Core ML stage through the service: queue it for a search, read its jobs, packages, bundles
+and validations, download a package or a bundle (the recipe's Resources folder for Apple's Swift
+pipeline, zipped). An `APIRouter` that `search.service.app` includes; the app's
 token middleware covers every route here.
 
 ``POST /searches/{id}/coreml`` returns at once: for a completed search it starts the phase as a
 Ray task on the service's node (search.service.coreml_task); for a running one it is queued and
 the search's driver runs it after the recipes; an interrupted or failed one runs it when resumed.
-Packages are served from the service's data directory by the stored key, never by a path the
-user gives; a package is listed only once its zip is stored whole (search.driver.coreml_phase).
+Packages and bundles are served from the service's data directory by the stored key, never by a
+path the user gives; each is listed only once its zip is stored whole (search.driver.coreml_phase).
 """
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from common.clock import utcnow
 from common.errors import first_line
 from common.formats import LUT_SPELLING_PATTERN
-from search.read_models import coreml_progress
+from search.read_models import bundles, coreml_progress
 from search.service.progress_file import read_progress
 from search.submit_options import APPLY_HELP, COREML_NODE_HELP, parse_apply
 from search.service.requests import ApiError, checked_id, find_search
 from search.service.responses import errors
 from storage import Search
 from storage.coreml_store import CoreMLStore
-from storage.package_store import SUFFIX, PackageStore
+from storage.package_store import BUNDLE_SUFFIX, SUFFIX, PackageStore
 from storage.records import ACTIVE, STALE_AFTER_S
 
 router = APIRouter(tags=["coreml"])
@@ -77,7 +78,7 @@ def _view(service, s: Search) -> dict:
     return {"id": s.id, "status": s.effective_status(utcnow()), "phase": s.phase,
             "coreml": coreml_progress(service.storage, s),
             "validations": {k: asdict(v) for k, v in service.storage.validations(s.id).items()},
-            "progress": read_progress(_progress_path(service, s.id))}
+            "bundles": bundles(service.storage, s), "progress": read_progress(_progress_path(service, s.id))}
 
 
 def _launch(request: Request, s: Search) -> None:
@@ -133,7 +134,8 @@ def queue_coreml(search_id: str, request: Request, body: Annotated[Optional[Core
 
 @router.get("/searches/{search_id}/coreml", responses=errors(404, 409, 422))
 def coreml_status(search_id: str, request: Request) -> dict:
-    """The Core ML job of a search, its packages (size, sha256) and its validations."""
+    """The Core ML job of a search, its packages (size, sha256), its validations and its bundles
+    (the folder's total size; the zip's size and sha256 once shipped)."""
     service = _service(request)
     return _view(service, _search(service, search_id))
 
@@ -219,21 +221,28 @@ def here_validations(search_id: str, request: Request, body: list[ValidationBody
     206: {"description": "the requested byte range"}, 416: {"description": "range not satisfiable"},
     **errors(404, 409, 422)})
 def package_zip(search_id: str, name: str, request: Request):
-    """One recipe's package as a zip (``<key>.mlpackage.zip``); Range requests resume a download.
-    The ``X-Checksum-SHA256`` header is the digest of the whole zip."""
+    """One recipe's package as a zip (``<key>.mlpackage.zip``), or its Resources folder for
+    Apple's Swift pipeline (``<key>.bundle.zip``: one folder ``Resources/``); Range requests
+    resume a download. The ``X-Checksum-SHA256`` header is the digest of the whole zip."""
     service = _service(request)
     s = _search(service, search_id)
-    if not name.endswith(SUFFIX):
-        raise ApiError(404, f"no package '{name[:80]}': ask for <recipe key>{SUFFIX}")
-    key = name[: -len(SUFFIX)]
-    packages = CoreMLStore(service.storage).packages(s.id)
-    p = packages.get(key)
+    store = CoreMLStore(service.storage)
+    if name.endswith(SUFFIX):
+        key, what = name[: -len(SUFFIX)], "package"
+        p = store.packages(s.id).get(key)
+        path, size, sha256 = (p.path, p.size_bytes, p.sha256) if p is not None else (None, 0, "")
+    elif name.endswith(BUNDLE_SUFFIX):
+        key, what = name[: -len(BUNDLE_SUFFIX)], "bundle"
+        p = store.bundles(s.id).get(key)
+        path, size, sha256 = (p.path, p.zip_bytes, p.sha256) if p is not None else (None, 0, "")
+    else:
+        raise ApiError(404, f"no package '{name[:80]}': ask for <recipe key>{SUFFIX} or <recipe key>{BUNDLE_SUFFIX}")
     if p is None or p.status != "shipped":
         why = f" ({p.detail})" if p is not None and p.detail else ""
-        raise ApiError(404, f"search {s.id} has no package for recipe '{key[:80]}'{why}")
-    store = PackageStore(service.packages_dir)
-    path = store.path(p.path).resolve()
-    if not path.is_relative_to(store.root) or not store.complete(p.path, p.size_bytes):
-        raise ApiError(404, f"the package of recipe '{key}' is missing on the server; apply it again")
-    return FileResponse(path, media_type="application/zip", filename=f"{s.id}-{name}",
-                        headers={"X-Checksum-SHA256": p.sha256})
+        raise ApiError(404, f"search {s.id} has no {what} for recipe '{key[:80]}'{why[:300]}")
+    packages = PackageStore(service.packages_dir)
+    file = packages.path(path).resolve()
+    if not file.is_relative_to(packages.root) or not packages.complete(path, size):
+        raise ApiError(404, f"the {what} of recipe '{key[:80]}' is missing on the server; apply it again")
+    return FileResponse(file, media_type="application/zip", filename=f"{s.id}-{name}",
+                        headers={"X-Checksum-SHA256": sha256})

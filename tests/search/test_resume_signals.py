@@ -102,3 +102,15 @@ def test_two_concurrent_searches_on_one_database(tmp_path, model_cache):
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
     for r in rows:
         assert r["measurements"] == {"isolated": 26, "cumulative": 26, "floor": floor_probes(26)}
+    # Concurrent for real: each search stored results while the other was storing its own.
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        times = {sid: [t for (t,) in con.execute("SELECT created_at FROM measurements WHERE search_id = ? "
+                                                 "ORDER BY created_at", (sid,))] for sid in (r["id"] for r in rows)}
+    finally:
+        con.close()
+    (a, ta), (b, tb) = times.items()
+    a_in_b = sum(tb[0] <= t <= tb[-1] for t in ta)
+    b_in_a = sum(ta[0] <= t <= ta[-1] for t in tb)
+    assert a_in_b >= 5 and b_in_a >= 5, (a_in_b, b_in_a, ta[0], ta[-1], tb[0], tb[-1])
+    print(f"\nresults stored within the other search's span: {a_in_b} of {len(ta)}, {b_in_a} of {len(tb)}")

@@ -55,6 +55,7 @@ class CoreMLJob:
     device: str | None = None  # torch device of the numeric check (None: as the search's evaluators)
     weights: object = None  # workers.weights.WeightsManifest: the model's files shipped by the driver
     spec: object = None  # the driver's workers.models.ModelSpec, with ``weights`` (None: resolve ``model`` here)
+    bundle: object = None  # action "bundle": workers.coreml.bundle.build.BundleJob
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class JobResult:
     base_cached: bool
     outcomes: tuple[RecipeOutcome, ...]
     seconds: float
+    bundles: tuple = ()  # workers.coreml.bundle.build.BundleResult, for action "bundle"
 
 
 def _evaluator(job: CoreMLJob):
@@ -219,9 +221,14 @@ def run_job(job: CoreMLJob) -> JobResult:
     from workers.models import denoiser_fingerprint
 
     t0 = time.perf_counter()
-    if job.action not in ("apply", "validate"):
+    if job.action not in ("apply", "validate", "bundle"):
         raise CoreMLError(f"unknown Core ML job action {job.action!r}")
     ev = _evaluator(job)
+    if job.action == "bundle":
+        from workers.coreml.bundle.build import build_bundle
+
+        result = build_bundle(job.bundle, ev)
+        return JobResult(socket.gethostname(), None, True, False, (), time.perf_counter() - t0, (result,))
     fingerprint = job.fingerprint or denoiser_fingerprint(ev.denoiser)
     if job.action == "apply":
         base, outcomes = apply_job(job, ev, fingerprint)

@@ -30,6 +30,7 @@ from workers.evaluation.signal import SignalRunner, SignalSpec
 from workers.evaluation.weight_swap import InPlaceSwap, palettize_like_apple, weighted_modules
 from workers.models import (ModelError, ModelSpec, candidate_layers, denoiser_fingerprint, denoiser_of, load_pipeline,
                             pick_device)
+from workers.apple_kmeans import takes_sklearn
 from workers.palette_formats import PALETTES, dequantize_torch, fit_palette
 from workers.palettize import Palette, linear_8bit
 
@@ -79,6 +80,7 @@ class Evaluator:
             from workers.weights import local_copy
 
             spec = dataclasses.replace(spec, source="local", location=str(local_copy(weights, spec.requested)))
+        self.spec = spec  # what was loaded (the Core ML bundle reads its family)
         self.pipe = load_pipeline(spec, device=self.device, dtype=self.dtype)
         self.denoiser = denoiser = denoiser_of(self.pipe)
         with torch.no_grad():  # the reference is the float16 model, whatever the compute dtype
@@ -140,9 +142,13 @@ class Evaluator:
     def histogram(self, item: WorkItem) -> np.ndarray:
         """The fp16 bit-pattern histogram of a candidate, computed where its weight is (one per
         channel group when ``item.bits`` is a grouped format); the palettes are fitted from it by
-        CPU tasks (`workers.palette_formats.palette_from_histograms`)."""
+        CPU tasks (`workers.palette_formats.palette_from_sample`). Under Apple's protocol a weight
+        under 10,000 elements is sent itself, in float16: its k-means (scikit-learn's, as Apple's
+        call) depends on more than the histogram."""
         weight = self.modules[item.layer].weight.data
         if item.bits is None or not item.bits.grouped:
+            if self.protocol == "apple" and takes_sklearn(weight.numel()):
+                return weight.to(torch.float16).cpu().numpy()
             return histogram_torch(weight)
         return histogram_torch(weight, weight.shape[0] // item.bits.group_size)
 
@@ -152,7 +158,7 @@ class Evaluator:
     def fit_palette(self, item: WorkItem) -> PaletteResult:
         t0 = time.perf_counter()
         w = self._weight16(item.layer).cpu().numpy()
-        palette = fit_palette(w, item.bits)
+        palette = fit_palette(w, item.bits, apple=self.protocol == "apple")
         self._palettes[(item.layer, item.bits)] = palette
         return PaletteResult(item.key, item.layer, item.bits, palette, self.node, self.worker, time.perf_counter() - t0)
 
@@ -174,7 +180,8 @@ class Evaluator:
         pristine weight, as Apple's recipe step palettizes the pristine pipeline."""
         key = (layer, bits)
         if key not in self._pristine_palettes:
-            self._pristine_palettes[key] = fit_palette(self.pristine[layer].to(torch.float16).cpu().numpy(), bits)
+            self._pristine_palettes[key] = fit_palette(self.pristine[layer].to(torch.float16).cpu().numpy(), bits,
+                                                       apple=self.protocol == "apple")
         return self._pristine_palettes[key]
 
     def _on_pristine(self, item: WorkItem) -> bool:

@@ -139,7 +139,6 @@ function searchView(sid) {
         const b = ev.target.closest("button[data-act]");
         if (b) action(sid, b.dataset.act, root.querySelector("#action-error")).then(() => this.refresh(root));
       });
-      coreml(sid, root.querySelector("#downloads"));
     },
     async refresh(root) {
       const charts = json(`/searches/${sid}/measurements`, { headers: etag ? { "If-None-Match": etag } : {} });
@@ -169,6 +168,7 @@ best so far: ${best(d.best)} ${act}</p>`;
         return `<tr><td class="key">${esc(r.key)}</td><td>${esc(r.strategy)}</td><td class="num">${num(r.avg_bits, 2)}</td><td class="num">${num(r.size_mb, 1)}</td><td class="num">${num(r.predicted_psnr, 2)}</td><td class="num">${num(r.psnr, 2)}</td><td>${val}</td></tr>`;
       }).join("") || `<tr><td colspan="7" class="muted">no recipes yet</td></tr>`;
       root.querySelector("#messages").textContent = (d.messages || []).join("\n").replace(/\[\/?[a-z ]+\]/g, "");
+      coremlLinks(sid, root.querySelector("#downloads"), d);
       const m = await charts;
       if (m.status !== 304) {
         etag = m.etag;
@@ -192,19 +192,25 @@ async function download(path, name) {
   setTimeout(() => URL.revokeObjectURL(url), 10000);
 }
 
-// Core ML packages, once the service keeps them (GET /searches/{id}/coreml): listed when the route answers.
-async function coreml(sid, list) {
-  const r = await mbpAuth.fetch(`/searches/${sid}/coreml`);
-  if (!r.ok) return;
-  const body = await r.json().catch(() => null);
-  const items = Array.isArray(body) ? body : (body && (body.packages || body.items)) || [];
-  for (const it of items) {
-    const href = it.url || it.href || it.download;
-    if (!href || !href.startsWith("/")) continue;
-    const li = document.createElement("li");
-    li.innerHTML = `<a href="#" data-dl="${esc(href)}" data-name="${esc(it.name || it.recipe_key || "model")}.zip">Core ML package ${esc(it.recipe_key || it.name || "")}</a>`;
-    list.appendChild(li);
+// The Core ML packages and bundles (Resources folders for Apple's Swift pipeline) the service keeps,
+// from the search's detail (coreml.packages, bundles): a download link each, with its size, once its
+// zip is stored whole (status "shipped"). Redrawn only when that list changes.
+function coremlLinks(sid, list, d) {
+  const mb = (bytes) => `${num(bytes / 1e6, 2)} MB`;
+  const items = [];
+  for (const [key, p] of Object.entries((d.coreml && d.coreml.packages) || {})) {
+    if (p.status === "shipped") items.push([`${key}.mlpackage.zip`, `Core ML package ${key} (${mb(p.size_bytes)} zip)`]);
   }
+  for (const [key, b] of Object.entries(d.bundles || {})) {
+    if (b.status === "shipped") {
+      items.push([`${key}.bundle.zip`, `Resources folder for Apple's Swift pipeline, recipe ${key}: ${mb(b.total_bytes)} (${mb(b.zip_bytes)} zip)`]);
+    }
+  }
+  const html = items.map(([name, text]) => `<li class="coreml-dl"><a href="#" data-dl="/searches/${sid}/coreml/${encodeURIComponent(name)}" data-name="${esc(`${sid}-${name}`)}">${esc(text)}</a></li>`).join("");
+  if (list.dataset.coreml === html) return;
+  list.dataset.coreml = html;
+  list.querySelectorAll("li.coreml-dl").forEach((li) => li.remove());
+  list.insertAdjacentHTML("beforeend", html);
 }
 
 // ---------------------------------------------------------------- compare
