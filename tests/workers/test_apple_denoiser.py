@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.coreml.bundle import neural_engine
+from workers.coreml.bundle import attention as ane_attention
 from workers.coreml.bundle.contract import ATTENTIONS, BundleOptions
 from workers.coreml.bundle.denoiser import AppleDenoiser, apple_denoiser_inputs, convert_apple_denoiser, example_inputs
 from workers.coreml.common import CoreMLError, describe_program, iter_ops, load_mlmodel, match_layers, read_program
@@ -97,7 +97,7 @@ def assert_same_function(denoiser, family, attention):
 def test_rewrite_equals_diffusers(perturbed, family, attention, monkeypatch):
     # v2 chunks queries 512 at a time; tiny latents have 64 (SD3: 64 + 154) tokens, so use chunks of 24 to
     # exercise the chunking and its remainder on the real models.
-    monkeypatch.setattr(neural_engine, "QUERY_CHUNK", 24)
+    monkeypatch.setattr(ane_attention, "QUERY_CHUNK", 24)
     assert_same_function(perturbed[family], family, attention)
 
 
@@ -123,7 +123,7 @@ def test_attention_equals_scaled_dot_product(attention):
     heads, d, b = 4, 16, 2
     for sq, sk in ((1100, 1100), (1100, 77)):
         q, k, v = (torch.randn(b, heads * d, 1, s, generator=g) for s in (sq, sk, sk))
-        ours = neural_engine.attend(q, k, v, heads, d ** -0.5, attention)
+        ours = ane_attention.attend(q, k, v, heads, d ** -0.5, attention)
         split = lambda x: x.reshape(b, heads, d, -1).transpose(2, 3)  # noqa: E731 (B, heads, S, d)
         ref = F.scaled_dot_product_attention(split(q), split(k), split(v))
         ref = ref.transpose(2, 3).reshape(b, heads * d, 1, sq)

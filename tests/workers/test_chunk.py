@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.coreml.bundle.chunk import check_chunks, chunk_package
+from workers.coreml.bundle.chunk import chunk_package
+from workers.coreml.bundle.chunk_check import check_chunks
 from workers.coreml.common import CoreMLError
 
 logging.getLogger("coremltools").setLevel(logging.ERROR)

@@ -173,7 +173,8 @@ def latent_hw(denoiser, options: BundleOptions) -> tuple[int, int]:
 
 def _denoiser(job: BundleJob, ev, family: str, partial: Path) -> tuple[str, list[Path], object, int]:
     """Convert, palettize with the search's LUTs, check, optionally chunk: (target, packages, checks, n)."""
-    from workers.coreml.bundle.chunk import check_chunks, chunk_package
+    from workers.coreml.bundle.chunk import chunk_package
+    from workers.coreml.bundle.chunk_check import check_chunks
     from workers.coreml.bundle.denoiser import convert_apple_denoiser
 
     name = denoiser_name(family)
