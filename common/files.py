@@ -1,6 +1,8 @@
-"""Atomic file writes: readers never see a half-written file or directory, a crash leaves the old one."""
+"""Atomic file writes (readers never see a half-written file or directory, a crash leaves the old one),
+and a file's sha256 read in blocks."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -37,3 +39,12 @@ def publish_dir(tmp: Path | str, final: Path | str) -> None:
         os.replace(final, stale / final.name)
         shutil.rmtree(stale, ignore_errors=True)
     os.replace(tmp, final)
+
+
+def sha256_of(path: Path | str, block: int = 8 * 2**20) -> str:
+    """The file's sha256, read ``block`` bytes at a time (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

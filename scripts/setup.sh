@@ -20,6 +20,12 @@ if ! "$VENV/bin/python" -c "import search, workers, storage, ray, coremltools, p
   $PIP install -q -e ".[test]"
   touch "$VENV/.mbp-installed"
 fi
+# The Core AI target (`search bundle --target coreai`, issue 36): the coreai extra, --no-deps because
+# coreai-core declares numpy>=2.3 while this project pins numpy<2.3 (it runs with 2.2.6).
+if ! "$VENV/bin/python" -c "import coreai.runtime, coreai_torch, coreai_opt" 2>/dev/null; then
+  $PIP install -q --no-deps coreai-torch==0.4.3 coreai-opt==0.4.0 coreai-core==1.0.0b3 ml_dtypes==0.6.0 \
+    torchao==0.18.0 StrEnum==0.5.0 yuvio==1.6 ninja==1.13.2 psutil==7.2.2
+fi
 # Compile the k-means once (numba caches it next to the module), so the first search and every
 # palette task load it in a fraction of a second instead of compiling it each.
 "$VENV/bin/python" -m workers.kmeans1d_fast

@@ -13,7 +13,8 @@ from search.defaults import REFINE_EVALS
 PRECISIONS = ("auto", "float16", "float32")
 STRATEGIES = ("apple", "optimal")
 EVALS = ("full", "fast")
-EXECUTION_ONLY = ("prefix_reuse", "compile")
+EXECUTION_ONLY = ("prefix_reuse", "compile", "reuse", "reuse_across_devices")
+GALLERY_FIELDS = ("gallery", "gallery_steps", "gallery_resolution")  # images after the recipes: not measured
 
 
 class ConfigError(ValueError):
@@ -117,9 +118,17 @@ class SearchConfig:
     protocol: str = "apple"               # what a PSNR means (workers.evaluation.protocol)
     default_nbits: int = FLOAT16_BITS               # Apple's --default-nbits: every weight palettized first, fallback depth
     refine_evals: int = REFINE_EVALS       # measured refinement per optimal target (0: one-shot)
+    loras: tuple[str, ...] = ()           # single-file checkpoints: LoRAs fused first, "PATH:SCALE"
+    config_dir: str | None = None         # single-file checkpoints: --config, the diffusers configs they load with
     # How the evaluators run, not what they measure (left out of the fingerprint):
     prefix_reuse: bool = True             # resume each forward at the first changed module (bit-identical)
     compile: bool = False                 # torch.compile the UNet's blocks
+    reuse: bool = True                    # copy stored measurements with the same key (docs/reuse.md)
+    reuse_across_devices: bool = False    # ... also those measured on another device class
+    # The gallery after the recipes (docs/gallery.md; also left out of the fingerprint):
+    gallery: bool = True                  # images of float16, linear_8bit and every recipe
+    gallery_steps: int | None = None      # None: 20, or a few-step model's own count
+    gallery_resolution: int | None = None  # None: the model's native resolution
 
     def __post_init__(self) -> None:
         nbits = _formats(self.nbits, "palette format")
@@ -136,7 +145,7 @@ class SearchConfig:
                               f"got {self.default_nbits}")
         if is_palettized(self.default_nbits) and self.protocol != "apple":
             raise ConfigError("--default-nbits is part of Apple's protocol: use it with --protocol apple")
-        for flag in ("prefix_reuse", "compile"):
+        for flag in EXECUTION_ONLY:
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"--{flag.replace('_', '-')} is a switch (true or false), got {getattr(self, flag)!r}")
         if not isinstance(self.num_recipes, int) or not 1 <= self.num_recipes <= 100:
@@ -144,9 +153,13 @@ class SearchConfig:
         if not isinstance(self.min_size, int) or self.min_size < 0:
             raise ConfigError(f"--min-size must be a non-negative integer, got {self.min_size}")
         self._check_strategy()
+        self._check_gallery()
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         object.__setattr__(self, "images", tuple(self.images))
+        object.__setattr__(self, "loras", tuple(self.loras))
+        if any(not isinstance(x, str) for x in self.loras) or not isinstance(self.config_dir, (str, type(None))):
+            raise ConfigError("--lora takes FILE[:SCALE] and --config a folder")
         try:
             self.signal_spec(load_images=False)
         except ValueError as exc:
@@ -182,6 +195,15 @@ class SearchConfig:
         elif "apple" in self.strategy and not self.curves:
             raise ConfigError("the Apple strategy needs cumulative curves; drop --no-curves")
 
+    def _check_gallery(self) -> None:
+        if not isinstance(self.gallery, bool):
+            raise ConfigError(f"--gallery is a switch (true or false), got {self.gallery!r}")
+        steps, res = self.gallery_steps, self.gallery_resolution
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000):
+            raise ConfigError(f"--gallery-steps must be an integer between 1 and 1000, got {steps}")
+        if res is not None and (isinstance(res, bool) or not isinstance(res, int) or not 8 <= res <= 4096 or res % 8):
+            raise ConfigError(f"--gallery-resolution must be a multiple of 8 pixels between 8 and 4096, got {res}")
+
     def optimal_targets(self) -> tuple[float, ...]:
         """Requested targets, else num_recipes budgets spread over the searched bit depths."""
         if self.targets:
@@ -212,6 +234,13 @@ class SearchConfig:
             d["images"] = list(d["images"])
         else:  # text-to-image: the dict (and fingerprint) of earlier releases
             del d["images"]
+        d["loras"] = list(d["loras"])
+        for key in ("loras", "config_dir"):  # only single-file searches store them (older fingerprints hold)
+            if not d[key]:
+                del d[key]
+        for key, default in (("gallery", True), ("gallery_steps", None), ("gallery_resolution", None)):
+            if d[key] == default:  # the stored config of earlier releases
+                del d[key]
         return d
 
     @classmethod
@@ -220,7 +249,7 @@ class SearchConfig:
         d.pop("extra", None)  # an always-empty field of earlier releases, still in their stored configs
         d.setdefault("protocol", "classic")  # searches stored before protocols existed measured this way
         d.setdefault("refine_evals", 0)  # stored before measured refinement: one-shot
-        for key in ("nbits", "prompts", "strategy", "targets", "anchors", "images"):
+        for key in ("nbits", "prompts", "strategy", "targets", "anchors", "images", "loras"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -228,5 +257,5 @@ class SearchConfig:
     def fingerprint(self) -> str:
         """Identity of a search for duplicate detection and resume (what it measures: execution
         switches such as prefix reuse and compile give the same numbers)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in EXECUTION_ONLY}
+        d = {k: v for k, v in self.to_dict().items() if k not in EXECUTION_ONLY + GALLERY_FIELDS}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

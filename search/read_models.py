@@ -25,7 +25,8 @@ def search_summary(storage: Storage, s: Search, now: datetime | None = None) -> 
     """A row of `search list` / ``GET /searches``."""
     return {"id": s.id, "model": s.model, "model_version": s.model_version,
             "status": s.effective_status(now or utcnow()), "phase": s.phase, "created_at": iso(s.created_at),
-            "evaluations": s.evaluations, "measurements": storage.count_measurements(s.id), "error": s.error,
+            "evaluations": s.evaluations, "reused": s.reused,  # copied from other searches (docs/reuse.md)
+            "measurements": storage.count_measurements(s.id), "error": s.error,
             "preparing": preparing(s), "coreml": coreml_progress(storage, s)}
 
 
@@ -109,8 +110,37 @@ def search_detail(storage: Storage, s: Search, now: datetime | None = None) -> d
         bundles=bundles(storage, s),
         counts=phase_counts(storage, s, pairs),
         eval_floor=eval_floor(storage, s),
+        gallery=gallery(storage, s, images=False),
     )
     return info
+
+
+def gallery(storage: Storage, s: Search, running: bool = False, images: bool = True) -> dict:
+    """The gallery of a search (docs/gallery.md): status missing | running | done, the prompts, and
+    one row per float16 / linear_8bit / recipe with its image PSNR/SSIM mean and worst prompt (and,
+    with ``images``, each image's metrics, sha256 and URL). Never a file path."""
+    from search.driver.gallery_phase import PHASE, gallery_rows
+    from storage.gallery_store import GalleryStore
+
+    prompts = list(s.config.get("prompts") or [])
+    stored = {(r.row, r.prompt): r for r in GalleryStore(storage).images(s.id)}
+    bits = {r.key: r.avg_bits for r in storage.recipes(s.id)}
+    rows = []
+    for key, _, _ in gallery_rows(storage, s.id):
+        mine = [stored[(key, i)] for i in range(len(prompts)) if (key, i) in stored]
+        finite = [r for r in mine if r.psnr is not None]
+        row = {"key": key, "avg_bits": bits.get(key), "images_done": len(mine),
+               "psnr_mean": sum(r.psnr for r in finite) / len(finite) if finite else None,
+               "ssim_mean": sum(r.ssim for r in mine) / len(mine) if mine else None,
+               "worst_prompt": min(finite, key=lambda r: (r.psnr, r.prompt)).prompt if finite else None}
+        if images:
+            row["images"] = [{"prompt": r.prompt, "psnr": r.psnr, "ssim": r.ssim, "sha256": r.sha256,
+                              "url": f"/searches/{s.id}/images/{key}/{r.prompt}.png"} for r in mine]
+        rows.append(row)
+    complete = bool(prompts) and all(r["images_done"] == len(prompts) for r in rows)
+    active = s.effective_status(utcnow()) in ("pending", "running", "cancelling") and s.phase == PHASE
+    status = "done" if complete else "running" if running or active else "missing"
+    return {"status": status, "prompts": prompts, "rows": rows}
 
 
 def eval_floor(storage: Storage, s: Search) -> dict | None:
@@ -134,7 +164,13 @@ def recipes_json(storage: Storage, s: Search) -> str:
     from search.recipes.apple_json import to_apple_json
     from search.recipes.tables import build_report
 
-    return json.dumps(to_apple_json(build_report(storage, s)), indent=2, allow_nan=False) + "\n"
+    report = build_report(storage, s)
+    shots = gallery(storage, s, images=False)
+    if any(r["images_done"] for r in shots["rows"]):  # the gallery's image metrics (docs/gallery.md)
+        report.extra["gallery"] = {r["key"]: {"image_psnr_mean": r["psnr_mean"], "image_ssim_mean": r["ssim_mean"],
+                                              "worst_prompt": r["worst_prompt"], "images": r["images_done"]}
+                                   for r in shots["rows"]}
+    return json.dumps(to_apple_json(report), indent=2, allow_nan=False) + "\n"
 
 
 def plot_png(storage: Storage, s: Search) -> bytes:

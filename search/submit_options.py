@@ -102,6 +102,37 @@ def _folder(value):
     return str(Path(value).expanduser().resolve()) if _given(value) else None
 
 
+def _loras(value):
+    """``--lora FILE[:SCALE]`` (repeatable) -> ("ABSOLUTE_PATH:SCALE", ...): checked here (file exists, scale a
+    number), read and fused when the search is prepared (workers.lora)."""
+    from search.config import ConfigError
+    from workers.lora import parse_lora
+    from workers.model_spec import ModelError
+
+    if not _given(value):
+        return None
+    out = []
+    for text in ([value] if isinstance(value, str) else value):
+        try:
+            path, scale = parse_lora(text)
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from None
+        out.append(f"{path}:{scale!r}")
+    return tuple(out)
+
+
+def _config_dir(value):
+    """``--config DIR``: a diffusers pipeline directory (model_index.json and configs), absolute."""
+    from search.config import ConfigError
+
+    if not _given(value):
+        return None
+    path = Path(value).expanduser().resolve()
+    if not (path / "model_index.json").is_file():
+        raise ConfigError(f"--config '{value}' is not a diffusers pipeline directory (no model_index.json)")
+    return str(path)
+
+
 def _prompts(value):
     """The prompts themselves (the CLI reads them from its --prompts file first)."""
     from search.config import ConfigError
@@ -145,7 +176,9 @@ SEARCH_OPTIONS: tuple[SearchOption, ...] = (
                  "transformers, the model card's for few-step models]"),
     SearchOption("images_dir", ("--images",), Optional[Path], None, "image-to-image pipelines: a folder of images "
                  "(one per prompt, in name order) [default: Apple's 8 COCO photographs, fetched once into the "
-                 "model cache]", json_type=Optional[str], parse=_folder),
+                 "model cache]", json_type=Optional[str], parse=_folder,
+                 json_field=dict(description="image-to-image pipelines: a folder on the server, accepted only under "
+                                 "its --allow-images-dir; otherwise send the images themselves as images")),
     SearchOption("resolution", ("--resolution",), Optional[int], None, "image size in pixels (default: 768 under the apple "
                  "protocol, the tiny models' own 64; classic: the model's default)"),
     SearchOption("batch_size", ("--batch-size",), int, 0, "prompts per pipeline call [0: all]"),
@@ -167,6 +200,24 @@ SEARCH_OPTIONS: tuple[SearchOption, ...] = (
                  "of compiling per evaluator; weights are swapped in place, so nothing recompiles)"),
     SearchOption("curves", ("--curves/--no-curves",), Optional[bool], None, "cumulative curves [default: only for "
                  "the apple strategy]"),
+    SearchOption("loras", ("--lora",), Optional[list[str]], None, "single-file checkpoints: a LoRA to fuse into the "
+                 "weights first, FILE[:SCALE] (kohya, A1111 or diffusers format; scale 1 by default); repeatable",
+                 json_type=Optional[list[str]], parse=_loras),
+    SearchOption("config_dir", ("--config",), Optional[Path], None, "single-file checkpoints of a non-standard "
+                 "shape: a diffusers pipeline directory whose configs (and tokenizers) they are loaded with",
+                 json_type=Optional[str], parse=_config_dir),
+    SearchOption("reuse", ("--reuse/--no-reuse",), bool, True, "copy every measurement an earlier search in this "
+                 "database made with the same model, protocol and device class instead of running it again "
+                 "(docs/reuse.md); --no-reuse measures everything"),
+    SearchOption("reuse_across_devices", ("--reuse-across-devices",), bool, False, "also reuse measurements made on "
+                 "another device class (CUDA, MPS, CPU) in the same precision"),
+    SearchOption("gallery", ("--gallery/--no-gallery",), bool, True, "after the recipes, generate full images of "
+                 "the float16 model, linear 8-bit and every recipe (the search's prompts and seeds) and score them "
+                 "with image PSNR/SSIM (docs/gallery.md)"),
+    SearchOption("gallery_steps", ("--gallery-steps",), Optional[int], None, "denoising steps of the gallery's "
+                 "images [default: 20; a few-step model's own count]"),
+    SearchOption("gallery_resolution", ("--gallery-resolution",), Optional[int], None, "the gallery's image size in "
+                 "pixels [default: the model's native resolution]"),
 )
 
 

@@ -25,7 +25,8 @@ def _search(row: s.SearchRow) -> Search:
         config_hash=row.config_hash, status=row.status, phase=row.phase, error=row.error, owner=row.owner,
         created_at=row.created_at, updated_at=row.updated_at, heartbeat_at=row.heartbeat_at,
         finished_at=row.finished_at, evaluations=row.evaluations, elapsed_s=row.elapsed_s,
-        request_hash=row.request_hash, prepare_done=row.prepare_done, prepare_total=row.prepare_total)
+        request_hash=row.request_hash, prepare_done=row.prepare_done, prepare_total=row.prepare_total,
+        reused=row.reused or 0)
 
 
 def _recipe(row: s.RecipeRow) -> StoredRecipe:
@@ -182,7 +183,8 @@ class Storage:
         fmt = PaletteFormat.of(info.bits)
         stmt = insert(s.PaletteRow).values(search_id=search_id, layer=info.layer, bits=fmt.bits,
                                            group_size=fmt.group_size or 0, digest=info.digest,
-                                           weight_mse=info.weight_mse, path=info.path).on_conflict_do_nothing()
+                                           weight_mse=info.weight_mse, path=info.path, reuse_key=info.reuse_key,
+                                           reused_from=info.reused_from).on_conflict_do_nothing()
         with self.session_scope() as db:
             return db.execute(stmt).rowcount == 1
 
@@ -194,19 +196,21 @@ class Storage:
 
     # -- measurements ---------------------------------------------------------------------
     def add_measurement(self, search_id: str, m: Measurement) -> bool:
-        """Insert once; a second insert of the same key is a no-op (returns False)."""
+        """Insert once; a second insert of the same key is a no-op (returns False). One copied from
+        another search (``reused_from``) counts as reused, not as an evaluation."""
         fmt = None if m.bits is None else PaletteFormat.of(m.bits)
         stmt = insert(s.MeasurementRow).values(
             search_id=search_id, key=m.key, phase=m.phase, bits=fmt and fmt.bits, group_size=fmt and fmt.group_size or 0,
             layer=m.layer, position=m.position,
             psnr=m.psnr, per_prompt_json=json.dumps(list(m.per_prompt)), node=m.node, worker=m.worker,
-            duration_s=m.duration_s, created_at=utcnow(),
-        ).on_conflict_do_nothing()
+            duration_s=m.duration_s, created_at=utcnow(), reuse_key=m.reuse_key, reuse_device=m.reuse_device,
+            reused_from=m.reused_from).on_conflict_do_nothing()
+        counter = "reused" if m.reused_from else "evaluations"
         with self.session_scope() as db:
             inserted = db.execute(stmt).rowcount == 1
             if inserted:
                 db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(
-                    evaluations=s.SearchRow.evaluations + 1, heartbeat_at=utcnow()))
+                    {counter: getattr(s.SearchRow, counter) + 1, "heartbeat_at": utcnow()}))
             return inserted
 
     def measurements(self, search_id: str, phase: str | None = None) -> list[Measurement]:
@@ -233,13 +237,15 @@ class Storage:
     # -- baselines ------------------------------------------------------------------------
     def add_baseline(self, search_id: str, b: Baseline) -> bool:
         stmt = insert(s.BaselineRow).values(search_id=search_id, name=b.name, psnr=b.psnr, node=b.node,
-                                            per_prompt_json=json.dumps(list(b.per_prompt)),
-                                            duration_s=b.duration_s).on_conflict_do_nothing()
+                                            per_prompt_json=json.dumps(list(b.per_prompt)), duration_s=b.duration_s,
+                                            reuse_key=b.reuse_key, reuse_device=b.reuse_device,
+                                            reused_from=b.reused_from).on_conflict_do_nothing()
+        counter = "reused" if b.reused_from else "evaluations"  # as add_measurement
         with self.session_scope() as db:
             inserted = db.execute(stmt).rowcount == 1
             if inserted:
                 db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(
-                    evaluations=s.SearchRow.evaluations + 1))
+                    {counter: getattr(s.SearchRow, counter) + 1}))
             return inserted
 
     def baselines(self, search_id: str) -> dict[str, Baseline]:

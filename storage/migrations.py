@@ -63,8 +63,32 @@ def _v6_bundles(conn: Connection) -> None:
     schema.Base.metadata.create_all(conn, tables=[t.__table__ for t in schema.V6_TABLES])
 
 
+def _measurement_reuse(conn: Connection) -> None:
+    """Measurements shared across searches (docs/reuse.md): the key of what determines a value
+    (``storage.measurement_keys``), indexed, on measurements, baselines and palettes; where a
+    reused value came from; a search's count of reused results. Rows stored before this step
+    keep a NULL key (which evaluator dtype measured them is not stored): they are never reused."""
+    def columns(table: str) -> set[str]:
+        return {row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info({table})")}
+
+    if "reused" not in columns("searches"):
+        conn.exec_driver_sql("ALTER TABLE searches ADD COLUMN reused INTEGER NOT NULL DEFAULT 0")
+    for table, extra in (("measurements", ("reuse_device",)), ("baselines", ("reuse_device",)), ("palettes", ())):
+        have = columns(table)
+        for name in ("reuse_key", *extra, "reused_from"):
+            if name not in have:
+                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} VARCHAR(64)")
+        conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS ix_{table}_reuse_key ON {table} (reuse_key)")
+
+
+def _gallery_images(conn: Connection) -> None:
+    """The gallery's images per recipe and prompt (issue 31)."""
+    schema.Base.metadata.create_all(conn, tables=[t.__table__ for t in schema.GALLERY_TABLES])
+
+
 STEPS: list[Callable[[Connection], None]] = [_v1_initial, _v2_validations, _v3_preparing, _v4_palette_formats,
-                                             _v5_coreml, _v6_bundles]
+                                             _v5_coreml, _v6_bundles, _measurement_reuse,
+                                             _gallery_images]
 LATEST_VERSION = len(STEPS)
 
 

@@ -38,6 +38,7 @@ class Search:
     request_hash: str | None = None   # model + options as submitted (duplicates while preparing)
     prepare_done: int | None = None   # bytes of weights fetched while preparing
     prepare_total: int | None = None  # bytes to fetch (0: not known yet)
+    reused: int = 0                   # results copied from other searches (`evaluations` counts only runs)
 
     @property
     def prepared(self) -> bool:
@@ -78,6 +79,8 @@ class PaletteInfo:
     digest: str
     weight_mse: float
     path: str
+    reuse_key: str | None = None     # storage.measurement_keys.palette_key; None: never reused
+    reused_from: str | None = None   # the search that fitted it, when copied from another search
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,9 @@ class Measurement:
     node: str
     worker: str
     duration_s: float
+    reuse_key: str | None = None     # storage.measurement_keys; None: never reused (rows from before keys)
+    reuse_device: str | None = None  # device class of the evaluators that measured it (cuda, mps, cpu)
+    reused_from: str | None = None   # the search that measured it, when copied from another search
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,9 @@ class Baseline:
     per_prompt: tuple[float, ...]
     node: str
     duration_s: float
+    reuse_key: str | None = None     # as Measurement's
+    reuse_device: str | None = None
+    reused_from: str | None = None
 
 
 @dataclass(frozen=True)

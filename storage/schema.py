@@ -37,6 +37,7 @@ class SearchRow(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # model + options
     prepare_done: Mapped[int | None] = mapped_column(Integer, nullable=True)   # bytes of weights fetched
     prepare_total: Mapped[int | None] = mapped_column(Integer, nullable=True)  # bytes to fetch (0: unknown)
+    reused: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # results copied (docs/reuse.md)
 
 
 class LayerRow(Base):
@@ -62,6 +63,8 @@ class PaletteRow(Base):
     digest: Mapped[str] = mapped_column(String(64))
     weight_mse: Mapped[float] = mapped_column(Float)
     path: Mapped[str] = mapped_column(Text)  # relative to the palette store root
+    reuse_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # storage.measurement_keys
+    reused_from: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the search that fitted it
 
 
 class MeasurementRow(Base):
@@ -81,6 +84,9 @@ class MeasurementRow(Base):
     worker: Mapped[str] = mapped_column(Text)
     duration_s: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    reuse_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # storage.measurement_keys
+    reuse_device: Mapped[str | None] = mapped_column(String(64), nullable=True)  # cuda, mps, cpu
+    reused_from: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the search that measured it
 
 
 class BaselineRow(Base):
@@ -93,6 +99,9 @@ class BaselineRow(Base):
     per_prompt_json: Mapped[str] = mapped_column(Text)
     node: Mapped[str] = mapped_column(Text)
     duration_s: Mapped[float] = mapped_column(Float)
+    reuse_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # storage.measurement_keys
+    reuse_device: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reused_from: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class RecipeRow(Base):
@@ -201,3 +210,27 @@ class BundleRow(Base):
 
 
 V6_TABLES = [BundleRow]
+
+
+class GalleryImageRow(Base):
+    """One gallery image (issue 31): a row (original, linear_8bit or a recipe key) × prompt, its PNG
+    (relative to the gallery root), sha256 and PSNR/SSIM against the float16 image of that prompt."""
+
+    __tablename__ = "gallery_images"
+    __table_args__ = (UniqueConstraint("search_id", "row_key", "prompt"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
+    row_key: Mapped[str] = mapped_column(Text)
+    prompt: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    psnr: Mapped[float | None] = mapped_column(Float, nullable=True)   # None: identical to the float16 image
+    ssim: Mapped[float] = mapped_column(Float)
+    steps: Mapped[int] = mapped_column(Integer)
+    resolution: Mapped[int] = mapped_column(Integer)
+    node: Mapped[str] = mapped_column(Text)
+    duration_s: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+GALLERY_TABLES = [GalleryImageRow]

@@ -21,7 +21,14 @@ def cli_env(model_cache: Path, **extra: str) -> dict:
 
 
 def cli_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "search.cli.app", *map(str, args)]
+    """The command line of `search ARGS`. A `submit` that says nothing of the gallery gets
+    `--no-gallery`: full images cost a search ~20 % more and are the subject of
+    tests/search/test_gallery.py only (searches through the service keep the default, so the phase
+    also runs inside the service, multinode and dashboard tests)."""
+    args = [str(a) for a in args]
+    if args[:1] == ["submit"] and not any(a.startswith(("--gallery", "--no-gallery")) for a in args):
+        args.append("--no-gallery")
+    return [sys.executable, "-m", "search.cli.app", *args]
 
 
 def run_cli(*args: str, model_cache: Path, timeout: float = 600, **env) -> subprocess.CompletedProcess:
@@ -62,6 +69,46 @@ def refined_lines(stderr: str) -> list[tuple[float, int]]:
 
 
 STALE = {"MBP_SEARCH_STALE_S": "2"}  # a killed driver's heartbeat goes stale after 2 s, not 60
+
+
+def session_dir(tmp_path_factory) -> Path:
+    """The test session's own temp directory: under pytest-xdist the parent of each worker's
+    basetemp, common to the session's workers (never to another session)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared_search(tmp_path_factory, name: str, args: list, model_cache: Path, timeout: float = 900) -> dict:
+    """`search submit ARGS --db DIR/searches.db` run to the end once per test session, by the first
+    test (in any pytest-xdist worker) that asks for ``name``; the others wait for it. Files that
+    ran the same search each ran it again (a default tiny-sdxl search: minutes). Each caller gets
+    its own copy of the finished search's directory (database, palettes), so nothing one test
+    does to it reaches another. Returns {"db", "id", "stdout", "stderr"}."""
+    import shutil
+
+    from filelock import FileLock
+
+    shared = session_dir(tmp_path_factory) / f"shared-search-{name}"
+    with FileLock(f"{shared}.lock"):
+        done = shared / "submit.json"
+        if not done.exists():
+            shutil.rmtree(shared, ignore_errors=True)
+            (shared / "run").mkdir(parents=True)
+            proc = run_cli("submit", *args, "--db", shared / "run" / "searches.db", model_cache=model_cache,
+                           timeout=timeout)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done.write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr}))
+    mine = tmp_path_factory.mktemp(name) / "run"
+    shutil.copytree(shared / "run", mine)
+    out = json.loads(done.read_text())
+    return {"db": mine / "searches.db", "id": out["stdout"].split()[1], **out}
+
+
+def default_search(tmp_path_factory, model: str, model_cache: Path) -> dict:
+    """`search submit --model MODEL --workers 2` with every other option at its default (Apple's
+    analysis at 1, 2, 4, 6 and 8 bits), once per session: test_end_to_end.py and
+    tests/reference/test_search_matches_reference.py check the same search."""
+    return shared_search(tmp_path_factory, f"{model}-default", ["--model", model, "--workers", "2"], model_cache)
 
 
 def submit_ok(*args, model_cache: Path, timeout: float = 600) -> tuple[subprocess.CompletedProcess, str]:

@@ -18,13 +18,61 @@ def pytest_configure(config):
     config.addinivalue_line(
         "filterwarnings",
         "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+    one_thread_per_process()
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def one_thread_per_process() -> None:
+    """One OpenMP/BLAS thread in every test process and the commands they start (unless set
+    already). The suite runs two test processes plus Ray's evaluators (one thread each already)
+    on 2 cores; with torch's default of a thread per core, tiny models' many small parallel
+    regions had threads spinning while they waited for a descheduled partner: one
+    test_prefix_reuse test, both runs side by side on a loaded 2-core machine, took 157 s (19 s of
+    CPU) with 1 thread and had not finished after 690 s (80 s of CPU) with 2. Results do not
+    depend on it: search evaluators and the serial reference set their own thread counts."""
+    for name in THREAD_VARIABLES:
+        os.environ.setdefault(name, "1")  # inherited by pytest-xdist's workers and by subprocesses
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch read the variable at import
+
+
+# Rough seconds of the longest files in a whole `make test` (`--durations`, 2 cores, shared machine):
+# the order scripts/test.sh's two pytest-xdist workers take whole files in. A file missing here
+# comes after these, the ones with a slow test first; a wrong number costs balance, never a test.
+EXPECTED_S = {
+    "tests/search/test_resume.py": 850, "tests/workers/test_prefix_reuse.py": 750,
+    "tests/search/test_bundle.py": 450, "tests/reference/test_families_match_reference.py": 400,
+    "tests/search/test_multinode.py": 400, "tests/reference/test_search_matches_reference.py": 320,
+    "tests/search/test_resume_signals.py": 300, "tests/search/test_service.py": 300,
+    "tests/search/test_fast_float16.py": 240, "tests/reference/test_reference_selfcheck.py": 200,
+    "tests/search/test_dashboard.py": 190, "tests/workers/test_coreml.py": 180,
+    "tests/search/test_bundle_service.py": 170, "tests/search/test_disk_errors.py": 150,
+    "tests/search/test_strategies.py": 150, "tests/workers/test_apple_denoiser.py": 150,
+    "tests/workers/test_chunk.py": 120, "tests/search/test_end_to_end.py": 100,
+    "tests/search/test_crash_campaign.py": 100, "tests/search/test_palette_tasks.py": 100,
+    "tests/search/test_formats_end_to_end.py": 100, "tests/search/test_apply.py": 100,
+    "tests/workers/test_bundle_components.py": 100, "tests/search/test_coreml_phase.py": 80,
+}
+
+
+def file_order(items) -> dict[str, tuple]:
+    """{file: sort key}: known long files longest first, then files with any slow test, then the
+    rest; one key per file, so a file's tests stay together (its module fixtures are built once)."""
+    files: dict[str, bool] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        files[path] = files.get(path, False) or item.get_closest_marker("slow") is not None
+    return {path: (-EXPECTED_S.get(path, 0), not slow) for path, slow in files.items()}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow files first (a stable sort: the order within each group stays): pytest-xdist hands out
-    whole files in this order, so the short ones fill the gaps at the end instead of a long
-    search file starting last and running alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Longest files first (a stable sort: the order within each file stays). pytest-xdist hands
+    out whole files in this order (scripts/test.sh turns off its own reordering by test count, which
+    put one-test files like the crash campaign last), so the short ones fill the gaps at the end
+    instead of a long search file starting last and running alone."""
+    order = file_order(items)
+    items.sort(key=lambda item: order[item.nodeid.split("::")[0]])
 
 
 @pytest.fixture(scope="session")

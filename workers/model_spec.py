@@ -71,7 +71,7 @@ class ModelError(Exception):
 @dataclass(frozen=True)
 class ModelSpec:
     requested: str  # what the user typed
-    source: str  # "builtin" | "local" | "hub"
+    source: str  # "builtin" | "local" | "hub" | "file" (a single-file checkpoint, materialized: location)
     location: str  # local directory, or Hub repo id
     family: str  # "sd" | "sdxl" | "sd3" | "flux" | "pixart"
     default_min_size: int
@@ -81,6 +81,7 @@ class ModelSpec:
     protocol_resolution: int = APPLE_RESOLUTION  # pixels under Apple's protocol
     default_steps: int = APPLE_STEPS
     default_guidance: float | None = None  # None: the pipeline's __call__ default
+    version: str = ""  # model_version when not the name / repo id (single files: file, sha256, LoRAs)
 
     @property
     def tiny(self) -> bool:

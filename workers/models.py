@@ -16,6 +16,7 @@ import torch
 
 from common.errors import typed_line
 from workers.hub import hub_offline, resolve_hub
+from workers.single_file import is_single_file
 from workers.arch_models import ARCH_MODELS, ensure_arch_model
 from workers.denoiser import (Candidate, candidate_layers, denoiser_fingerprint, denoiser_of,  # noqa: F401
                               pick_device)  # (re-exported)
@@ -66,7 +67,7 @@ def path_kind(path: Path) -> str | None:
 
 
 def _classify(name: str, requested: str) -> tuple[str, str]:
-    """("builtin" | "local" | "hub", the name, directory or repo id): the checks that need neither
+    """("builtin" | "local" | "file" | "hub", the name, directory, file or repo id): the checks that need neither
     the network nor any weights (a local directory's structure is checked by `_resolve_local`)."""
     if not name:
         raise ModelError("no model given: pass a built-in name (tiny-sdxl, tiny-sd), a Hub id "
@@ -78,7 +79,12 @@ def _classify(name: str, requested: str) -> tuple[str, str]:
     if kind == "dir":
         return "local", str(path)
     if kind == "file":
-        raise ModelError(f"'{requested}' is a file, not a diffusers pipeline directory")
+        if is_single_file(name):
+            return "file", str(path)
+        raise ModelError(f"'{requested}' is a file, not a diffusers pipeline directory or a single-file "
+                         "checkpoint (.safetensors, .ckpt)")
+    if is_single_file(name) and (_looks_like_path(name) or "/" not in name):
+        raise ModelError(f"checkpoint file '{requested}' does not exist")
     if _looks_like_path(name):
         raise ModelError(f"model directory '{requested}' does not exist")
     repo = ALIASES.get(name, name)
@@ -99,14 +105,45 @@ def model_key(name: str) -> str:
     source, value = _classify(name, requested)
     if source == "local":
         return _resolve_local(requested, Path(value)).location
+    if source == "file":
+        return str(Path(value).resolve())
     return value
 
 
-def resolve_model(name: str, cache_dir: Path | None = None) -> ModelSpec:
-    """Map a built-in name, alias, local directory or Hub id to a checked ``ModelSpec``."""
+def model_options(config: dict | None) -> dict:
+    """The resolve_model keywords a search's stored config or options hold (single files: LoRAs, --config)."""
+    config = config or {}
+    return {"loras": tuple(config.get("loras") or ()), "config_dir": config.get("config_dir")}
+
+
+def _resolve_file(requested: str, path: Path, cache_dir: Path | None, loras: tuple, config_dir: str | None
+                  ) -> ModelSpec:
+    """A single-file checkpoint (+ LoRAs), materialized once into a pipeline directory (workers.single_file)."""
+    from workers.single_file import materialize, version_line
+
+    cache = Path(cache_dir or default_cache_dir()).expanduser()
+    try:
+        location, facts = materialize(path, requested, cache, loras, config_dir)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"could not load checkpoint '{requested}': {typed_line(exc, ERROR_CHARS)}") from None
+    return ModelSpec(requested, "file", str(location), default_min_size=REAL_MIN_SIZE, version=version_line(facts),
+                     **_describe_dir(requested, location))
+
+
+def resolve_model(name: str, cache_dir: Path | None = None, *, loras: tuple[str, ...] = (),
+                  config_dir: str | None = None) -> ModelSpec:
+    """Map a built-in name, alias, local directory, Hub id or single-file checkpoint (with
+    ``loras`` "FILE[:SCALE]" fused, configs from ``config_dir``) to a checked ``ModelSpec``."""
     requested = name
     name = (name or "").strip()
     source, value = _classify(name, requested)
+    if source == "file":
+        return _resolve_file(requested, Path(value), cache_dir, tuple(loras or ()), config_dir)
+    if loras or config_dir:
+        raise ModelError("--lora and --config apply to single-file checkpoints (.safetensors, .ckpt), not to "
+                         f"'{requested}'")
     if source == "builtin":
         arch = name in ARCH_MODELS
         try:

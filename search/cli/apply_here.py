@@ -36,6 +36,7 @@ def apply_here(client, search_id: str, recipe: str | None, out_dir: Path, mlpack
     from common.formats import is_palettized, recipe_formats
     from search.driver.coreml_jobs import config_settings, select_keys
     from workers.coreml.task import CoreMLJob, RecipeJob, run_job
+    from workers.models import model_options
 
     info = client.here_job(search_id)
     sid = info["id"]
@@ -49,7 +50,8 @@ def apply_here(client, search_id: str, recipe: str | None, out_dir: Path, mlpack
     job = CoreMLJob("apply", sid, info["model"], info["fingerprint"], config_settings(info["config"]),
                     tuple(RecipeJob(k, bits[k], by_key[k]["avg_bits"], by_key[k]["psnr"]) for k in keys),
                     _palettes(client, sid, wanted), "search", str(out_dir.expanduser().resolve()),
-                    str(mlpackage.expanduser().resolve()) if mlpackage else None)
+                    str(mlpackage.expanduser().resolve()) if mlpackage else None,
+                    model_options=model_options(info["config"]))
     result = run_job(job)
     node = f"{socket.gethostname()} (--here)"
     rows = [dict(recipe_key=o.key, mlpackage=o.mlpackage, size_bytes=o.size_bytes, avg_bits=o.avg_bits,

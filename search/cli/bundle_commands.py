@@ -17,6 +17,7 @@ from search.cli.coreml_commands import NodeOption, call_driver
 from search.cli.options import DbOption, RayOption, SearchIdArgument
 from workers.coreml.bundle.contract import ATTENTIONS, ENCODER_NBITS, BundleOptions
 
+TARGETS = ("coreml", "coreai")
 _SIZE = re.compile(r"(\d+)(?:x(\d+))?")
 
 
@@ -57,13 +58,31 @@ def bundle_cmd(
                                                  f"the VAE uniformly at {'/'.join(map(str, ENCODER_NBITS))} bits "
                                                  "[default: float16]"),
     compile_: bool = typer.Option(False, "--compile", help="compile every model to .mlmodelc (macOS only)"),
+    target: str = typer.Option("coreml", "--target", help="coreml: the Resources folder of Apple's Core ML Swift "
+                               "pipeline; coreai: the folder Apple's Core AI exporter writes (.aimodel assets, "
+                               "needs the [coreai] extra)"),
+    compare_4bit: bool = typer.Option(True, "--compare-4bit/--no-compare-4bit", help="coreai: also measure "
+                                      "Apple's 4bit preset on the same model and protocol (the table)"),
+    as_json: bool = typer.Option(False, "--json", help="coreai: print the checks and the table as JSON"),
     coreml_node: Optional[str] = NodeOption,
     ray_address: Optional[str] = RayOption,
     db: Optional[Path] = DbOption,
 ) -> None:
     """Build the folder Apple's Swift StableDiffusionPipeline / StableDiffusionXLPipeline loads
     (`resourcesAt:`): the recipe's denoiser with the search's exact LUTs on Apple's contract,
-    text encoders, VAE, vocab.json, merges.txt, and bundle.json."""
+    text encoders, VAE, vocab.json, merges.txt, and bundle.json. With --target coreai: the folder
+    Apple's Core AI diffusion exporter writes (docs/coreai.md), checked on the Core AI runtime."""
+    if target not in TARGETS:
+        raise CliError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
+    if target == "coreai":
+        given = [flag for flag, on in (("--attention", attention != "split-einsum"), ("--chunk", chunk),
+                                       ("--batch-one", batch_one), ("--latent-size", latent_size is not None),
+                                       ("--encoders-nbits", encoders_nbits is not None), ("--compile", compile_),
+                                       ("--coreml-node", coreml_node is not None)) if on]
+        if given:
+            raise CliError(f"{', '.join(given)} apply to --target coreml only (the Core AI folder is Apple's "
+                           "exporter layout, built and checked in this process)")
+        return bundle_coreai_cmd(search_id, recipe, output, compare_4bit, as_json, db)
     options = bundle_options(attention, chunk, batch_one, latent_size, encoders_nbits, compile_)
     from search.cli.local_backend import LocalBackend
     from search.driver.bundle_jobs import bundle_recipe
@@ -84,4 +103,52 @@ def bundle_cmd(
                   "before Swift's resourcesAt: loads them", highlight=False)
     if report.info.status == "failed":
         err.print(f"[bold red]validation failed:[/] {escape(report.info.detail)}", highlight=False)
+        raise typer.Exit(1)
+
+
+def comparison_lines(comparison: dict) -> list[str]:
+    """The recipe vs Apple's 4bit preset, one row each: what the CLI prints (JSON has the same numbers)."""
+    rows = comparison["rows"]
+    lines = [f"{'':34} {'bits/weight':>11} {'size MB':>8} {'PSNR dB':>8}"]
+    for r in rows:
+        lines.append(f"{r['name'][:34]:34} {r['bits_per_weight']:11.3f} {r['asset_bytes'] / 1e6:8.3f} {r['psnr']:8.2f}")
+    q = rows[1].get("quantized_weights") or 0
+    lines.append(f"recipe - 4bit: {comparison['delta_db']:+.2f} dB; bits/weight = stored bits (LUTs and scales "
+                 f"included) / the denoiser's {comparison['weights']:,} weights; the 4bit preset quantizes "
+                 f"{q:,} of them at 4.5 bits")
+    return lines
+
+
+def bundle_coreai_cmd(search_id: str, recipe: str | None, output: Path, compare_4bit: bool, as_json: bool,
+                      db: Path | None) -> None:
+    """`search bundle --target coreai`: build in this process, print the checks and the table."""
+    import json
+    from dataclasses import asdict
+
+    from search.cli.local_backend import LocalBackend
+    from search.driver.bundle_jobs import bundle_coreai
+
+    with LocalBackend(db) as backend:
+        report = call_driver(bundle_coreai, storage=backend.storage, search_id=search_id, recipe=recipe,
+                             out_dir=output, compare_4bit=compare_4bit)
+    r = report.result
+    ok = r.luts_ok and r.runtime_ok is not False
+    if as_json:
+        out.print_json(json.dumps({"search_id": report.search_id, "recipe": report.recipe_key, "ok": ok,
+                                   **asdict(r)}, default=str))
+    else:
+        for name in sorted(r.assets.values()):
+            size = sum(b for f, b in r.files.items() if f.startswith(name + "/"))
+            out.print(escape(f"  {name}  {size / 1e6:.2f} MB"), highlight=False)
+        out.print(escape(f"{r.path}: Core AI {r.pipeline} bundle of recipe {report.recipe_key}, "
+                         f"{r.total_bytes / 1e6:.2f} MB"), highlight=False, soft_wrap=True)
+        out.print(escape(f"LUTs: {r.luts_detail}"), highlight=False, soft_wrap=True)
+        out.print(escape(f"runtime: {r.runtime_detail}"), highlight=False, soft_wrap=True)
+        if r.comparison:
+            for line in comparison_lines(r.comparison):
+                out.print(escape(line), highlight=False, soft_wrap=True)
+        err.print("speed and memory need a Mac (macOS 27 / iOS 27); this Linux check is the numbers only",
+                  highlight=False)
+    if not ok:
+        err.print("[bold red]validation failed[/]", highlight=False)
         raise typer.Exit(1)

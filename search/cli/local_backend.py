@@ -13,6 +13,30 @@ from search import read_models
 from search.read_models import search_detail, search_summary
 from search.submit_options import parse_apply, parse_search_options
 from storage import DiskError, Storage
+from storage.records import ACTIVE
+
+
+class Tee:
+    """One driver reporter feeding two: the terminal's bars and the progress file."""
+
+    def __init__(self, *reporters):
+        self.reporters = reporters
+
+    def phase_start(self, phase: str, total: int) -> None:
+        for r in self.reporters:
+            r.phase_start(phase, total)
+
+    def advance(self, phase: str, n: int = 1) -> None:
+        for r in self.reporters:
+            r.advance(phase, n)
+
+    def phase_end(self, phase: str) -> None:
+        for r in self.reporters:
+            r.phase_end(phase)
+
+    def message(self, text: str) -> None:
+        for r in self.reporters:
+            r.message(text)
 
 
 class LocalBackend:
@@ -23,6 +47,7 @@ class LocalBackend:
         self.db_path = db or default_db()
         self._storage: Storage | None = None
         self._prepared: dict = {}  # search id -> Prepared, from submit/resume for run
+        self.creates = False  # set by submit: the one command that may create the database
 
     def __enter__(self) -> "LocalBackend":
         return self
@@ -33,13 +58,18 @@ class LocalBackend:
 
     @property
     def storage(self) -> Storage:
+        """The database; only `submit` creates it (``self.creates``): any other command on a path
+        where none exists (a typo in --db) is refused and leaves no file behind."""
         if self._storage is None:
+            if not self.creates and not Path(self.db_path).expanduser().exists():
+                raise CliError(f"no database at {self.db_path}: nothing was searched there yet (`search submit` "
+                               f"creates it; --db or {DB_ENV} picks another)")
             self._storage = Storage(self.db_path)
         return self._storage
 
     @property
     def place(self) -> str:
-        return f"in {self.storage.path}"
+        return f"in {self._storage.path if self._storage else Path(self.db_path).expanduser()}"
 
     @property
     def resume_where(self) -> str:
@@ -47,11 +77,26 @@ class LocalBackend:
 
     # -- reading ----------------------------------------------------------------------------
     def list(self) -> list[dict]:
+        if not Path(self.db_path).expanduser().exists():
+            return []  # nothing searched here yet: an empty list, and no file created
         now = utcnow()
         return [search_summary(self.storage, s, now) for s in self.storage.list_searches()]
 
     def detail(self, search_id: str) -> dict:
-        return search_detail(self.storage, self.storage.get_search(search_id))
+        from search.phase_rows import phase_rows
+        from search.service.progress_file import read_progress
+
+        info = search_detail(self.storage, self.storage.get_search(search_id))
+        progress = read_progress(self.progress_path(info["id"]))
+        return {**info, "progress": progress, "phases": phase_rows(progress, utcnow() if info["status"] in ACTIVE
+                                                                      else None)}
+
+    def progress_path(self, sid: str) -> Path:
+        """Where a search run here keeps its progress file: where `search serve --db` on the same
+        database reads it (its default --data-dir), so a search run by the CLI shows the same
+        phases and messages on the dashboard as one run by the service."""
+        db = Path(self.db_path).expanduser().resolve()
+        return db.with_name(db.name + ".service") / "progress" / f"{sid}.json"
 
     def recipes_json(self, search_id: str) -> tuple[str, dict]:
         s = self.storage.get_search(search_id)
@@ -93,12 +138,13 @@ class LocalBackend:
         search's preparing phase. Bad input never touches the database."""
         from search.driver.jobs import DuplicateSearch, resolve_config, submit_search
         from storage.engine import check_database_file
-        from workers.models import resolve_model
+        from workers.models import model_options, resolve_model
 
         options = parse_search_options(request)
         check_database_file(self.db_path)  # read-only: refuse a foreign file before any work
-        spec = resolve_model(request["model"])
+        spec = resolve_model(request["model"], **model_options(options))
         resolve_config(spec, **options)
+        self.creates = True
         try:
             prepared = submit_search(self.storage, request["model"], options, spec,
                                      resume_duplicate=bool(request.get("resume")))
@@ -126,16 +172,20 @@ class LocalBackend:
         from search.driver.jobs import run_search
         from search.driver.progress import console_reporter
 
+        from search.service.progress_file import ProgressFile
+
         prepared = self._prepared.pop(search_id)
         try:
             with console_reporter(err) as reporter:
-                _, driver = run_search(self.storage, prepared, workers=workers, reporter=reporter,
+                tee = Tee(reporter, ProgressFile(self.progress_path(search_id), run=f"cli@{os.getpid()}"))
+                _, driver = run_search(self.storage, prepared, workers=workers, reporter=tee,
                                        ray_address=ray_address)
             ended = {"status": "completed", "evaluations": driver.evaluations,
                      "reference_runs": driver.reference_runs, "first_result_s": driver.first_result_s,
                      "timings": driver.timings}
         except (SearchInterrupted, KeyboardInterrupt):  # KeyboardInterrupt: before the driver took over
-            ended = {"status": "interrupted"}
+            cancelled = self.storage.get_search(search_id).status == "cancelled"  # `search cancel`, not a signal
+            ended = {"status": "cancelled" if cancelled else "interrupted"}
         except SearchFailed as exc:
             ended = {"status": "failed", "error": str(exc)}
         except DiskError as exc:  # nothing stored is lost: the same search resumes once the disk takes writes

@@ -19,10 +19,10 @@ def default_db() -> Path:
     return Path(user_data_dir("mbp-search")) / "searches.db"
 
 
-DbOption = typer.Option(None, "--db", envvar=DB_ENV, help=f"SQLite database [env {DB_ENV}; default: user data dir]")
-ServerOption = typer.Option(None, "--server", envvar=SERVER_ENV, help=f"URL of a search service (`search serve`) to "
-                            f"talk to instead of the local database [env {SERVER_ENV}]")
-TokenOption = typer.Option(None, "--token", envvar=TOKEN_ENV, help=f"the service's token [env {TOKEN_ENV}]")
+DbOption = typer.Option(None, "--db", envvar=DB_ENV, help="SQLite database [default: searches.db in the user data dir]")
+ServerOption = typer.Option(None, "--server", envvar=SERVER_ENV, help="URL of a search service (`search serve`) to "
+                            "talk to instead of the local database")
+TokenOption = typer.Option(None, "--token", envvar=TOKEN_ENV, help="the service's token")
 RayOption = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
                          help="join a running Ray cluster instead of starting a local one")
 WaitOption = typer.Option(False, "--wait", help="with --server: follow the search's progress until it ends")

@@ -14,19 +14,9 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from common.files import publish_dir
+from common.files import publish_dir, sha256_of
 from search.cli.console import CliError
 from storage.package_store import safe_name
-
-BLOCK = 8 * 2**20
-
-
-def _sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(BLOCK):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def _choose(info: dict, choice: str, where: str) -> dict[str, dict]:
@@ -77,7 +67,7 @@ def _fetch(backend, search_id: str, key: str, kind: str, size: int, sha256: str,
             fh.truncate(0)
             fh.seek(0)
         backend.fetch_package(search_id, key, fh, kind)
-    digest = _sha256(partial)
+    digest = sha256_of(partial)
     if digest != sha256:
         partial.unlink(missing_ok=True)
         what = "package" if kind == "mlpackage" else "bundle"

@@ -13,6 +13,7 @@ from search.cli.console import duplicate_error, err
 from search.service.client import Client, RemoteError
 
 FOLLOW_RECONNECT_S = 120.0
+TARGET_TIMEOUT_S = 3600.0  # `search recipe --server` waits while the service measures and refines the recipe
 
 
 class RemoteBackend:
@@ -63,6 +64,17 @@ class RemoteBackend:
         return self.client.cancel(search_id)
 
     def submit(self, request: dict) -> dict:
+        if request.get("images_dir") is not None:  # --images DIR: read here and sent (a server path is refused)
+            from pathlib import Path
+
+            from search.cli.console import CliError
+            from search.service.uploaded_images import ImageRefused, encode_folder
+
+            try:
+                images = encode_folder(Path(request["images_dir"]).expanduser())
+            except ImageRefused as exc:
+                raise CliError(str(exc)) from None
+            request = {**{k: v for k, v in request.items() if k != "images_dir"}, "images": images}
         try:
             return self.client.submit(request)
         except RemoteError as exc:
@@ -73,6 +85,18 @@ class RemoteBackend:
 
     def resume(self, search_id: str, workers: Optional[int] = None) -> dict:
         return self.client.resume(search_id, workers)
+
+    def target_recipe(self, search_id: str, *, bits, size_mb, psnr, workers: int, ray_address: Optional[str],
+                      refine_evals: Optional[int] = None) -> dict:
+        """Build and measure the optimal recipe for one target on the service (it answers once measured)."""
+        import httpx
+
+        from search.service.client import _segment
+
+        body = {"bits": bits, "size_mb": size_mb, "psnr": psnr, "workers": workers, "refine_evals": refine_evals}
+        return self.client._json("POST", f"/searches/{_segment(search_id)}/recipe",
+                                 json={k: v for k, v in body.items() if v is not None},
+                                 timeout=httpx.Timeout(TARGET_TIMEOUT_S, connect=10.0))
 
     def run(self, search_id: str, workers: Optional[int] = None, ray_address: Optional[str] = None):
         """Follow the search on the service until it ends (its driver runs there)."""

@@ -120,7 +120,8 @@ def resume(
         info = backend.resume(search_id, workers)
         out.print(f"search {info['id']}", highlight=False)
         counts = info.get("measurements", {})
-        err.print(f"resuming: {sum(counts.values())} measurements already stored {dict(sorted(counts.items()))}")
+        err.print(f"resuming: {sum(counts.values())} measurements already stored ({views.counts_text(counts)})",
+                  highlight=False)
         if backend.runs_here or wait:
             _run_to_end(backend, info["id"], workers, ray_address)
 
@@ -128,6 +129,7 @@ def resume(
 @guarded
 @_interruptible
 def recipe(
+    ctx: typer.Context,
     search_id: str = SearchIdArgument,
     bits: Optional[float] = typer.Option(None, "--bits", help="average bits per weight at most this"),
     size_mb: Optional[float] = typer.Option(None, "--size-mb", help="candidate weights at most this many MB"),
@@ -136,17 +138,18 @@ def recipe(
     workers: int = typer.Option(1, "--workers", "-w", help="evaluator actors"),
     ray_address: Optional[str] = RayOption,
     refine_evals: int = typer.Option(REFINE_EVALS, "--refine-evals", help=REFINE_EVALS_HELP),
+    server: Optional[str] = ServerOption,
+    token: Optional[str] = TokenOption,
 ) -> None:
     """Build the optimal recipe for a size or PSNR target from stored measurements and measure it;
-    for --bits / --size-mb, refine it with end-to-end measurements (--refine-evals 0: one-shot)."""
-    from search.cli.local_backend import LocalBackend
-
+    for --bits / --size-mb, refine it with end-to-end measurements (--refine-evals 0: one-shot).
+    With --server, on the service."""
     if sum(v is not None for v in (bits, size_mb, psnr)) != 1:
         raise CliError("give exactly one of --bits, --size-mb, --psnr")
     _check_workers(workers)
     if refine_evals < 0:
         raise CliError(f"--refine-evals must be 0 (one-shot) or more, got {refine_evals}")
-    with LocalBackend(db) as backend:
+    with open_backend(ctx, db, server, token, local=("db", "ray_address")) as backend:
         r = backend.target_recipe(search_id, bits=bits, size_mb=size_mb, psnr=psnr, workers=workers,
                                   ray_address=ray_address, refine_evals=refine_evals)
     views.print_uncut(views.target_recipe_table(r))

@@ -33,10 +33,14 @@ def serve(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="MBP_SEARCH_DATA_DIR",
                                             help="where the service writes plots and progress [default: <db>.service/]"),
     token: Optional[str] = typer.Option(None, "--token", envvar=TOKEN_ENV,
-                                        help=f"clients must send it as a bearer token [env {TOKEN_ENV}]"),
+                                        help="clients must send it as a bearer token"),
     allow_model_dir: list[Path] = typer.Option([], "--allow-model-dir",
                                                help="a directory whose pipelines remote requests may name by path "
                                                     "(repeatable)"),
+    allow_images_dir: list[Path] = typer.Option([], "--allow-images-dir",
+                                                help="a directory under which remote image-to-image requests may name "
+                                                     "an images_dir by path (repeatable); without it clients send "
+                                                     "the images themselves"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
                                               help="the cluster to run drivers on [default: start a local instance]"),
     resume_interrupted: bool = typer.Option(True, "--resume-interrupted/--no-resume-interrupted",
@@ -62,6 +66,9 @@ def serve(
     for d in allow_model_dir:
         if not d.expanduser().is_dir():
             raise CliError(f"--allow-model-dir {d} is not a directory")
+    for d in allow_images_dir:
+        if not d.expanduser().is_dir():
+            raise CliError(f"--allow-images-dir {d} is not a directory")
     db_path = (db or default_db()).expanduser()
     check_database_file(db_path)
     data_dir = (data_dir or db_path.with_name(db_path.name + ".service")).expanduser()
@@ -81,7 +88,8 @@ def serve(
     from search.service.app import create_app
 
     api = create_app(db_path, data_dir, token=token, allowed_model_dirs=allow_model_dir, ray_address=ray_address,
-                     resume_interrupted=resume_interrupted, request_gpus=request_gpus)
+                     resume_interrupted=resume_interrupted, request_gpus=request_gpus,
+                     allowed_images_dirs=allow_images_dir)
     service = api.state.service
     try:
         service.start()  # join Ray and resume interrupted searches before taking requests

@@ -76,18 +76,46 @@ def recipe_table(info: dict) -> Table:
     table = Table(title=f"recipes of search {info['id']} ({tail(info['model'], 40)})")
     table.add_column("key", no_wrap=True)
     headers = (["strategy"] if mixed else []) + ["bits", "MB", "thr dB", "pred dB", "PSNR dB"]
+    shots = {row["key"]: row for row in (info.get("gallery") or {}).get("rows", []) if row.get("images_done")}
+    if shots:  # the gallery's image metrics beside the latent PSNR (docs/gallery.md)
+        headers += ["img dB", "SSIM"]
     for col in headers:
         table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
     pad = [""] if mixed else []
     for name in ("original", "linear_8bit", "linear_8bit_per_channel"):
         if name in baselines:
             table.add_row(f"[dim]{name}", *pad, "16.00" if name == "original" else "8.00", "", "", "",
-                          f"{baselines[name]:.2f}")
+                          f"{baselines[name]:.2f}", *_image_cells(shots, name, "linear_8bit"))
     for r in recipes:
         table.add_row(r["key"], *([r["strategy"]] if mixed else []), f"{r['avg_bits']:.2f}", f"{r['size_mb']:.2f}",
                       fmt(r.get("threshold")), fmt(r.get("predicted_psnr")),
-                      f"{r['psnr']:.2f}" if r.get("psnr") is not None else "pending")
+                      f"{r['psnr']:.2f}" if r.get("psnr") is not None else "pending", *_image_cells(shots, r["key"]))
     return _never_cut(table)
+
+
+def _image_cells(shots: dict, key: str, alias: str | None = None) -> list[str]:
+    """Mean image PSNR (identical images: "same") and SSIM of a gallery row; [] without a gallery."""
+    if not shots:
+        return []
+    row = shots.get(key) or (shots.get(alias) if key.startswith("linear_8bit") and alias else None)
+    if row is None:
+        return ["", ""]
+    psnr = "same" if row["psnr_mean"] is None else f"{row['psnr_mean']:.2f}"
+    return [psnr, f"{row['ssim_mean']:.4f}"]
+
+
+def gallery_line(g: dict | None) -> None:
+    """`search status`: where the gallery is, and the worst recipe by image PSNR."""
+    if not g or not g.get("prompts"):
+        return
+    done = sum(r.get("images_done", 0) for r in g["rows"])
+    total = len(g["rows"]) * len(g["prompts"])
+    scored = [r for r in g["rows"] if r["psnr_mean"] is not None]
+    worst = min(scored, key=lambda r: r["psnr_mean"]) if scored else None
+    tail_ = (f"; lowest image PSNR {worst['psnr_mean']:.2f} dB ({worst['key']}, worst prompt {worst['worst_prompt']})"
+             if worst else "")
+    out.print(f"gallery {g['status']}: {done}/{total} images (image PSNR/SSIM vs float16 in the table; "
+              f"search images ID -o DIR writes them){tail_}", highlight=False, soft_wrap=True)
 
 
 def _never_cut(table: Table) -> Table:
@@ -112,7 +140,8 @@ def status(info: dict) -> None:
     out.print(f"search [bold]{info['id']}[/]  model {info['model']}  status [bold]{info['status']}[/]  phase "
               f"{info['phase']}", highlight=False)
     out.print(f"candidates {n} × formats {','.join(map(str, info['config']['nbits']))}: isolated "
-              f"{m.get('isolated', 0)}/{pairs}, cumulative {m.get('cumulative', 0)}/{pairs}; pipeline runs stored {info['evaluations']}; "
+              f"{m.get('isolated', 0)}/{pairs}, cumulative {m.get('cumulative', 0)}/{pairs}; pipeline runs stored {info['evaluations']}, "
+              f"reused {info.get('reused', 0)}; "
               f"driver time {info['elapsed_s']:.1f} s", highlight=False)
     if info.get("preparing"):
         out.print(f"model weights fetched: {fetched(info['preparing']) or '0.0 MB'} (not yet fingerprinted)",
@@ -124,16 +153,32 @@ def status(info: dict) -> None:
                   "or 4 ulps); taken out of each isolated noise power before summing", highlight=False)
     if m.get("candidate"):
         out.print(f"refinement: {m['candidate']} candidate recipes measured", highlight=False)
+    if info.get("phases") is None and info.get("progress"):  # the service's detail: its progress file
+        from search.phase_rows import phase_rows
+
+        info = {**info, "phases": phase_rows(info["progress"])}
+    phase_lines(info.get("phases") or [])
     if info.get("error"):
         out.print(f"[red]error:[/] {info['error']}", highlight=False)
     if info.get("coreml"):
         coreml_line(info["coreml"])
     if info.get("bundles"):
         bundle_lines(info["id"], info["bundles"])
+    gallery_line(info.get("gallery"))
     print_uncut(recipe_table(info))
     validations = search_validations(info)
     if validations is not None:
         print_uncut(validations)
+
+
+def phase_lines(phases: list[dict]) -> None:
+    """Each phase of the search's last run with its count and wall time (search.phase_rows: the
+    rows the dashboard shows)."""
+    if phases:
+        out.print("phases: " + "; ".join(
+            f"{p['label']} {p['done']}/{p['total'] if p['total'] is not None else '?'}"
+            + (f" in {p['wall_s']:.1f} s" if p.get("wall_s") is not None else "") for p in phases),
+            highlight=False, soft_wrap=True)
 
 
 def coreml_line(c: dict) -> None:
@@ -171,24 +216,41 @@ def run_ended(info: dict, ended: dict, where: str, resume_where: str) -> None:
         fail(f"search {sid} failed: {ended.get('error')}. Fix the cause, then: search resume {sid}{where}", 1)
     if ended["status"] != "completed":
         err.print(f"[yellow]{ended['status']}:[/] every result received is stored. Resume with:\n"
-                  f"  search resume {sid}{resume_where}", highlight=False)
+                  f"  search resume {sid}{resume_where}", highlight=False, soft_wrap=True)
         raise typer.Exit(130)
     this_run = (f"{ended['evaluations']} evaluations this run (+{ended['reference_runs']} reference runs)"
                 if ended.get("evaluations") is not None else "")
     first = f"; first new result after {ended['first_result_s']:.1f} s" if ended.get("first_result_s") is not None else ""
     err.print(f"[green]search {sid} completed[/]: {this_run}{first}; {info['evaluations']} stored in total, "
-              f"{info['elapsed_s']:.1f} s of driver time", highlight=False)
+              f"reused {info.get('reused', 0)}; {info['elapsed_s']:.1f} s of driver time", highlight=False)
     if ended.get("timings"):
         err.print("timings (wall s, after each evaluator's warm-up run): " + ", ".join(
             f"{phase} {seconds:.1f}" for phase, seconds in ended["timings"].items()), highlight=False)
     print_uncut(recipe_table(info))
     out.print(f"download: search download {sid} -o recipes.json{where}    plot: search plot {sid} -o psnr.png{where}",
-              highlight=False)
+              highlight=False, soft_wrap=True)  # a command is never wrapped mid-way, in a terminal or a log
+
+
+TARGET_WORDS = {"avg_bits": "at most {:g} bits per weight", "size_mb": "at most {:g} MB",
+                "psnr": "at least {:g} dB", "min_psnr": "at least {:g} dB"}
+
+
+def target_text(target) -> str:
+    """A recipe's stored target in words ('at most 5 bits per weight'), never a Python dict."""
+    if not isinstance(target, dict):
+        return "-" if target is None else str(target)
+    words = [TARGET_WORDS[k].format(v) for k, v in target.items() if k in TARGET_WORDS and v is not None]
+    return ", ".join(words) or "-"
+
+
+def counts_text(counts: dict) -> str:
+    """Per-phase counts in words ('cumulative 3, isolated 12'), never a Python dict."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
 
 def target_recipe_table(r: dict) -> Table:
     """`search recipe`: the optimal recipe for one target, predicted against measured."""
-    table = Table(title=f"optimal recipe for {r['target']}")
+    table = Table(title=f"optimal recipe for {target_text(r['target'])}")
     for col in ("key", "avg bits", "size MB", "predicted PSNR dB", "measured PSNR dB", "|error| dB"):
         table.add_column(col, justify="left" if col == "key" else "right")
     predicted, measured = r.get("predicted_psnr"), r.get("psnr")

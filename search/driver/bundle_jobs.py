@@ -22,6 +22,68 @@ from storage.records import BundleInfo
 from workers.coreml.bundle.build import BundleJob, BundleResult, check_target
 from workers.coreml.bundle.contract import BundleOptions
 from workers.coreml.task import CoreMLJob
+from workers.models import model_options
+
+
+def _one_recipe(storage: Storage, search_id: str, recipe: str | None):
+    """The search and the one stored recipe a bundle is built from; ApplyError (one line) otherwise."""
+    search = load_search(storage, search_id)
+    stored = {r.key: r for r in storage.recipes(search.id)}
+    if not stored:
+        raise ApplyError(f"search {search.id} has no recipes yet (status {search.status}); finish it with "
+                         f"`search resume {search.id}`")
+    keys = select_keys(stored, recipe, f"search {search.id}")
+    if len(keys) != 1:
+        raise ApplyError("a bundle holds one recipe: pass --recipe KEY (one of: " + ", ".join(stored) + ")")
+    return search, stored[keys[0]]
+
+
+@dataclass(frozen=True)
+class CoreAIReport:
+    search_id: str
+    recipe_key: str
+    result: object  # workers.coreai.bundle.CoreAIResult
+
+
+def bundle_coreai(storage: Storage, search_id: str, *, recipe: str | None, out_dir: str | os.PathLike,
+                  compare_4bit: bool = True, device: str | None = None) -> CoreAIReport:
+    """`search bundle --target coreai`: one recipe as the folder Apple's Core AI exporter writes,
+    built and checked in this process (the Linux Core AI runtime runs the denoiser); the search's
+    data is only read. Refusals (no extra installed, 3-bit layers, a family Apple does not export,
+    a busy folder) are one-line ``ApplyError``s before any work."""
+    from workers import coreai
+    from workers.coreai.layout import check_formats, pipeline_type
+
+    try:
+        coreai.require()
+    except coreai.CoreAIError as exc:
+        raise ApplyError(str(exc)) from None
+    search, r = _one_recipe(storage, search_id, recipe)
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ApplyError(f"{out} exists and is not empty; give a new folder for the bundle")
+    from workers.models import resolve_model
+
+    try:
+        check_formats(r.bits)
+        spec = resolve_model(search.model, **model_options(search.config))
+        pipeline_type(spec.family, spec.img2img)
+    except coreai.CoreAIError as exc:
+        raise ApplyError(str(exc)) from None
+    palettes = stored_palettes(storage, search, {(l, b) for l, b in r.bits.items() if is_palettized(b)})
+    from workers.coreai.bundle import CoreAIJob, build
+    from workers.evaluation.evaluator import Evaluator
+
+    settings = evaluator_settings(search)
+    ev = Evaluator(spec, settings.signal, precision=settings.precision, fingerprint=search.fingerprint,
+                   device=device, min_size=settings.min_size)
+    job = CoreAIJob(search.id, search.model, search.fingerprint, r.key, dict(r.bits), r.avg_bits, r.psnr, palettes,
+                    str(out), search.model_version, compare_4bit)
+    try:
+        result = build(job, ev)
+    except coreai.CoreAIError as exc:
+        raise ApplyError(str(exc)) from None
+    return CoreAIReport(search.id, r.key, result)
 
 
 @dataclass(frozen=True)
@@ -69,15 +131,7 @@ def bundle_recipe(storage: Storage, search_id: str, *, recipe: str | None, out_d
                   execute: Executor | None = None) -> BundleReport:
     """Build the Resources folder of one recipe of a finished (or partly finished) search; store its row."""
     node = node_choice(coreml_node, ray_address)
-    search = load_search(storage, search_id)
-    stored = {r.key: r for r in storage.recipes(search.id)}
-    if not stored:
-        raise ApplyError(f"search {search.id} has no recipes yet (status {search.status}); finish it with "
-                         f"`search resume {search.id}`")
-    keys = select_keys(stored, recipe, f"search {search.id}")
-    if len(keys) != 1:
-        raise ApplyError("a bundle holds one recipe: pass --recipe KEY (one of: " + ", ".join(stored) + ")")
-    r = stored[keys[0]]
+    search, r = _one_recipe(storage, search_id, recipe)
     try:
         check_target(options, None)
     except Exception as exc:  # CoreMLError: refused before any work
@@ -89,7 +143,7 @@ def bundle_recipe(storage: Storage, search_id: str, *, recipe: str | None, out_d
     bundle = BundleJob(search.id, search.model, search.fingerprint, r.key, dict(r.bits), r.psnr, palettes, options,
                        str(out), search.model_version)
     job = CoreMLJob("bundle", search.id, search.model, search.fingerprint, evaluator_settings(search), (),
-                    bundle=bundle)
+                    bundle=bundle, model_options=model_options(search.config))
     if execute is None and node == "any" and not (ray_address or os.environ.get("RAY_ADDRESS")):
         execute = _here  # no cluster: build in this process (no Ray start-up; its step lines reach the terminal)
     result = run_on_node(execute, job, node, ray_address).bundles[0]

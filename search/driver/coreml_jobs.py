@@ -26,7 +26,7 @@ from storage.palette_store import PaletteStore
 from workers.coreml.common import CoreMLError
 from workers.coreml.task import COREML_RESOURCE, NODE_CHOICES, CoreMLJob, JobResult, RecipeJob, RecipeOutcome
 from workers.evaluation.items import EvaluatorSettings
-from workers.models import ModelError
+from workers.models import ModelError, model_options
 from workers.palettize import PaletteError
 
 Executor = Callable[[CoreMLJob, str], JobResult]
@@ -211,7 +211,8 @@ def apply_recipes(storage: Storage, search_id: str, *, out_dir: str | os.PathLik
         storage, search, {(l, b) for r in recipes for l, b in r.bits.items() if is_palettized(b)})
     job = CoreMLJob("apply", search.id, model or search.model, None if other_model else search.fingerprint,
                     evaluator_settings(search), tuple(recipes), palettes, lut_source, str(out),
-                    str(Path(mlpackage).expanduser().resolve()) if mlpackage else None)
+                    str(Path(mlpackage).expanduser().resolve()) if mlpackage else None,
+                    model_options={} if other_model else model_options(search.config))
     result = run_on_node(execute, job, node, ray_address)
     return _store(storage, search, result, notes)
 
@@ -240,6 +241,7 @@ def validate_recipes(storage: Storage, search_id: str, *, recipe: str | None = N
     wanted = {(l, b) for k in keys if k in by_key for l, b in by_key[k].bits.items() if is_palettized(b)}
     palettes = {} if other_model else stored_palettes(storage, search, wanted)
     job = CoreMLJob("validate", search.id, model or search.model, None if other_model else search.fingerprint,
-                    evaluator_settings(search), tuple(jobs), palettes)
+                    evaluator_settings(search), tuple(jobs), palettes,
+                    model_options={} if other_model else model_options(search.config))
     result = run_on_node(execute, job, node, ray_address)
     return _store(storage, search, result)

@@ -14,11 +14,13 @@ from common.formats import is_palettized
 from search.config import SearchConfig
 from search.driver.cluster import driver_id, ensure_ray, plan_workers  # driver_id, ensure_ray: search/service imports them here
 from search.driver.coreml_phase import CoreMLStage
+from search.driver.gallery_phase import GalleryPhase
 from search.driver.palette_feed import PaletteFeed, task_cpus
 from search.driver.palettes import load_stored_palette
 from search.driver.pool import EvaluatorPool, ItemFailed, PoolError, actor_class, can_place
 from search.driver.progress import NullReporter, Reporter
 from search.driver.recipe_phase import RecipePhases
+from search.driver.reuse import Reuse
 from search.driver.signals import SearchFailed, SearchInterrupted, deferred, stop_on_signals
 from search.recipes.strategy import descent_plan, floor_plan, isolated_plan, refinement_plan, skipped_note, unfit
 from search.recipes.tables import load_tables, weight_mse
@@ -34,7 +36,7 @@ HEARTBEAT_S = 5.0
 CANCEL_POLL_S = 1.0
 
 
-class SearchDriver(RecipePhases, CoreMLStage):
+class SearchDriver(RecipePhases, GalleryPhase, CoreMLStage):
     def __init__(self, storage: Storage, search: Search, spec: ModelSpec, *, workers: int | None = None,
                  reporter: Reporter | None = None, actor_resources: dict | None = None, weights_dir=None):
         self.storage, self.search, self.spec = storage, search, spec
@@ -53,6 +55,7 @@ class SearchDriver(RecipePhases, CoreMLStage):
         self.shipped_bytes = 0  # weights put into the object store for evaluators on other nodes
         self.timings: dict[str, float] = {}  # wall seconds per phase (palettes overlap isolated)
         self.actor_cpus = 0.0
+        self.reuse = Reuse(storage, search, self.config, None)  # keys need the evaluators' device: see _start_pool
 
     # -- lifecycle ------------------------------------------------------------------------
     def request_stop(self, *_args) -> None:
@@ -90,6 +93,7 @@ class SearchDriver(RecipePhases, CoreMLStage):
             self._phase_isolated()
             self._phase_cumulative()
             self._phase_recipes()
+            self._phase_gallery()
             self._phase_coreml()
             self.storage.update_search(sid, status="completed", phase="done", finished=True,
                                        add_elapsed=time.monotonic() - started)
@@ -150,6 +154,8 @@ class SearchDriver(RecipePhases, CoreMLStage):
             raise SearchInterrupted(f"search {self.search.id} interrupted")
         self.timings["start"], self.actor_cpus = time.monotonic() - t0, cpus * n
         self.reference_runs += len(infos)  # each computed its own reference
+        self.reuse = Reuse(self.storage, self.search, self.config, infos, on_copied=lambda n, src: self.reporter.message(
+            f"reused {n} stored result(s) from search(es) {', '.join(src)}") if n else None)
         d = infos[0]
         odd = "" if d.get("deterministic", True) else "; [yellow]the device does not repeat runs bit for bit"
         self.reporter.message(f"evaluators ready on {d['device']} ({d['dtype']}), {d['candidates']} candidates; one "
@@ -172,6 +178,7 @@ class SearchDriver(RecipePhases, CoreMLStage):
     def _run_items(self, phase: str, items: list[WorkItem], submit: Callable, store: Callable, *, feed=None,
                    total: int | None = None) -> None:
         self.storage.update_search(self.search.id, phase=phase)
+        items = self.reuse.take(items)  # stored by another search with the same key: copied, not run
         report = total != 0 or phase != "palettes"  # palettes alone: the feed reports them
         if report:
             self.reporter.phase_start(phase, len(items) if total is None else total)
@@ -198,12 +205,14 @@ class SearchDriver(RecipePhases, CoreMLStage):
         if skipped := set(unfit(self.config, sizes)):
             self.reporter.message(f"[dim]{skipped_note(self.config, sizes)}")
         wanted = [(layer, bits) for layer in sizes for bits in self.config.nbits if (layer, bits) not in skipped]
+        self.reuse.take_palettes(wanted)
         self._load_palettes(set(wanted))
         missing = [key for key in wanted if key not in self.palette_refs]
 
         def store(layer: str, bits: int, palette) -> None:
             rel = self.palette_store.write(sid, layer, bits, lambda path: save_palette(path, palette))
-            self.storage.add_palette(sid, PaletteInfo(layer, bits, palette.digest, float(palette.weight_mse), rel))
+            self.storage.add_palette(sid, PaletteInfo(layer, bits, palette.digest, float(palette.weight_mse), rel,
+                                                      reuse_key=self.reuse.palette_key(layer, bits)))
             self.palette_refs[(layer, bits)] = ray.put(palette)
 
         cpus, in_flight = task_cpus(self.actor_cpus)
@@ -237,7 +246,7 @@ class SearchDriver(RecipePhases, CoreMLStage):
         self.evaluations += 1
         self.storage.add_measurement(self.search.id, Measurement(
             item.key, item.phase, item.bits, item.layer, item.position, r.psnr, r.per_prompt, r.node, r.worker,
-            r.duration_s))
+            r.duration_s, **self.reuse.tag(item)))
 
     def _phase_isolated(self) -> None:
         """Palettes and isolated measurements, pipelined: an isolated item goes to the evaluators
@@ -250,7 +259,8 @@ class SearchDriver(RecipePhases, CoreMLStage):
         items += [WorkItem(key, "floor", layer=layer, position=position)  # the evaluation floor's probes
                   for key, layer, position in floor_plan(tables)]
         if self.config.evals == "full":
-            todo = self._isolated_items(isolated_plan(self.config, tables.sizes, {}))
+            items = self.reuse.take(items)  # before the palettes: what is copied needs none
+            todo = self.reuse.take(self._isolated_items(isolated_plan(self.config, tables.sizes, {})))
             waiting: dict = {}
             for it in todo:
                 waiting.setdefault((it.layer, it.bits), []).append(it)
@@ -275,7 +285,8 @@ class SearchDriver(RecipePhases, CoreMLStage):
     def _store_isolated(self, item: WorkItem, r) -> None:
         if item.phase == "baseline":
             self.evaluations += 1
-            self.storage.add_baseline(self.search.id, Baseline(item.name, r.psnr, r.per_prompt, r.node, r.duration_s))
+            self.storage.add_baseline(self.search.id, Baseline(item.name, r.psnr, r.per_prompt, r.node, r.duration_s,
+                                                               **self.reuse.tag(item)))
         else:
             self._store_measurement(item, r)
 

@@ -9,10 +9,10 @@ from search.config import SearchConfig
 from search.defaults import REFINE_EVALS
 from search.driver.cluster import driver_id, ensure_ray
 from search.driver.driver import SearchDriver, SearchInterrupted
-from search.driver.prepare import PHASE, model_facts, prepare, request_hash, resolve_config
+from search.driver.prepare import PHASE, model_facts, model_version, prepare, request_hash, resolve_config
 from search.driver.progress import NullReporter, Reporter
 from storage import Search, Storage, StorageError
-from workers.models import ModelError, ModelSpec, model_key, resolve_model
+from workers.models import ModelError, ModelSpec, model_key, model_options, resolve_model
 
 
 class DuplicateSearch(RuntimeError):
@@ -66,7 +66,7 @@ def prepare_search(storage: Storage, model: str, config: SearchConfig, spec: Mod
         return Prepared(existing[-1], spec, False)
     layers, fingerprint = model_facts(spec, config.min_size)
     search = storage.create_search(
-        model=model, model_version=spec.location if spec.source == "hub" else spec.requested,
+        model=model, model_version=model_version(spec),
         model_location=spec.location, model_source=spec.source, fingerprint=fingerprint,
         config=config.to_dict(), config_hash=config.fingerprint(), layers=layers, owner=driver_id())
     return Prepared(search, spec, True)
@@ -79,7 +79,7 @@ def prepare_resume(storage: Storage, search_id: str) -> Prepared:
         raise StorageError(f"search {search.id} is already completed; nothing to resume")
     if not search.prepared:  # its driver prepares it (and checks for duplicates then)
         return Prepared(search, None, False)
-    spec = resolve_model(search.model)
+    spec = resolve_model(search.model, **model_options(search.config))
     _, fingerprint = model_facts(spec, search.config["min_size"])
     if fingerprint != search.fingerprint:
         raise ModelError(f"model '{search.model}' changed since search {search.id} started (denoiser fingerprint differs); "
@@ -127,7 +127,7 @@ def target_recipe(storage: Storage, search_id: str, *, bits: float | None = None
         planned = plan(config, tables, weight_mse(storage, search.id), bits=bits, size_mb=size_mb, psnr=psnr)
     except ValueError as exc:  # budget too small, unreachable PSNR, missing measurements
         raise ConfigError(first_line(exc)) from None
-    spec = resolve_model(search.model)
+    spec = resolve_model(search.model, **model_options(search.config))
     ensure_ray(ray_address)
     driver = SearchDriver(storage, search, spec, workers=workers, reporter=reporter)
     evals = REFINE_EVALS if refine_evals is None else refine_evals

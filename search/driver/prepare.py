@@ -23,7 +23,8 @@ from search.config import ConfigError, SearchConfig
 from search.driver.driver import SearchFailed, SearchInterrupted
 from search.driver.progress import Reporter
 from storage import Layer, Search, Storage
-from workers.models import ModelError, ModelSpec, candidate_layers, denoiser_fingerprint, load_denoiser, resolve_model
+from workers.models import (ModelError, ModelSpec, candidate_layers, denoiser_fingerprint, load_denoiser, model_options,
+                            resolve_model)
 
 PHASE = "preparing"
 PROGRESS_EVERY_S = 1.0
@@ -66,6 +67,12 @@ def resolve_config(spec: ModelSpec, **options) -> SearchConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return SearchConfig(**options)
+
+
+def model_version(spec: ModelSpec) -> str:
+    """What the recipes' JSON says was searched: the Hub id, the name given, or for a single file its
+    name, sha256 and LoRAs (`workers.single_file.version_line`)."""
+    return spec.version or (spec.location if spec.source == "hub" else spec.requested)
 
 
 def model_facts(spec: ModelSpec, min_size: int) -> tuple[list[Layer], str]:
@@ -112,7 +119,7 @@ def prepare(storage: Storage, search: Search, spec: ModelSpec | None, reporter: 
     progress = _Progress(storage, sid, reporter)
     try:
         reporter.message(f"preparing search {sid}: model {search.model}")
-        spec = spec or resolve_model(search.model)
+        spec = spec or resolve_model(search.model, **model_options(search.config))
         config = resolve_config(spec, **search.config)
         others = [s for s in storage.find_unfinished(spec.location, config.fingerprint()) if s.id != sid]
         if others:
@@ -133,7 +140,7 @@ def prepare(storage: Storage, search: Search, spec: ModelSpec | None, reporter: 
         storage.update_search(sid, status="failed", error=msg, add_elapsed=time.monotonic() - started)
         raise PrepareFailed(msg) from None
     prepared = storage.set_prepared(
-        sid, model_version=spec.location if spec.source == "hub" else spec.requested, model_location=spec.location,
+        sid, model_version=model_version(spec), model_location=spec.location,
         model_source=spec.source, fingerprint=fingerprint, config=config.to_dict(),
         config_hash=config.fingerprint(), layers=layers)
     storage.update_search(sid, phase="setup", add_elapsed=time.monotonic() - started)
@@ -142,4 +149,5 @@ def prepare(storage: Storage, search: Search, spec: ModelSpec | None, reporter: 
     return prepared, spec, root
 
 
-__all__ = ["PHASE", "PrepareFailed", "PrepareStopped", "model_facts", "prepare", "request_hash", "resolve_config"]
+__all__ = ["PHASE", "PrepareFailed", "PrepareStopped", "model_facts", "model_version", "prepare", "request_hash",
+           "resolve_config"]

@@ -188,6 +188,9 @@ def to_apple_json(report: SearchReport) -> dict:
                 entry[layer] = [json_psnr(p) for p in measured[layer]]
         cumulative[str(b)] = entry
 
+    for key, shot in (report.extra.get("gallery") or {}).items():  # image PSNR/SSIM beside the latent PSNR
+        if key in info:
+            info[key].update(image_psnr=json_psnr(shot["image_psnr_mean"]), image_ssim=shot["image_ssim_mean"])
     mbp = {"recipe_info": info, "protocol": PROTOCOL_NOTES[report.protocol]}
     other = [k for k in {**single_layer, **cumulative} if PaletteFormat.of(k) not in RECIPE_BITS]
     if format_recipes or other:

@@ -14,7 +14,8 @@ search.read_models, shared with the command line's local mode.
 (`search.service.dashboard.is_public`: they hold no data; the page sends the token itself); ids
 must be hex (anything else is 404, so no user string ever reaches a path); generated files live
 under ``data_dir`` with names built from the stored id; a model given as a path must resolve
-(symlinks followed) under one of ``allowed_model_dirs``.
+(symlinks followed) under one of ``allowed_model_dirs``, and an ``images_dir`` under one of
+``allowed_images_dirs``; a client sends its own images instead (search.service.uploaded_images).
 """
 from __future__ import annotations
 
@@ -38,10 +39,13 @@ from search.config import ConfigError
 from search import read_models
 from search.read_models import search_detail, search_summary
 from search.service.coreml_routes import checked_apply, router as coreml_router
+from search.service.gallery_routes import router as gallery_router
+from search.service.recipe_routes import router as recipe_router
 from search.service.driver_task import stale
 from search.service.progress_file import read_progress
 from search.service.dashboard import dashboard_router, is_public
-from search.service.requests import ApiError, ResumeRequest, SubmitRequest, find_search
+from search.service.requests import (ApiError, ResumeRequest, SubmitRequest, body_refusal, check_model_files,
+                                     find_search, submitted_images)
 from search.service.responses import (DuplicateBody, SearchSummary, auth_responses, errors, install_error_handlers,
                                       links, public, unauthorized)
 from search.service.supervisor import Service
@@ -55,7 +59,7 @@ PLOT_REFRESH_S = 5.0  # a running search's plot.png: drawing it per request cost
 
 def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = None, allowed_model_dirs=(),
                ray_address: str | None = None, resume_interrupted: bool = True, *, request_gpus: int = 0,
-               gpu_wait_s: float = 1800.0) -> FastAPI:
+               gpu_wait_s: float = 1800.0, allowed_images_dirs=()) -> FastAPI:
     """The FastAPI app. Ray is joined (and interrupted searches resumed) at start-up: call
     ``app.state.service.start()`` first to fail fast, else the lifespan does it."""
     service = Service(db_path, data_dir, allowed_model_dirs=allowed_model_dirs, ray_address=ray_address,
@@ -83,6 +87,15 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
     app.state.service = service
     expected = token.encode() if token else None
     plot_lock = threading.Lock()
+    images_dirs = tuple(Path(d).expanduser().resolve() for d in allowed_images_dirs)  # --allow-images-dir
+
+    @app.middleware("http")
+    async def limit_submit_body(request: Request, call_next):  # uploaded images: bounded before parsing
+        if request.method == "POST" and request.url.path.rstrip("/") == "/searches":
+            refused = body_refusal(request.headers)
+            if refused is not None:
+                return refused
+        return await call_next(request)
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
@@ -129,9 +142,11 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
         from workers.models import model_key
 
         model = service.check_model(body.model)
+        check_model_files(body.loras, body.config_dir, service.allowed_model_dirs)  # before anything reads them
         model_key(model)  # unknown names, bad repo ids, directories that are no pipeline: 422 now
-        options = body.options()  # validated: fails before anything is stored
+        options = body.options()  # validated: fails before anything is stored (images_dir aside, next line)
         coreml = checked_apply(body.apply, body.coreml_node)  # the Core ML stage asked too (coreml_routes)
+        options["images_dir"] = submitted_images(body, images_dirs, service.data_dir)  # allowed, or uploaded
         with service.prepare_lock:  # the duplicate check and the insert, together
             try:
                 prepared = submit_search(service.storage, model, options, resume_duplicate=body.resume)
@@ -213,6 +228,8 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
         return FileResponse(path, media_type="image/png", filename=f"{s.id}-psnr.png")
 
     app.include_router(coreml_router)
+    app.include_router(gallery_router)  # the gallery: /searches/{id}/images (search.service.gallery_routes)
+    app.include_router(recipe_router)  # `search recipe --server`
     app.include_router(dashboard_router(service))  # the pages at / and /docs, their assets and data
     return app
 

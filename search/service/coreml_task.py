@@ -21,7 +21,7 @@ from storage.package_store import PackageStore
 def run_coreml(db_path: str, packages_dir: str, progress_path: str, search_id: str) -> dict:
     """Apply, validate and ship the asked recipes of a finished search; the job row says how it ended."""
     from search.driver.coreml_phase import CoreMLPhase
-    from workers.models import resolve_model
+    from workers.models import model_options, resolve_model
     from workers.weights import WeightShipper, fetch_pipeline
 
     storage = Storage(db_path)
@@ -30,7 +30,7 @@ def run_coreml(db_path: str, packages_dir: str, progress_path: str, search_id: s
         search = storage.get_search(search_id)
         reporter = ProgressFile(Path(progress_path), run=f"coreml@{time.time():.3f}")
         try:
-            spec = resolve_model(search.model)
+            spec = resolve_model(search.model, **model_options(search.config))
             shipper = WeightShipper(fetch_pipeline(spec), search.fingerprint)
             phase = CoreMLPhase(storage, search, PackageStore(packages_dir), spec=spec, weights=shipper.manifest(),
                                 reporter=reporter)

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 from common.clock import utcnow
 from common.formats import PaletteFormat, layer_bits
-from search.driver.progress import PHASE_LABELS
+from search.phase_rows import count_rows, phase_rows
 from search.read_models import format_pairs, search_detail
 from storage import Search
 from storage.records import ACTIVE
@@ -115,15 +115,8 @@ def search_page(reader: ReadOnlyStorage, s: Search, progress: dict | None) -> di
     now = utcnow()
     detail = search_detail(reader, s, now)
     ev = evaluators(_rates(reader, [s], now).get(s.id, []), now, progress)
-    phases = []
-    for p in (progress or {}).get("phases", []):
-        start = p.get("started_at")
-        end = p.get("ended_at")
-        wall = None
-        if start:
-            stop = datetime.fromisoformat(end.rstrip("Z")) if end else (now if s.status in ACTIVE else None)
-            wall = (stop - datetime.fromisoformat(start.rstrip("Z"))).total_seconds() if stop else None
-        phases.append({**p, "label": PHASE_LABELS.get(p["phase"], p["phase"]), "wall_s": wall})
+    running = s.status in ACTIVE
+    phases = phase_rows(progress, now if running else None) if progress else count_rows(detail["counts"])
     return {**detail, "phases": phases, "evaluators": ev,
             "progress": progress_of(s, detail["counts"], sum(e["per_s"] for e in ev)),
             "best": best_recipe(detail["recipes"], detail["baselines"]),
@@ -134,7 +127,7 @@ def chart_data(reader: ReadOnlyStorage, s: Search) -> dict:
     """The points of the search page's charts, computed as `search plot` computes them
     (search.recipes.plot): recipes (x: size reduction %, y: mean PSNR), the linear 8-bit line,
     each format's cumulative curve, and the isolated PSNR of every (layer, format) measured."""
-    from search.recipes.plot import _mean, cumulative_curve, reduction_percent
+    from search.recipes.plot import PLOT_MAX_PSNR, _mean, cumulative_curve, reduction_percent
     from search.recipes.tables import build_report
     from workers.evaluation.protocol import LINEAR8_BASELINE
 
@@ -153,12 +146,25 @@ def chart_data(reader: ReadOnlyStorage, s: Search) -> dict:
         xs, ys = cumulative_curve(report, fmt)
         curves[str(fmt)] = {"x": [round(x, 4) for x in xs], "y": [round(y, 3) for y in ys]}
     recipes = [{"key": r.key, "strategy": r.strategy, "avg_bits": r.avg_bits, "x": reduction_percent(r.avg_bits),
-                "y": _mean(p)} for r, p in report.recipes if _mean(p) is not None]
+                "y": _mean(p), "capped": _capped(p)} for r, p in report.recipes if _mean(p) is not None]
+    layer_map = [{"key": r.key, "strategy": r.strategy, "avg_bits": r.avg_bits,
+                  "formats": [str(r.bits[layer]) if layer in r.bits else "16" for layer in layers]}
+                 for r, _p in report.recipes]
     return {"id": s.id, "formats": [str(f) for f in formats], "layers": layers,
             "layer_mb": [round(n * 2 / 1e6, 4) for n in report.sizes.values()],
             "recipes": recipes, "linear8": _mean(report.baselines.get(LINEAR8_BASELINE[report.protocol])),
             "curves": curves, "isolated": heat, "pairs": format_pairs(reader, s), "model": s.model,
-            "model_version": s.model_version}
+            "model_version": s.model_version, "layer_map": layer_map, "cap": PLOT_MAX_PSNR,
+            "config": s.config, "status": s.status}
+
+
+def _capped(per_prompt) -> bool:
+    """The mean PSNR exceeds the charts' ceiling (bit-exact runs: ~200 dB or inf): drawn at the
+    ceiling and marked so, never as if it were measured there."""
+    from search.recipes.plot import PLOT_MAX_PSNR
+
+    values = [float(per_prompt)] if isinstance(per_prompt, (int, float)) else [float(v) for v in per_prompt or ()]
+    return bool(values) and sum(values) / len(values) > PLOT_MAX_PSNR
 
 
 def chart_version(reader: ReadOnlyStorage, s: Search) -> str:

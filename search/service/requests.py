@@ -9,6 +9,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from search.service.uploaded_images import LIMITS_TEXT, MAX_IMAGES
 from search.submit_options import APPLY_HELP, COREML_NODE_HELP, RESUME_HELP, SEARCH_OPTIONS, WORKERS_HELP, parse_search_options
 
 ID_PATTERN = re.compile(r"[0-9a-f]{1,32}")
@@ -49,8 +50,9 @@ class _Submit(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # JSON as typed: no 0 for false, no "1" for 1
 
     def options(self) -> dict:
-        """Parsed exactly as the CLI parses its flags (same functions, same messages)."""
-        return parse_search_options(self.model_dump(include={o.name for o in SEARCH_OPTIONS}))
+        """Parsed exactly as the CLI parses its flags (same functions, same messages); ``images_dir`` is left
+        out (None): a path on the server is checked by `submitted_images`, never resolved here first."""
+        return parse_search_options(self.model_dump(include={o.name for o in SEARCH_OPTIONS} - {"images_dir"}))
 
 
 SubmitRequest = create_model(
@@ -66,6 +68,9 @@ SubmitRequest = create_model(
     resume=(bool, Field(False, description=RESUME_HELP)),
     apply=(Optional[str], Field(None, min_length=1, max_length=8192, description=APPLY_HELP)),
     coreml_node=(Optional[str], Field(None, description=COREML_NODE_HELP)),
+    images=(Optional[list[str]], Field(None, min_length=1, max_length=MAX_IMAGES, description=(
+        "image-to-image pipelines: the images themselves, one per prompt in order, each the standard base64 "
+        f"(no line breaks) of a PNG or JPEG file ({LIMITS_TEXT}); instead of images_dir"))),
 )
 
 
@@ -87,13 +92,106 @@ def check_model(model: str, allowed_dirs: tuple[Path, ...]) -> str:
     path = Path(name)
     if not (_looks_like_path(name) or path.is_absolute() or name.startswith("~") or path_kind(path)):
         return name  # a Hub id; resolve_model checks it
+    return _model_path(name, "model path", allowed_dirs)
+
+
+def _model_path(name: str, what: str, allowed_dirs: tuple[Path, ...]) -> str:
+    """A path on the server that a remote request names as model files: absolute, and resolved under
+    one of ``allowed_dirs`` (--allow-model-dir); the answer depends on the string and those
+    directories only, never on what exists there."""
+    path = Path(name)
+    if "\x00" in name:
+        raise ApiError(422, f"{what} contains a NUL character")
     if not path.is_absolute():
-        raise ApiError(422, f"model path '{name}' must be an absolute path on the server")
-    resolved = path.resolve()
+        raise ApiError(422, f"{what} '{name}' must be an absolute path on the server")
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: refused like any path outside
+        resolved = None
     if not allowed_dirs:
-        raise ApiError(403, f"model path '{name}' refused: this server accepts no local model paths "
+        raise ApiError(403, f"{what} '{name}' refused: this server accepts no local model paths "
                             "(start it with --allow-model-dir DIR)")
-    if not any(resolved == d or resolved.is_relative_to(d) for d in allowed_dirs):
+    if resolved is None or not any(resolved == d or resolved.is_relative_to(d) for d in allowed_dirs):
         allowed = ", ".join(map(str, allowed_dirs))
-        raise ApiError(403, f"model path '{name}' is outside the server's allowed model directories ({allowed})")
+        raise ApiError(403, f"{what} '{name}' is outside the server's allowed model directories ({allowed})")
     return str(resolved)
+
+
+def check_model_files(loras, config_dir, allowed_dirs: tuple[Path, ...]) -> None:
+    """A remote request's LoRA files (``FILE[:SCALE]``) and ``config_dir`` are model files on the
+    server: the rule for model paths applies, checked before anything reads them (so the answer
+    never says whether a file exists)."""
+    for text in loras or ():
+        path = str(text).strip()
+        head, sep, tail = path.rpartition(":")
+        if sep and head:
+            try:
+                float(tail)
+                path = head
+            except ValueError:
+                pass
+        _model_path(path, "lora", allowed_dirs)
+    if config_dir is not None:
+        _model_path(str(config_dir).strip(), "config_dir", allowed_dirs)
+
+
+def check_images_dir(folder: str, allowed_dirs: tuple[Path, ...]) -> str:
+    """A remote request's ``images_dir``, by the rule for model paths: absolute, and resolved (symlinks
+    followed) under one of ``allowed_dirs`` (``--allow-images-dir``). Returns the resolved path. The
+    answer depends on the string and the allowed directories only, never on what exists there, so a
+    refusal tells a client nothing about the server's files."""
+    name = folder.strip()
+    if "\x00" in name:
+        raise ApiError(422, "images_dir contains a NUL character")
+    path = Path(name)
+    if not path.is_absolute():
+        raise ApiError(422, f"images_dir '{name}' must be an absolute path on the server (or send the images "
+                            "themselves as images)")
+    if not allowed_dirs:
+        raise ApiError(403, f"images_dir '{name}' refused: this server accepts no image folders (start it with "
+                            "--allow-images-dir DIR, or send the images themselves as images)")
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, an unencodable name: refused like any outside
+        resolved = None
+    if resolved is None or not any(resolved == d or resolved.is_relative_to(d) for d in allowed_dirs):
+        allowed = ", ".join(map(str, allowed_dirs))
+        raise ApiError(403, f"images_dir '{name}' is outside the server's allowed image directories ({allowed}); "
+                            "send the images themselves as images")
+    return str(resolved)
+
+
+def submitted_images(body, allowed_dirs: tuple[Path, ...], data_dir: Path) -> str | None:
+    """The folder a remote search reads its images from: ``images_dir`` checked by `check_images_dir`,
+    or the uploaded ``images`` checked and stored under ``data_dir`` (search.service.uploaded_images);
+    None when neither is given. 422 / 403 with one line otherwise; nothing is stored on a refusal."""
+    from search.service.uploaded_images import ImageRefused, decode_images, store_images
+
+    if body.images_dir is not None and body.images is not None:
+        raise ApiError(422, "give images or images_dir, not both")
+    if body.images_dir is not None:
+        return check_images_dir(body.images_dir, allowed_dirs)
+    if body.images is None:
+        return None
+    try:
+        return str(store_images(decode_images(body.images), data_dir))
+    except ImageRefused as exc:
+        raise ApiError(422, str(exc)) from None
+
+
+def body_refusal(headers):
+    """A `POST /searches` body too large to read (uploaded images are bounded, see
+    search.service.uploaded_images): 413, or 411 without a Content-Length; None when it may be read."""
+    from fastapi.responses import JSONResponse
+
+    from search.service.uploaded_images import LIMITS_TEXT, MAX_BODY_BYTES
+
+    length = headers.get("content-length")
+    if length is None:
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            return JSONResponse(status_code=411, content={"detail": "send the request with a Content-Length"})
+        return None
+    if not length.strip().isdigit() or int(length) > MAX_BODY_BYTES:
+        return JSONResponse(status_code=413, content={
+            "detail": f"request body larger than {MAX_BODY_BYTES // 2**20} MiB (images: {LIMITS_TEXT})"})
+    return None

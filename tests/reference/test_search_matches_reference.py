@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.cli_helpers import run_cli
+from tests.cli_helpers import default_search, run_cli
 from tests.reference.apple_serial import run_apple_pre_analysis
 from tests.reference.json_checks import check_apple_recipes_from_json
 
@@ -21,11 +21,11 @@ NBITS = (1, 2, 4, 6, 8)
 TOL_DB = 0.1 + 1e-9  # Apple rounds every per-prompt value to 0.1 dB
 
 
-def _search(model: str, tmp_path, model_cache) -> dict:
-    db = tmp_path / "s.db"
-    proc = run_cli("submit", "--model", model, "--workers", "2", "--db", db, model_cache=model_cache, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sid = proc.stdout.split()[1]
+def _search(model: str, tmp_path_factory, model_cache) -> dict:
+    """`search submit --model MODEL --workers 2`: the same search as tests/search/test_end_to_end.py's,
+    run once per session (tests.cli_helpers.default_search); a copy of it is downloaded here."""
+    run = default_search(tmp_path_factory, model, model_cache)
+    db, sid = run["db"], run["id"]
     out = run_cli("download", sid, "-o", "-", "--db", db, model_cache=model_cache)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
@@ -45,13 +45,14 @@ def _agree(ours: dict, ref: dict, what: str) -> int:
 
 
 @pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
-def test_distributed_search_equals_serial_reference(model, tmp_path, model_cache):
+def test_distributed_search_equals_serial_reference(model, tmp_path_factory, model_cache):
     from workers.models import resolve_model
 
     spec = resolve_model(model, model_cache)
-    ours = _search(model, tmp_path, model_cache)
+    # the serial reference first: meanwhile another pytest-xdist worker may be running the search
     ref = run_apple_pre_analysis(spec.location, nbits=NBITS, resolution=spec.default_resolution,
                                  min_size=spec.default_min_size, num_threads=1, model_version=model)
+    ours = _search(model, tmp_path_factory, model_cache)
     assert ours["mbp_search"]["config"]["protocol"] == "apple"
 
     exact = total = 0

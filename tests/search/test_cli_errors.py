@@ -82,7 +82,10 @@ def test_text_file_as_database(tmp_path, model_cache):
 
 
 def test_unknown_search_and_bad_outputs(tmp_path, model_cache):
+    from storage import Storage
+
     db = tmp_path / "s.db"
+    Storage(db).close()  # a database without that search (a missing file: tests/search/test_cli_trial_fixes.py)
     proc = run_cli("status", "deadbeef", "--db", db, model_cache=model_cache)
     assert proc.returncode == 2 and "no search 'deadbeef'" in error_line(proc)
     proc = run_cli("download", "deadbeef", "-o", tmp_path / "r.json", "--db", db, model_cache=model_cache)

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cli_helpers import run_cli
+from tests.cli_helpers import error_line, run_cli
 from tests.search.test_service import ACTIVE, ServiceProcess, ray_env, wait_for
 
 CHROMIUM = Path(os.environ.get("MBP_TEST_CHROMIUM", "/usr/bin/chromium"))
@@ -35,6 +35,13 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 # Two formats (a heatmap with two rows, two cumulative curves); ~2 minutes on 2 shared cores.
 SEARCH = dict(model="tiny-sdxl", nbits="4,8", min_size=16384, num_recipes=3)
+try:  # the gallery phase (issue 31), where the service has it: 2 denoising steps per image are enough here
+    from search.submit_options import SEARCH_OPTIONS
+
+    GALLERY = {"gallery_steps": 2} if any(o.name == "gallery_steps" for o in SEARCH_OPTIONS) else {}
+except ImportError:  # pragma: no cover
+    GALLERY = {}
+SEARCH.update(GALLERY)
 TIMEOUT_S = 600
 
 
@@ -66,21 +73,24 @@ KEEP_UPLOTS = """(() => {
   }});
 })();"""
 
-# Per series of the uPlot chart in `sel`: its label, legend colour (the marker's fill: a point's
-# colour), the (x, y) points it plotted (null y: no point), and the canvas pixels at each point's
-# centre and 3 px above and below (a dashed line may cross a centre).
+# Per series of the uPlot chart in `sel`: its label, legend colour (the marker's fill, or its
+# border where it has none: a point's colour, found by the series' label), the (x, y) points it
+# plotted (null y: no point), and the canvas pixels at each point's centre and 3 px above and
+# below (a dashed line may cross a centre).
 PLOTTED = """(sel) => {
   const el = document.querySelector(sel), u = el && el.__uplot;
   if (!u) return null;
-  const markers = [...el.querySelectorAll(".u-legend .u-series")].map((row) => {
-    const m = row.querySelector(".u-marker");
-    return m ? getComputedStyle(m).backgroundColor : null;
-  });
+  const markers = Object.fromEntries([...el.querySelectorAll(".u-legend .u-series")].map((row) => {
+    const m = row.querySelector(".u-marker"), label = row.querySelector(".u-label");
+    if (!m || !label) return [null, null];
+    const fill = getComputedStyle(m).backgroundColor;  // a marker without a fill shows its colour as its border
+    return [label.textContent, fill === "rgba(0, 0, 0, 0)" ? getComputedStyle(m).borderTopColor : fill];
+  }));
   const pixel = (x, y) => Array.from(u.ctx.getImageData(Math.round(x), Math.round(y), 1, 1).data.slice(0, 3));
   return u.series.slice(1).map((s, i) => {
     const points = u.data[0].map((x, j) => [x, u.data[i + 1][j]]).filter((p) => p[1] !== null && p[1] !== undefined);
     const d = 3 * devicePixelRatio;
-    return { label: s.label, color: markers[i + 1], points: points, pixels: points.map(([x, y]) => {
+    return { label: s.label, color: markers[s.label], points: points, pixels: points.map(([x, y]) => {
       const cx = u.valToPos(x, "x", true), cy = u.valToPos(y, "y", true);
       return [pixel(cx, cy), pixel(cx, cy - d), pixel(cx, cy + d)];
     }) };
@@ -259,6 +269,8 @@ def test_submit_form_errors_and_cancel(dash, page):
     page.fill("#submit-form input[name=min_size]", "16384")
     page.fill("#submit-form input[name=num_recipes]", "2")
     page.fill("#submit-form input[name=workers]", "1")
+    if GALLERY:
+        page.fill("#submit-form input[name=gallery_steps]", "2")
     page.click("#submit-button")
     page.wait_for_function("document.querySelector('#view').dataset.lastSubmitted")
     new = page.get_attribute("#view", "data-last-submitted")
@@ -332,6 +344,157 @@ def test_search_page_charts_draw_what_was_measured(dash, page):
     assert not page.errors, page.errors
 
 
+def module_runs(layers: list[str]) -> int:
+    """Runs of consecutive layers in one module group (down_blocks.0, mid_block, ...)."""
+    groups = [".".join(name.split(".")[:2]) if name.split(".")[1:2] and name.split(".")[1].isdigit()
+              else name.split(".")[0] for name in layers]
+    return sum(1 for i, g in enumerate(groups) if i == 0 or groups[i - 1] != g)
+
+
+# The layer map canvas's pixel at the centre of every (recipe row, layer) cell.
+MAP_PIXELS = """(layers) => {
+  const el = document.querySelector("#layer-map"), canvas = el.querySelector("canvas"), ctx = canvas.getContext("2d");
+  const rows = Number(el.dataset.rows), width = Math.max(Math.min(layers * 12, 1200), 300), cw = width / layers;
+  return [...Array(rows).keys()].map((ri) => [...Array(layers).keys()].map((li) => Array.from(
+    ctx.getImageData(Math.floor(170 + (li + 0.5) * cw), ri * 16 + 8, 1, 1).data.slice(0, 3))));
+}"""
+LEGEND = """() => Object.fromEntries([...document.querySelectorAll("#layer-map .format-legend span")].map((s) =>
+  [s.textContent, getComputedStyle(s.querySelector("i")).backgroundColor]))"""
+
+
+def signed_in(dash, page) -> None:
+    """The tab holds the token (as after the form), whichever test runs first."""
+    page.goto(dash.url + "/#/")
+    page.evaluate("(t) => sessionStorage.setItem('mbp-search-token', t)", dash.token)
+    page.reload()
+
+
+def test_search_page_phases_layer_map_and_hover(dash, page):
+    """One phase row per phase (the progress file's entries grouped), the heatmap's colour bar and
+    module groups, the layer map painted from each stored recipe's formats, and a hover that
+    names the one point under the pointer."""
+    c = dash.client()
+    wait_for(lambda: c.get(f"/searches/{dash.sid}").json(), lambda d: d["status"] not in ACTIVE, TIMEOUT_S,
+             "the search to finish", interval=2)
+    signed_in(dash, page)
+    page.goto(dash.url + f"/#/search/{dash.sid}")
+    page.wait_for_selector("#view[data-status=completed]")
+    page.wait_for_function("(document.querySelector('#view').dataset.chartsVersion || '').includes('completed')")
+    # Phases: the rows are the distinct phases of the progress file, with the summed counts.
+    progress = json.loads((dash.db.parent / (dash.db.name + ".service") / "progress" / f"{dash.sid}.json").read_text())
+    expected = {}
+    for e in progress["phases"]:
+        done, total = expected.get(e["phase"], (0, 0))
+        expected[e["phase"]] = (done + e["done"], total + e["total"])
+    rows = page.locator("#phases tbody tr")
+    shown = {rows.nth(i).get_attribute("data-phase"): rows.nth(i).locator("td").nth(2).text_content()
+             for i in range(rows.count())}
+    assert rows.count() == len(expected) == len(shown), (shown, expected)
+    assert shown == {k: f"{d} / {t}" for k, (d, t) in expected.items()}, (shown, expected)
+    # Heatmap: a colour bar from the lowest to the highest isolated PSNR, and module groups.
+    ref = drawn_reference(dash.db, dash.sid)
+    lo, hi = min(ref["isolated"].values()), max(ref["isolated"].values())
+    assert page.text_content("#chart-heatmap .colour-bar") == f"{lo:.1f} dB{hi:.1f} dB"
+    assert int(page.get_attribute("#chart-heatmap", "data-groups")) == module_runs(ref["layers"]) > 3
+    # Layer map: one row per stored recipe, each cell in its legend colour of the stored format.
+    con = sqlite3.connect(f"file:{dash.db}?mode=ro", uri=True)
+    stored = {k: json.loads(b) for k, b in con.execute("SELECT key, bits_json FROM recipes WHERE search_id = ?",
+                                                       (dash.sid,))}
+    con.close()
+    keys = page.get_attribute("#layer-map", "data-keys").split(",")
+    assert sorted(keys) == sorted(stored), (keys, list(stored))
+    legend = {label: rgb(css) for label, css in page.evaluate(LEGEND).items()}
+    pixels = page.evaluate(MAP_PIXELS, len(ref["layers"]))
+    for ri, key in enumerate(keys):
+        for li, layer in enumerate(ref["layers"]):
+            f = str(stored[key].get(layer, 16))
+            want = legend["float16 (kept)" if f == "16" else f + "-bit"]
+            assert close(tuple(pixels[ri][li]), want), (key, layer, f, pixels[ri][li], want)
+    # Capped recipes (mean PSNR over the charts' ceiling: the bit-exact 16-bit recipe) are marked.
+    con = sqlite3.connect(f"file:{dash.db}?mode=ro", uri=True)
+    means = [statistics.fmean(json.loads(pp)) for (pp,) in con.execute(
+        "SELECT per_prompt_json FROM recipes WHERE search_id = ? AND psnr IS NOT NULL", (dash.sid,))]
+    con.close()
+    assert int(page.get_attribute("#chart-psnr", "data-capped")) == sum(m > PLOT_MAX_PSNR for m in means)
+    # Hover on a recipe point: the tooltip names that recipe and its own values, nothing else.
+    r = sorted((r for r in c.get(f"/searches/{dash.sid}/measurements").json()["recipes"] if not r["capped"]),
+               key=lambda r: r["x"])[0]
+    at = page.evaluate("""([x, y]) => { const u = document.querySelector('#chart-psnr').__uplot,
+      b = u.over.getBoundingClientRect(); return [b.left + u.valToPos(x, 'x'), b.top + u.valToPos(y, 'y')]; }""",
+                       [r["x"], r["y"]])
+    page.mouse.move(at[0], at[1])
+    hover = page.get_attribute("#chart-psnr", "data-hover")
+    assert hover.startswith(f"{r['key']} · {r['strategy']} · {r['avg_bits']:.2f} bits"), (hover, r)
+    shown = float(re.fullmatch(r".* · ([\d.]+) dB", hover).group(1))  # JS and Python round a tie differently
+    assert abs(shown - r["y"]) <= 0.005 + 1e-9 and page.text_content("#tooltip") == hover, (hover, r)
+    page.mouse.move(0, 0)
+    assert not page.errors, page.errors
+
+
+# SHA-256 of the bytes behind an <img>'s object URL: the image file the page shows.
+IMG_SHA = """async (sel) => { const img = document.querySelector(sel);
+  const buf = await (await fetch(img.src)).arrayBuffer();
+  return [...new Uint8Array(await crypto.subtle.digest("SHA-256", buf))].map((b) => b.toString(16).padStart(2, "0")).join(""); }"""
+
+
+def test_gallery_shows_every_stored_image_and_compares_with_float16(dash, page):
+    """The gallery of a finished search: one thumbnail per (row, prompt) of GET /searches/{id}/images,
+    each the very file the service stores; a click opens it beside the float16 image of the same
+    prompt with its metrics; the recipes table shows each recipe's mean image PSNR and SSIM."""
+    c = dash.client()
+    wait_for(lambda: c.get(f"/searches/{dash.sid}").json(), lambda d: d["status"] not in ACTIVE, TIMEOUT_S,
+             "the search to finish", interval=2)
+    r = c.get(f"/searches/{dash.sid}/images")
+    if r.status_code == 404 and "images" not in r.text.lower():
+        pytest.skip("this service has no gallery routes (GET /searches/{id}/images)")
+    d = r.json()
+    signed_in(dash, page)
+    page.goto(dash.url + f"/#/search/{dash.sid}")
+    page.wait_for_selector("#view[data-status=completed]")
+    if d["status"] != "done":  # e.g. --no-gallery: the one-line hint, nothing else
+        page.wait_for_selector("#gallery-hint")
+        assert f"search images {dash.sid}" in page.text_content("#gallery-hint")
+        return
+    total = sum(len(row["images"]) for row in d["rows"])
+    page.wait_for_function(f"document.querySelectorAll('#gallery img.thumb').length === {total}")
+    page.wait_for_function("[...document.querySelectorAll('#gallery img.thumb')].every((i) => i.complete && i.naturalWidth > 0)")
+    assert [page.locator("#gallery-grid tr[data-key]").nth(i).get_attribute("data-key")
+            for i in range(len(d["rows"]))] == [row["key"] for row in d["rows"]]
+    for row in d["rows"]:
+        for im in row["images"]:
+            sel = f"#gallery img.thumb[data-key='{row['key']}'][data-prompt='{im['prompt']}']"
+            data = c.get(im["url"]).content
+            assert page.evaluate(IMG_SHA, sel) == hashlib.sha256(data).hexdigest() == im["sha256"], (row["key"], im)
+    # Compare: a recipe's image of prompt 0 beside the float16 one, its metrics under them.
+    row = next(r for r in d["rows"] if r["key"] not in ("original", "linear_8bit") and r["images"][0]["psnr"] is not None)
+    im, ref = row["images"][0], next(r for r in d["rows"] if r["key"] == "original")["images"][0]
+    page.click(f"#gallery img.thumb[data-key='{row['key']}'][data-prompt='0']")
+    page.wait_for_function("(() => { const a = document.querySelector('#cmp-img'), b = document.querySelector('#cmp-ref');"
+                           " return a && b && a.complete && b.complete && a.naturalWidth > 0 && b.naturalWidth > 0; })()")
+    assert page.evaluate(IMG_SHA, "#cmp-img") == im["sha256"] and page.evaluate(IMG_SHA, "#cmp-ref") == ref["sha256"]
+    metrics = page.text_content("#cmp-metrics")
+    shown = re.search(r"PSNR ([\d.]+) dB · SSIM ([\d.]+) vs float16", metrics)
+    assert shown and abs(float(shown.group(1)) - im["psnr"]) <= 0.005 + 1e-9 and \
+        abs(float(shown.group(2)) - im["ssim"]) <= 0.00005 + 1e-12, (metrics, im)
+    page.fill("#wipe", "30")
+    page.dispatch_event("#wipe", "input")
+    assert page.get_attribute(".wipe-top", "style").replace(" ", "") == "clip-path:inset(0px70%0px0px);" or \
+        "70%" in page.evaluate("getComputedStyle(document.querySelector('.wipe-top')).clipPath")
+    # The recipes table: each recipe's mean image PSNR and SSIM, as the images JSON has them.
+    means = {r["key"]: r for r in d["rows"]}
+    checked = 0
+    for tr in page.locator("#recipes tbody tr").all():
+        key = tr.locator("td").nth(0).text_content()
+        if key in means:
+            psnr, ssim = (tr.locator("td").nth(i).text_content() for i in (6, 7))
+            want = means[key]["psnr_mean"]
+            assert (psnr == "—") if want is None else abs(float(psnr) - want) <= 0.005 + 1e-9, (key, psnr, want)
+            assert abs(float(ssim) - means[key]["ssim_mean"]) <= 0.00005 + 1e-12, (key, ssim)
+            checked += 1
+    assert checked == len(d["rows"]) - 2  # every recipe (the rows less float16 and linear 8-bit)
+    assert not page.errors, page.errors
+
+
 def png_pixels(data: bytes) -> tuple:
     """(width, height, SHA-256 of the RGBA pixels): the picture, whatever the PNG's metadata."""
     from PIL import Image
@@ -384,11 +547,33 @@ def test_compare_draws_both_searches_recipes(dash, page):
         page.locator(f"tr[data-id='{sid}'] input[type=checkbox]").check()
     page.click("#compare-button")
     page.wait_for_function("(document.querySelector('#chart-compare') || {}).__uplot !== undefined")
-    drawn = {s["label"].split()[0]: s["points"] for s in page.evaluate(PLOTTED, "#chart-compare")}
-    assert set(drawn) == {dash.sid, second}, set(drawn)
-    for sid in (dash.sid, second):  # one curve per search: its measured recipes, whatever their strategy
-        expected = [p for pts in drawn_reference(dash.db, sid)["recipes"].values() for p in pts]
-        assert expected and same_points(drawn[sid], expected), (sid, drawn[sid], expected)
+    series = page.evaluate(PLOTTED, "#chart-compare")
+    drawn = {tuple(s["label"].split()[:2]): s for s in series}
+    expected = {(sid, st): pts for sid in (dash.sid, second) for st, pts in drawn_reference(dash.db, sid)["recipes"].items()}
+    assert set(drawn) == set(expected) and len(series) == len(expected), (set(drawn), set(expected))
+    for key, pts in expected.items():  # a marker series per (search, strategy): its measured recipes
+        assert same_points(drawn[key]["points"], pts), (key, drawn[key]["points"], pts)
+    borders = page.evaluate("""() => [...document.querySelectorAll('#chart-compare .u-legend .u-series')]
+      .filter((r) => r.querySelector('.u-label')).map((r) => [r.querySelector('.u-label').textContent, getComputedStyle(r.querySelector('.u-marker')).borderColor])""")
+    colours = {sid: {c for label, c in borders if label.startswith(sid + " ")} for sid in (dash.sid, second)}
+    assert all(len(c) == 1 for c in colours.values()) and colours[dash.sid] != colours[second], colours
+    # The recipes table: every stored recipe of both searches; the config table: what differs.
+    rows = page.locator("#compare-recipes tbody tr")
+    assert sorted(rows.nth(i).get_attribute("data-search") for i in range(rows.count())) == sorted(
+        [dash.sid] * len(api(dash, f"/searches/{dash.sid}")["recipes"]) + [second] * len(api(dash, f"/searches/{second}")["recipes"]))
+    configs = [api(dash, f"/searches/{sid}")["config"] for sid in (dash.sid, second)]
+    differ = sorted(k for k in set(configs[0]) | set(configs[1]) if configs[0].get(k) != configs[1].get(k))
+    shown = page.locator("#compare-config tbody tr")
+    assert sorted(shown.nth(i).get_attribute("data-key") for i in range(shown.count())) == differ
+    assert {"nbits", "num_recipes"} <= set(differ)
+    # An unknown id: one error line for it, the others drawn all the same.
+    page.goto(dash.url + f"/#/compare/{dash.sid},nosuchid,{second}")
+    page.locator(".compare-error[data-id=nosuchid]").wait_for()
+    page.wait_for_function("(document.querySelector('#chart-compare') || {}).__uplot !== undefined")
+    errors = page.locator("#compare-errors .error")
+    assert errors.count() == 1 and errors.text_content().startswith("nosuchid: ") and "\n" not in errors.text_content()
+    assert len(page.evaluate(PLOTTED, "#chart-compare")) == len(expected)
+    assert not page.errors, page.errors
 
 
 def test_docs_page_works_offline(dash, page):
@@ -396,3 +581,41 @@ def test_docs_page_works_offline(dash, page):
     page.locator(".opblock-summary-path", has_text="/measurements").first.wait_for()
     hosts = {httpx.URL(u).host for u in page.requested if u.startswith("http")}
     assert hosts == {"127.0.0.1"}, hosts  # every script, style and schema from the service itself
+
+
+def test_recipe_over_the_server_is_the_plan_of_the_stored_measurements(dash, model_cache, tmp_path):
+    """`search recipe --server`: built and measured on the service, the recipe the knapsack plans
+    from the stored measurements (planned here from a copy of the file), stored in its database;
+    a target the measurements cannot meet is one error line, exit 2."""
+    c = dash.client()
+    wait_for(lambda: c.get(f"/searches/{dash.sid}").json(), lambda d: d["status"] not in ACTIVE, TIMEOUT_S,
+             "the search to finish", interval=2)
+    copy = tmp_path / "copy.db"
+    src = sqlite3.connect(f"file:{dash.db}?mode=ro", uri=True)
+    dst = sqlite3.connect(copy)
+    src.backup(dst)
+    src.close()
+    dst.close()
+    from search.config import SearchConfig
+    from search.recipes.strategy import target_recipe as plan
+    from search.recipes.tables import load_tables, weight_mse
+    from storage import Storage
+
+    with Storage(copy) as storage:
+        s = storage.get_search(dash.sid)
+        planned = plan(SearchConfig.from_dict(s.config), load_tables(storage, s.id), weight_mse(storage, s.id), bits=6.0)
+    proc = run_cli("recipe", dash.sid, "--bits", "6", "--refine-evals", "0", "--server", dash.url, "--token",
+                   dash.token, model_cache=model_cache)
+    assert proc.returncode == 0, proc.stderr
+    assert "optimal recipe for at most 6 bits per weight" in proc.stdout, proc.stdout
+    key = planned.recipe.key
+    assert key in proc.stdout, (key, proc.stdout)
+    row = sqlite3.connect(f"file:{dash.db}?mode=ro", uri=True).execute(
+        "SELECT avg_bits, psnr, bits_json FROM recipes WHERE search_id = ? AND key = ?", (dash.sid, key)).fetchone()
+    assert row is not None and row[1] is not None, row
+    assert abs(row[0] - planned.recipe.avg_bits) < 1e-9 and json.loads(row[2]) == {
+        layer: f.to_json() for layer, f in planned.recipe.bits.items()}
+    assert f"{row[1]:.2f}" in proc.stdout
+    bad = run_cli("recipe", dash.sid, "--psnr", "999", "--server", dash.url, "--token", dash.token,
+                  model_cache=model_cache)
+    assert bad.returncode == 2 and "unreachable" in error_line(bad), bad.stderr

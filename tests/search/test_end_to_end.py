@@ -4,34 +4,34 @@ import json
 import pytest
 
 from search.recipes.apple_rule import ALLOWED_BITS, average_bits
-from tests.cli_helpers import floor_probes, run_cli
+from tests.cli_helpers import default_search, floor_probes, run_cli
 from tests.reference.json_checks import check_apple_recipes_from_json
 
 pytestmark = pytest.mark.slow
 
 
-def _search(tmp_path_factory, model_cache, model, *extra):
-    db = tmp_path_factory.mktemp("e2e") / "searches.db"
-    proc = run_cli("submit", "--model", model, "--db", db, "--workers", "2", *extra, model_cache=model_cache,
-                   timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    first = proc.stdout.splitlines()[0]
+def _finished(db, stdout, model_cache):
+    first = stdout.splitlines()[0]
     assert first.startswith("search ")
     sid = first.split()[1]
     status = json.loads(run_cli("status", sid, "--db", db, "--json", model_cache=model_cache).stdout)
     out = db.parent / "recipes.json"
     assert run_cli("download", sid, "-o", out, "--db", db, model_cache=model_cache).returncode == 0
-    return dict(db=db, id=sid, stdout=proc.stdout, status=status, report=json.loads(out.read_text()))
+    return dict(db=db, id=sid, stdout=stdout, status=status, report=json.loads(out.read_text()))
 
 
+# Both searches are the models' default searches, run once per session (a copy each): the same
+# commands, and searches, as tests/reference/test_search_matches_reference.py's.
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory, model_cache):
-    return _search(tmp_path_factory, model_cache, "tiny-sdxl")
+    run = default_search(tmp_path_factory, "tiny-sdxl", model_cache)
+    return _finished(run["db"], run["stdout"], model_cache)
 
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory, model_cache):
-    return _search(tmp_path_factory, model_cache, "tiny-sd", "--nbits", "1,4,8", "--num-recipes", "5")
+    run = default_search(tmp_path_factory, "tiny-sd", model_cache)
+    return _finished(run["db"], run["stdout"], model_cache)
 
 
 def _check_search(run, nbits):
@@ -94,7 +94,7 @@ def test_tiny_sdxl_end_to_end(sdxl, model_cache):
 
 
 def test_tiny_sd_end_to_end(sd):
-    _check_search(sd, [1, 4, 8])
+    _check_search(sd, [1, 2, 4, 6, 8])
     assert sd["report"]["model_version"] == "tiny-sd"
 
 

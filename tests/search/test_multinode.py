@@ -260,6 +260,44 @@ def test_a_search_runs_on_both_nodes(cluster):
     assert set(counts) == {head_id[:16], worker_id[:16]} and min(counts.values()) >= 5, counts
     print(f"\nhead {head_id[:16]}, worker {worker_id[:16]}: measurements per node {counts}, "
           f"{time.monotonic() - t0:.1f} s from submit to completion")
+    cluster["both_nodes"] = (sid, d)
+
+
+def test_a_search_reuses_what_both_nodes_measured(cluster):
+    """Issue 33 on a cluster: a later search of the same model and protocol takes every measurement
+    and baseline the two nodes' evaluators stored (each row names the search it came from, the
+    values are those rows' own) and runs only its recipes."""
+    c, service = cluster["client"], cluster["service"]
+    if "both_nodes" not in cluster:
+        test_a_search_runs_on_both_nodes(cluster)
+    first, _ = cluster["both_nodes"]
+    con = sqlite3.connect(f"file:{service.db}?mode=ro", uri=True, timeout=30)
+    try:
+        source = sorted(con.execute("SELECT reuse_key, psnr || ' ' || per_prompt_json FROM measurements "
+                                    "WHERE search_id = ?", (first,)).fetchall())
+        source_nodes = {n for (n,) in con.execute("SELECT DISTINCT node FROM measurements WHERE search_id = ?",
+                                                  (first,))}
+    finally:
+        con.close()
+    assert len(source_nodes) == 2, source_nodes
+    r = c.post("/searches", json={**TINY, "num_recipes": 2})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    d = wait_for(lambda: c.get(f"/searches/{sid}").json(), lambda d: d["status"] not in ACTIVE, SEARCH_TIMEOUT_S,
+                 "the search to finish", interval=1)
+    assert d["status"] == "completed", d
+    con = sqlite3.connect(f"file:{service.db}?mode=ro", uri=True, timeout=30)
+    try:
+        got = con.execute("SELECT reuse_key, psnr || ' ' || per_prompt_json, reused_from FROM measurements "
+                          "WHERE search_id = ?", (sid,)).fetchall()
+        baselines = con.execute("SELECT reused_from FROM baselines WHERE search_id = ?", (sid,)).fetchall()
+    finally:
+        con.close()
+    assert len(got) == len(source) == 47 + 47 + floor_probes(47)
+    assert sorted((key, value) for key, value, _ in got) == source and {o for *_, o in got} == {first}
+    assert len(baselines) == 2 and all(origin == first for (origin,) in baselines)
+    measured = sum(r["psnr"] is not None for r in d["recipes"])
+    assert (d["reused"], d["evaluations"]) == (len(got) + 2, measured), d
 
 
 def test_a_model_only_the_head_can_see_is_searched_on_both_nodes(cluster):
@@ -419,7 +457,8 @@ def test_a_search_survives_losing_a_node(cluster):
     head_key, worker_key = head_id[:16], worker_id[:16]  # what evaluators store as `node`
 
     t0 = time.monotonic()
-    r = c.post("/searches", json={**TINY, "num_recipes": 3})
+    # its own measurements, not copies of the earlier searches of this model (issue 33's reuse)
+    r = c.post("/searches", json={**TINY, "num_recipes": 3, "reuse": False})
     assert r.status_code == 201, r.text
     sid = r.json()["id"]
     get = lambda: c.get(f"/searches/{sid}").json()  # noqa: E731

@@ -512,7 +512,8 @@ def test_cancel_resume_and_restart_resume(server):
     """One search through everything: HTTP submit, cancel, resume, the service stopped mid-run
     (SIGTERM: drivers interrupted cleanly), restarted (resumes it by itself), completion."""
     c = server.client()
-    body = {**TINY, "nbits": "4,8", "num_recipes": 4}  # two depths: the cancel lands well before the end
+    body = {**TINY, "nbits": "4,8", "num_recipes": 4,  # two depths: the cancel lands well before the end
+            "reuse": False}  # counts below are this search's own runs, not copies of the earlier 8-bit searches
     r = c.post("/searches", json=body)
     assert r.status_code == 201, r.text
     sid = r.json()["id"]

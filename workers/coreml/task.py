@@ -56,6 +56,7 @@ class CoreMLJob:
     weights: object = None  # workers.weights.WeightsManifest: the model's files shipped by the driver
     spec: object = None  # the driver's workers.models.ModelSpec, with ``weights`` (None: resolve ``model`` here)
     bundle: object = None  # action "bundle": workers.coreml.bundle.build.BundleJob
+    model_options: dict = field(default_factory=dict)  # resolve_model's LoRAs / --config of a single file
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def _evaluator(job: CoreMLJob):
     from workers.models import resolve_model
 
     settings = job.evaluation
-    return Evaluator(job.spec or resolve_model(job.model), settings.signal, precision=settings.precision,
+    return Evaluator(job.spec or resolve_model(job.model, **job.model_options), settings.signal, precision=settings.precision,
                      fingerprint=job.fingerprint, device=job.device, min_size=settings.min_size, weights=job.weights)
 
 

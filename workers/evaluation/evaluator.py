@@ -261,6 +261,13 @@ class Evaluator:
         values = psnr_per_prompt(self.reference if reference is None else reference, out, self.protocol)
         return values, (mean_db(values) if self.protocol == "apple" else float(np.mean(values)))
 
+    def gallery_image(self, item, palettes: dict | None = None, spec=None):
+        """One gallery image (`workers.evaluation.gallery`): a plain pipeline call for one prompt
+        with ``item``'s row swapped in; returns its PNG bytes."""
+        from workers.evaluation.gallery import render_item
+
+        return render_item(self, item, palettes or {}, spec)
+
     def pid(self) -> int:
         return os.getpid()
 

@@ -46,6 +46,7 @@ function listView() {
   <label>strategy <select name="strategy"><option>apple</option><option>optimal</option><option>both</option></select></label>
   <label>evaluations <select name="evals"><option>full</option><option>fast</option></select></label>
   <label>workers <input name="workers" type="number" min="1" placeholder="auto" style="width:5em"></label>
+  <label>image steps <input name="gallery_steps" type="number" min="1" placeholder="20" style="width:5em"></label>
   <button type="submit" id="submit-button">Submit</button>
 </form>
 <div id="submit-error" class="error"></div>
@@ -62,7 +63,7 @@ function listView() {
         const body = {};
         for (const [k, v] of new FormData(form)) {
           if (String(v).trim() === "") continue;
-          body[k] = ["num_recipes", "min_size", "workers"].includes(k) ? Number(v) : String(v).trim();
+          body[k] = ["num_recipes", "min_size", "workers", "gallery_steps"].includes(k) ? Number(v) : String(v).trim();
         }
         if (body.strategy === "apple") delete body.strategy;
         if (body.evals === "full") delete body.evals;
@@ -109,23 +110,24 @@ function listView() {
 
 // ---------------------------------------------------------------- one search
 function searchView(sid) {
-  let etag = null;
+  let etag = null, gallery = null, images = {};
   return {
     render(root) {
       root.innerHTML = `
 <h2 id="title">search <code>${esc(sid)}</code></h2>
 <div id="summary"></div><div id="failure" class="error"></div><div id="action-error" class="error"></div>
+<div class="charts"><div class="chart" id="chart-psnr"></div><div class="chart" id="chart-cumulative"></div></div>
+<div class="chart heatmap scroll" id="chart-heatmap"></div>
+<h2>Recipes</h2>
+<div class="scroll"><table id="recipes"><thead><tr><th>key</th><th>strategy</th><th class="num">bits</th><th class="num">MB</th>
+<th class="num">predicted dB</th><th class="num">measured dB</th><th class="num">image PSNR dB</th><th class="num">image SSIM</th><th>Core ML validation</th></tr></thead><tbody></tbody></table></div>
+<div class="chart heatmap scroll" id="layer-map"></div>
+<h2>Images</h2><div id="gallery" class="gallery"></div>
 <div class="grid">
  <div><h2>Phases</h2><table id="phases"><thead><tr><th>phase</th><th>progress</th><th class="num">done</th><th class="num">wall time</th></tr></thead><tbody></tbody></table></div>
  <div><h2>Evaluators</h2><table id="evaluators"><thead><tr><th>node</th><th>worker</th><th>device</th><th class="num">evaluations/s</th></tr></thead><tbody></tbody></table>
  <p id="floor"></p></div>
 </div>
-<h2>Charts</h2>
-<div class="charts"><div class="chart" id="chart-psnr"></div><div class="chart" id="chart-cumulative"></div></div>
-<div class="chart heatmap scroll" id="chart-heatmap"></div>
-<h2>Recipes</h2>
-<div class="scroll"><table id="recipes"><thead><tr><th>key</th><th>strategy</th><th class="num">bits</th><th class="num">MB</th>
-<th class="num">predicted dB</th><th class="num">measured dB</th><th>Core ML validation</th></tr></thead><tbody></tbody></table></div>
 <h2>Downloads</h2><ul id="downloads">
  <li><a href="#" data-dl="/searches/${sid}/recipes.json" data-name="${sid}-recipes.json" id="dl-json">Apple JSON (the recipe file for <code>search apply --recipe-file</code>)</a></li>
  <li><a href="#" data-dl="/searches/${sid}/plot.png" data-name="${sid}-psnr.png" id="dl-plot">PSNR plot (PNG)</a></li>
@@ -139,22 +141,25 @@ function searchView(sid) {
         const b = ev.target.closest("button[data-act]");
         if (b) action(sid, b.dataset.act, root.querySelector("#action-error")).then(() => this.refresh(root));
       });
+      gallery = galleryView(sid, root.querySelector("#gallery"));
     },
     async refresh(root) {
       const charts = json(`/searches/${sid}/measurements`, { headers: etag ? { "If-None-Match": etag } : {} });
-      const d = (await json(`/dashboard/searches/${sid}`)).body;  // both requests in flight at once
+      const pictures = gallery();
+      const d = (await json(`/dashboard/searches/${sid}`)).body;  // the three requests in flight at once
+      images = Object.fromEntries((await pictures).rows.map((r) => [r.key, r]));
       const p = d.progress, active = ACTIVE.includes(d.status);
       const act = active ? `<button data-act="cancel">cancel</button>` : d.status !== "completed" ? `<button data-act="resume">resume</button>` : "";
       root.querySelector("#summary").innerHTML = `<p>model <b>${esc(d.model)}</b> (${esc(d.model_version)}) ·
 <span class="status-${d.status}" id="status">${d.status}</span> · phase ${esc(d.phase)} · started ${when(d.created_at)} ·
 ${d.candidates} candidate layers, ${d.pairs} (layer, format) pairs · ${bar(p.fraction)} evaluations
-<span id="evals">${p.done} / ${p.total}${p.total_known ? "" : "+"}</span>${p.eta_s !== null ? " · ETA " + duration(p.eta_s) : ""} ·
+<span id="evals">${p.done} / ${p.total}${p.total_known ? "" : "+"}</span> · reused <span id="reused">${d.reused ?? 0}</span>${p.eta_s !== null ? " · ETA " + duration(p.eta_s) : ""} ·
 best so far: ${best(d.best)} ${act}</p>`;
       root.dataset.status = d.status;
       root.querySelector("#failure").textContent = d.status === "failed" && d.error ? "failed: " + d.error : "";
-      root.querySelector("#phases tbody").innerHTML = (d.phases.length ? d.phases.map((ph) =>
-        `<tr><td>${esc(ph.label)}</td><td>${bar(ph.total ? ph.done / ph.total : 0)}</td><td class="num">${ph.done} / ${ph.total}</td><td class="num">${duration(ph.wall_s)}</td></tr>`)
-        : Object.entries(d.counts).map(([k, c]) => `<tr><td>${k}</td><td>${bar(c.total ? c.done / c.total : 0)}</td><td class="num">${c.done} / ${c.total ?? "?"}</td><td class="num">—</td></tr>`)).join("");
+      root.querySelector("#phases tbody").innerHTML = d.phases.map((ph) =>
+        `<tr data-phase="${esc(ph.phase)}"><td>${esc(ph.label)}</td><td>${bar(ph.total ? Math.min(ph.done / ph.total, 1) : 0)}</td><td class="num">${ph.done} / ${ph.total ?? "?"}</td><td class="num">${duration(ph.wall_s)}</td></tr>`).join("")
+        || `<tr><td colspan="4" class="muted">not started</td></tr>`;
       root.querySelector("#evaluators tbody").innerHTML = d.evaluators.map((e) =>
         `<tr><td><code>${esc(e.node)}</code></td><td><code>${esc(e.worker)}</code></td><td>${esc(e.device || "—")}</td><td class="num">${num(e.per_s, 2)}</td></tr>`).join("")
         || `<tr><td colspan="4" class="muted">no evaluations in the last minute</td></tr>`;
@@ -165,8 +170,9 @@ best so far: ${best(d.best)} ${act}</p>`;
       root.querySelector("#recipes tbody").innerHTML = d.recipes.map((r) => {
         const v = d.validations[r.key];
         const val = v ? `${v.structural_ok ? "structure ok" : "structure FAILED"}${v.numeric_psnr !== null ? ", " + num(v.numeric_psnr, 2) + " dB" : ""}${v.runtime_note ? " · " + esc(v.runtime_note) : ""}` : "—";
-        return `<tr><td class="key">${esc(r.key)}</td><td>${esc(r.strategy)}</td><td class="num">${num(r.avg_bits, 2)}</td><td class="num">${num(r.size_mb, 1)}</td><td class="num">${num(r.predicted_psnr, 2)}</td><td class="num">${num(r.psnr, 2)}</td><td>${val}</td></tr>`;
-      }).join("") || `<tr><td colspan="7" class="muted">no recipes yet</td></tr>`;
+        return `<tr><td class="key">${esc(r.key)}</td><td>${esc(r.strategy)}</td><td class="num">${num(r.avg_bits, 2)}</td><td class="num">${num(r.size_mb, 1)}</td><td class="num">${num(r.predicted_psnr, 2)}</td><td class="num">${num(r.psnr, 2)}</td>
+<td class="num">${num((images[r.key] || {}).psnr_mean, 2)}</td><td class="num">${num((images[r.key] || {}).ssim_mean, 4)}</td><td>${val}</td></tr>`;
+      }).join("") || `<tr><td colspan="9" class="muted">no recipes yet</td></tr>`;
       root.querySelector("#messages").textContent = (d.messages || []).join("\n").replace(/\[\/?[a-z ]+\]/g, "");
       coremlLinks(sid, root.querySelector("#downloads"), d);
       const m = await charts;
@@ -176,6 +182,7 @@ best so far: ${best(d.best)} ${act}</p>`;
         psnrSizeChart(root.querySelector("#chart-psnr"), m.body);
         cumulativeChart(root.querySelector("#chart-cumulative"), m.body);
         heatmap(root.querySelector("#chart-heatmap"), m.body, tip);
+        layerMap(root.querySelector("#layer-map"), m.body, tip);
         root.dataset.chartsVersion = etag || "";
       }
     },
@@ -211,19 +218,4 @@ function coremlLinks(sid, list, d) {
   list.dataset.coreml = html;
   list.querySelectorAll("li.coreml-dl").forEach((li) => li.remove());
   list.insertAdjacentHTML("beforeend", html);
-}
-
-// ---------------------------------------------------------------- compare
-function compareView(ids) {
-  return {
-    render(root) {
-      root.innerHTML = `<h2>Compare searches</h2><p class="muted">Select two or more searches in the list
-(<a href="#/">searches</a>) and press “compare selected”.</p><div class="chart" id="chart-compare"></div>`;
-    },
-    async refresh(root) {
-      if (!ids.length) return;
-      const list = await Promise.all(ids.map(async (id) => (await json(`/searches/${id}/measurements`)).body));
-      compareChart(root.querySelector("#chart-compare"), list);
-    },
-  };
 }

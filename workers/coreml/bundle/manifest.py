@@ -6,13 +6,12 @@ is what `search status` and the dashboard show as the bundle's size.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common.files import atomic_write_text
+from common.files import atomic_write_text, sha256_of
 
 MANIFEST = "bundle.json"
 FORMAT = 1
@@ -49,14 +48,6 @@ class BundleManifest:
     format: int = FORMAT
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def list_files(folder: str | os.PathLike) -> list[FileEntry]:
     """Every regular file under ``folder`` (hidden ones and the manifest excepted), sorted by path."""
     root = Path(folder)
@@ -65,7 +56,7 @@ def list_files(folder: str | os.PathLike) -> list[FileEntry]:
         rel = p.relative_to(root)
         if not p.is_file() or rel.parts[0].startswith(".") or str(rel) in _SKIP:
             continue
-        out.append(FileEntry(rel.as_posix(), p.stat().st_size, _sha256(p)))
+        out.append(FileEntry(rel.as_posix(), p.stat().st_size, sha256_of(p)))
     return out
 
 

@@ -1,0 +1,59 @@
+"""The recipe against Apple's ``4bit`` preset on the same model and the same protocol.
+
+Apple's only compression for diffusion denoisers is INT4 per-block-32 symmetric on weights of at
+least 32,768 elements (4 bits + one float16 scale per 32 weights = 4.5 bits per quantized weight).
+The preset is exported here exactly as Apple's exporter applies it (``export.quantize_4bit``),
+run on the same Core AI runtime in the same signal, and both assets are sized from what Core AI
+says they store (``AIModelAsset.summary``: elements per storage type), so bits per weight count
+LUTs and scales as the device does: stored bits / the denoiser's weights.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+_TYPE = re.compile(r"(?i)^(b?float|u?int)(\d+)")
+
+
+def storage_bits(asset_path) -> tuple[int, dict[str, int]]:
+    """(total stored bits of the asset's constants, elements per storage type), from Core AI."""
+    from coreai.authoring import AIModelAsset
+
+    summary = AIModelAsset.load(str(asset_path)).summary(include_statistics=True)
+    counts = dict(summary.storage_types) if summary is not None else {}
+    total = 0
+    for name, n in counts.items():
+        m = _TYPE.match(name)
+        if m is None:
+            raise ValueError(f"unknown Core AI storage type {name!r}")
+        total += int(m.group(2)) * int(n)
+    return total, counts
+
+
+def asset_bytes(asset_path) -> int:
+    return sum(p.stat().st_size for p in Path(asset_path).rglob("*") if p.is_file())
+
+
+def row(name: str, asset_path, weights: int, psnr: float, extra: dict | None = None) -> dict:
+    bits, counts = storage_bits(asset_path)
+    return {"name": name, "bits_per_weight": bits / weights, "asset_bytes": asset_bytes(asset_path),
+            "psnr": psnr, "storage": counts, **(extra or {})}
+
+
+def comparison(ev, ptype: str, hw, recipe_asset: Path, luts, job, recipe_psnr: float, tokens: int | None = None) -> dict:
+    """{rows: [recipe, 4bit], delta_db, weights}: measured on the Core AI runtime."""
+    from workers.coreai.denoiser import export_denoiser, measure_asset
+
+    weights = sum(p.numel() for p in ev.denoiser.parameters())
+    rows = [row(f"recipe {job.recipe_key}", recipe_asset, weights, recipe_psnr,
+                {"search_avg_bits": job.avg_bits, "palettized_layers": len(luts)})]
+    with tempfile.TemporaryDirectory(prefix="mbp-coreai-4bit-") as tmp:
+        preset = Path(tmp) / "Unet-4bit.aimodel"
+        export_denoiser(ev, ptype, hw, None, preset, quantize=True, tokens=tokens)
+        psnr, _, _ = measure_asset(ev, preset)
+        quantized = sum(n for t, n in storage_bits(preset)[1].items() if t.lower() in ("int4", "uint4"))
+        rows.append(row("Apple 4bit preset", preset, weights, psnr,
+                        {"quantized_weights": quantized, "quantized_bits_per_weight": 4.5 if quantized else None}))
+    return {"weights": weights, "rows": rows, "delta_db": rows[0]["psnr"] - rows[1]["psnr"],
+            "protocol": "the search's signal, Core AI runtime (Linux CPU) vs the search's diffusers reference"}
