@@ -361,7 +361,8 @@ def test_apply_all_ships_packages_from_the_coreml_node_and_resumes_after_kill(cl
     c, service = cluster["client"], cluster["service"]
     coreml_cache = cluster["coreml_cache"]  # what the Core ML node cannot see: test_the_nodes_see_only_what_they_should
     t0 = time.monotonic()
-    proc = remote(service, "submit", *TINY_ARGS, "--num-recipes", "2", "--apply", "all")
+    proc = remote(service, "submit", *TINY_ARGS, "--num-recipes", "2", "--apply", "all",
+                  "--no-reuse")  # its own measurements: the evaluation count below is this search's
     assert proc.returncode == 0, proc.stderr
     sid = proc.stdout.split()[-1]
     get = lambda: c.get(f"/searches/{sid}").json()  # noqa: E731
