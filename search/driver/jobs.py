@@ -119,10 +119,10 @@ def target_recipe(storage: Storage, search_id: str, *, bits: float | None = None
     from search.recipes.strategy import target_recipe as plan
 
     search = storage.get_search(search_id)
-    config = SearchConfig.from_dict(search.config)
     tables = load_tables(storage, search.id)
-    if "original" not in tables.baselines:
+    if "original" not in tables.baselines:  # before the config: a search still preparing stores its raw options
         raise ConfigError(f"search {search.id} has no baselines yet; resume it first")
+    config = SearchConfig.from_dict(search.config)
     try:
         planned = plan(config, tables, weight_mse(storage, search.id), bits=bits, size_mb=size_mb, psnr=psnr)
     except ValueError as exc:  # budget too small, unreachable PSNR, missing measurements

@@ -32,9 +32,12 @@ class RecipeBody(BaseModel):
     """Exactly one target, as `search recipe`'s --bits / --size-mb / --psnr."""
 
     model_config = ConfigDict(extra="forbid")
-    bits: Optional[float] = Field(None, description="average bits per weight at most this")
-    size_mb: Optional[float] = Field(None, description="candidate weights at most this many MB")
-    psnr: Optional[float] = Field(None, description="smallest recipe predicted to keep this PSNR (dB)")
+    bits: Optional[float] = Field(None, ge=1, le=16, allow_inf_nan=False,  # no format has under 1 bit
+                                  description="average bits per weight at most this")
+    size_mb: Optional[float] = Field(None, ge=0.001, allow_inf_nan=False,  # 1 kB
+                                     description="candidate weights at most this many MB")
+    psnr: Optional[float] = Field(None, gt=0, le=1000, allow_inf_nan=False,
+                                  description="smallest recipe predicted to keep this PSNR (dB)")
     refine_evals: int = Field(REFINE_EVALS, ge=0, le=10_000,
                               description="end-to-end measurements of the refinement (0: one-shot)")
     workers: int = Field(1, ge=1, le=1024, description="evaluator actors")
@@ -45,6 +48,7 @@ def build_target(db_path: str, search_id: str, bits, size_mb, psnr, workers: int
     target the measurements cannot meet (the user's mistake, not the service's)."""
     from search.config import ConfigError
     from search.driver.jobs import target_recipe
+    from search.driver.pool import ItemFailed, PoolError
     from storage import Storage, StorageError
     from workers.models import ModelError
 
@@ -54,6 +58,8 @@ def build_target(db_path: str, search_id: str, bits, size_mb, psnr, workers: int
                                       refine_evals=refine_evals)
     except (ConfigError, ModelError, StorageError) as exc:
         return {"error": first_line(exc)}
+    except (PoolError, ItemFailed) as exc:  # e.g. more evaluators than the service's node can start
+        return {"error": f"the recipe could not be measured: {first_line(exc)}"}
     finally:
         storage.close()
     return {"key": r.key, "target": r.target, "avg_bits": r.avg_bits, "size_mb": r.size_mb,

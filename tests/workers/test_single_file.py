@@ -409,7 +409,7 @@ def test_digest_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     from workers import file_digest as fd
 
     path = tmp_path / "big.bin"
-    path.write_bytes(os.urandom(3 * fd.BLOCK + 5))
+    path.write_bytes(os.urandom(3 * 8 * 2**20 + 5))
     want = hashlib.sha256(path.read_bytes()).hexdigest()
     assert fd.file_digest(path, tmp_path / "cache") == want
     monkeypatch.setattr(fd, "sha256_of", lambda p: pytest.fail("re-hashed an unchanged file"))
