@@ -1,6 +1,7 @@
 """A bench model whose UNet weights come from real training: ``tiny-sdxl`` trained on photographs.
 
     python benchmarks/bench_model.py [--rebuild]      # builds once (3-6 min on 2 CPU cores), prints the path
+    python benchmarks/bench_model.py --base tiny-sd   # the SD-1.x-shaped one (Core AI exports SD 1.x, not SDXL)
 
 The random-weight built-in models are fine for plumbing but flatter the optimal strategy: their
 weights are i.i.d. draws from the init distribution, so palettization errors of different layers
@@ -24,6 +25,15 @@ variant is lossless) and the directory is written with ``save_pretrained`` into
 sibling renamed into place with ``os.replace``, with a marker file recording the recipe
 version, so it is built once and rebuilt only when missing or outdated. It loads as a local
 pipeline directory: ``search submit --model <dir> --min-size 8192``.
+
+``--base tiny-sd`` trains ``tiny-sd`` (SD-1.5-shaped: one text encoder, no pooled embeddings or
+``time_ids``) the same way into ``<cache>/bench/tiny-sd-trained``, because Apple's Core AI exporter
+has no SDXL pipeline (benchmarks/coreai_vs_4bit.py); the SDXL build is unchanged (marker, bytes).
+
+``--photo`` (``<cache>/bench/tiny-sdxl-photo``, with ``--base tiny-sd``: ``tiny-sd-photo``) first trains
+a wider VAE as an autoencoder on the same photographs (benchmarks/bench_photo_vae.py; the random one
+decodes everything to texture), then the UNet exactly as above on that VAE's latents. Its marker adds
+the VAE recipe; the two UNet-only models keep theirs byte for byte. About 11 min on 2 shared cores.
 """
 from __future__ import annotations
 
@@ -46,6 +56,8 @@ from workers.tiny_models import FORMAT_VERSION as TINY_FORMAT  # noqa: E402
 
 NAME = "tiny-sdxl-trained"
 BASE = "tiny-sdxl"
+TRAINED = {BASE: NAME, "tiny-sd": "tiny-sd-trained"}  # base model -> the bench model's directory name
+PHOTO = {BASE: "tiny-sdxl-photo", "tiny-sd": "tiny-sd-photo"}  # --photo: its VAE trained too (bench_photo_vae)
 BENCH_VERSION = "1"  # bump when the training recipe changes: forces a rebuild
 MARKER = ".mbp-bench-model"
 MIN_SIZE = 8192  # pass as --min-size: a local directory otherwise gets the 1e5 default of real models
@@ -80,41 +92,49 @@ PHOTOS = (
 )
 
 
-def bench_dir(cache_dir: Path | None = None) -> Path:
+def bench_dir(cache_dir: Path | None = None, base: str = BASE, photo: bool = False) -> Path:
     root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
-    return root / "bench" / NAME
+    return root / "bench" / (PHOTO if photo else TRAINED)[base]
 
 
-def _marker_text() -> str:
-    return json.dumps({"name": NAME, "version": BENCH_VERSION, "base": BASE, "base_format": TINY_FORMAT,
-                       "seed": SEED, "steps": STEPS, "batch": BATCH, "lr": LR})
+def _marker_text(base: str = BASE, photo: bool = False) -> str:
+    marker = {"name": TRAINED[base], "version": BENCH_VERSION, "base": base, "base_format": TINY_FORMAT,
+              "seed": SEED, "steps": STEPS, "batch": BATCH, "lr": LR}
+    if photo:  # the two UNet-only models' markers stay byte for byte what their caches carry
+        from benchmarks.bench_photo_vae import recipe
+        marker.update(name=PHOTO[base], vae=recipe())
+    return json.dumps(marker)
 
 
-def _is_current(path: Path) -> bool:
+def _is_current(path: Path, base: str = BASE, photo: bool = False) -> bool:
     try:
-        return (path / MARKER).read_text() == _marker_text()
+        return (path / MARKER).read_text() == _marker_text(base, photo)
     except OSError:
         return False
 
 
-def ensure_bench_model(cache_dir: Path | None = None, *, rebuild: bool = False, log=print) -> Path:
-    """The trained bench pipeline directory, built (deterministically) on first use."""
-    final = bench_dir(cache_dir)
-    if not rebuild and _is_current(final):
+def ensure_bench_model(cache_dir: Path | None = None, *, rebuild: bool = False, log=print, base: str = BASE,
+                       photo: bool = False) -> Path:
+    """The trained bench pipeline directory of ``base`` (tiny-sdxl or tiny-sd), built deterministically once;
+    ``photo``: with a VAE trained on the photographs too (images that mean something)."""
+    if base not in TRAINED:
+        raise ValueError(f"no bench model for {base!r}; choose one of {tuple(TRAINED)}")
+    final, name = bench_dir(cache_dir, base, photo), (PHOTO if photo else TRAINED)[base]
+    if not rebuild and _is_current(final, base, photo):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _build_lock(final.parent / f".{NAME}.lock"):
-        if not rebuild and _is_current(final):
+    with _build_lock(final.parent / f".{name}.lock"):
+        if not rebuild and _is_current(final, base, photo):
             return final
-        base = ensure_tiny_model(BASE, cache_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=final.parent))
+        base_dir = ensure_tiny_model(base, cache_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
         try:
-            shutil.copytree(base, tmp, dirs_exist_ok=True,
+            shutil.copytree(base_dir, tmp, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns(".mbp-tiny-model", "unet", "vae"))
             with quiet_hf():
-                summary = _train_into(base, tmp, log)
+                summary = _train_into(base_dir, tmp, log, base, photo)
             (tmp / "training.json").write_text(json.dumps(summary, indent=2))
-            (tmp / MARKER).write_text(_marker_text())
+            (tmp / MARKER).write_text(_marker_text(base, photo))
             publish_dir(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -179,15 +199,24 @@ def _views(gen, n_views: int, size: int = TINY_RESOLUTION):
     return torch.cat(out).clamp(-1, 1), torch.tensor(labels)
 
 
-def _train_into(base: Path, out_dir: Path, log) -> dict:
+def _train_into(base: Path, out_dir: Path, log, base_name: str = BASE, photo: bool = False) -> dict:
     import torch
-    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     t_start = time.monotonic()
+    xl = base_name == BASE  # SDXL: two encoders, pooled embeddings and time_ids; SD 1.x: one encoder only
     with _deterministic_torch():
-        pipe = StableDiffusionXLPipeline.from_pretrained(base, dtype=torch.float32, local_files_only=True)
+        cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+        pipe = cls.from_pretrained(base, dtype=torch.float32, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
         unet, vae = pipe.unet, pipe.vae
+        vae_info = {}
+        if photo:  # the VAE first, from its own seeds: the UNet's data and draws below are unchanged
+            from benchmarks import bench_photo_vae as pv
+            train = _views(torch.Generator("cpu").manual_seed(pv.VAE_SEED + 1), pv.VAE_VIEWS)[0]
+            heldout = _views(torch.Generator("cpu").manual_seed(pv.VAE_SEED + 2), pv.VAE_HELDOUT)[0]
+            vae, vae_info = pv.train_vae(train, heldout, log)
+            pipe.vae = vae
         gen = torch.Generator("cpu").manual_seed(SEED)
 
         # data: VAE latent means of augmented views, scaled to unit variance
@@ -202,9 +231,13 @@ def _train_into(base: Path, out_dir: Path, log) -> dict:
         # conditioning: every caption and the empty prompt, encoded once by the pipeline's encoders
         captions = [c for _, c in PHOTOS] + [""]
         with torch.no_grad():
-            pe, _, pooled, _ = pipe.encode_prompt(prompt=captions, device="cpu", num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
-        pe, pooled = pe.float(), pooled.float()
+            if xl:
+                pe, _, pooled, _ = pipe.encode_prompt(prompt=captions, device="cpu", num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+                pe, pooled = pe.float(), pooled.float()
+            else:
+                pe = pipe.encode_prompt(prompt=captions, device="cpu", num_images_per_prompt=1,
+                                        do_classifier_free_guidance=False)[0].float()
         uncond = len(captions) - 1
         time_ids = torch.tensor([[TINY_RESOLUTION, TINY_RESOLUTION, 0, 0, TINY_RESOLUTION, TINY_RESOLUTION]],
                                 dtype=torch.float32)
@@ -216,6 +249,8 @@ def _train_into(base: Path, out_dir: Path, log) -> dict:
             x0 = latents[idx]
             a = abar[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            if not xl:
+                return torch.mean((unet(xt, t, pe[cond]).sample - noise) ** 2)
             pred = unet(xt, t, pe[cond], added_cond_kwargs={"text_embeds": pooled[cond],
                                                            "time_ids": time_ids.expand(len(idx), -1)}).sample
             return torch.mean((pred - noise) ** 2)
@@ -234,7 +269,7 @@ def _train_into(base: Path, out_dir: Path, log) -> dict:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(s, STEPS) / STEPS)))
         curve, window = [], []
-        log(f"training {BASE}'s UNet on {len(PHOTOS)} scikit-image photographs ({len(latents)} views, "
+        log(f"training {base_name}'s UNet on {len(PHOTOS)} scikit-image photographs ({len(latents)} views, "
             f"{STEPS} steps of {BATCH}, latent scaling {scaling})")
         for step in range(STEPS):
             idx = torch.randint(0, len(latents), (BATCH,), generator=gen)
@@ -264,17 +299,22 @@ def _train_into(base: Path, out_dir: Path, log) -> dict:
     log("loss curve (mean per %d steps): " % LOG_EVERY + ", ".join(f"{s}:{v:.3f}" for s, v in curve))
     log(f"loss first {curve[0][1]:.3f} -> last {curve[-1][1]:.3f}; fixed probe batch {probe_before:.3f} -> "
         f"{probe_after:.3f} (fp16-rounded weights); built in {seconds:.0f} s")
-    return {"name": NAME, "version": BENCH_VERSION, "photos": [p for p, _ in PHOTOS], "views": len(latents),
+    return {"name": (PHOTO if photo else TRAINED)[base_name], "version": BENCH_VERSION,
+            "photos": [p for p, _ in PHOTOS], "views": len(latents),
             "steps": STEPS, "batch": BATCH, "lr": LR, "seed": SEED, "latent_scaling": scaling,
             "loss_curve": curve, "probe_loss_before": probe_before, "probe_loss_after": probe_after,
-            "build_seconds": round(seconds, 1)}
+            "build_seconds": round(seconds, 1), **vae_info}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rebuild", action="store_true", help="build again even if the cached copy is current")
+    ap.add_argument("--base", choices=tuple(TRAINED), default=BASE,
+                    help="the built-in model whose UNet is trained (tiny-sd: SD-1.x-shaped, for Core AI)")
+    ap.add_argument("--photo", action="store_true",
+                    help="train a VAE on the photographs too (<cache>/bench/tiny-sdxl-photo: images with content)")
     args = ap.parse_args(argv)
-    path = ensure_bench_model(rebuild=args.rebuild)
+    path = ensure_bench_model(rebuild=args.rebuild, base=args.base, photo=args.photo)
     info = json.loads((path / "training.json").read_text())
     print(f"{path}\n  loss {info['loss_curve'][0][1]:.3f} -> {info['loss_curve'][-1][1]:.3f}, probe "
           f"{info['probe_loss_before']:.3f} -> {info['probe_loss_after']:.3f}; search it with: "

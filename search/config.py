@@ -13,6 +13,7 @@ from search.defaults import REFINE_EVALS
 PRECISIONS = ("auto", "float16", "float32")
 STRATEGIES = ("apple", "optimal")
 EVALS = ("full", "fast")
+TARGETS = ("coreml", "coreai")  # what --apply builds (docs/coreai.md)
 EXECUTION_ONLY = ("prefix_reuse", "compile", "reuse", "reuse_across_devices")
 GALLERY_FIELDS = ("gallery", "gallery_steps", "gallery_resolution")  # images after the recipes: not measured
 
@@ -120,6 +121,7 @@ class SearchConfig:
     refine_evals: int = REFINE_EVALS       # measured refinement per optimal target (0: one-shot)
     loras: tuple[str, ...] = ()           # single-file checkpoints: LoRAs fused first, "PATH:SCALE"
     config_dir: str | None = None         # single-file checkpoints: --config, the diffusers configs they load with
+    target: str = "coreml"                # what --apply builds: coreml, or coreai (Core AI folders; no 3-bit)
     # How the evaluators run, not what they measure (left out of the fingerprint):
     prefix_reuse: bool = True             # resume each forward at the first changed module (bit-identical)
     compile: bool = False                 # torch.compile the UNet's blocks
@@ -154,6 +156,7 @@ class SearchConfig:
             raise ConfigError(f"--min-size must be a non-negative integer, got {self.min_size}")
         self._check_strategy()
         self._check_gallery()
+        self._check_target()
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         object.__setattr__(self, "images", tuple(self.images))
@@ -164,6 +167,16 @@ class SearchConfig:
             self.signal_spec(load_images=False)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+    def _check_target(self) -> None:
+        """Core AI (issue 36): coreai-opt 0.4.0 packs 1/2/4/6/8-bit LUTs only, so a search meant
+        for it must not measure (or default every weight to) 3 bits."""
+        if self.target not in TARGETS:
+            raise ConfigError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        three = [str(f) for f in self.nbits if f.bits == 3] + (["--default-nbits 3"] if self.default_nbits == 3 else [])
+        if self.target == "coreai" and three:
+            raise ConfigError(f"--target coreai cannot use 3-bit formats ({', '.join(three)}): Core AI "
+                              "(coreai-opt 0.4.0) packs 1, 2, 4, 6 and 8-bit LUTs only; leave 3 out of --nbits / --formats")
 
     def _check_strategy(self) -> None:
         strategy = tuple(self.strategy)
@@ -238,6 +251,8 @@ class SearchConfig:
         for key in ("loras", "config_dir"):  # only single-file searches store them (older fingerprints hold)
             if not d[key]:
                 del d[key]
+        if d["target"] == "coreml":  # the stored config (and fingerprint) of earlier releases
+            del d["target"]
         for key, default in (("gallery", True), ("gallery_steps", None), ("gallery_resolution", None)):
             if d[key] == default:  # the stored config of earlier releases
                 del d[key]

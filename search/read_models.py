@@ -33,6 +33,7 @@ def search_summary(storage: Storage, s: Search, now: datetime | None = None) -> 
 def coreml_progress(storage: Storage, s: Search) -> dict | None:
     """The Core ML stage asked of a search (None: none): its job's status and how far it got
     (recipes applied, validated, failed; MB shipped to the head). Never a file path of the head."""
+    from storage.coreai_store import job_target
     from storage.coreml_store import CoreMLStore
 
     store = CoreMLStore(storage)
@@ -47,6 +48,7 @@ def coreml_progress(storage: Storage, s: Search) -> dict | None:
     if status == "running" and (utcnow() - job.updated_at).total_seconds() > STALE_AFTER_S:
         status = "interrupted"  # its driver died without a word
     return {"status": status, "error": job.error, "apply": job.recipes, "coreml_node": job.coreml_node,
+            "target": job_target(storage, s),  # coreai: it builds Core AI folders (the request's or the search's)
             "node": job.node, "seconds": job.seconds, "recipes": len(keys), "applied": len(shipped),
             "validated": len(ok), "failed": sorted(k for k in keys if k in packages and k not in ok),
             "shipped_mb": sum(p.size_bytes for p in shipped.values()) / 1e6,
@@ -64,6 +66,29 @@ def bundles(storage: Storage, s: Search) -> dict:
     return {k: {"status": b.status, "detail": b.detail, "total_bytes": b.total_bytes, "zip_bytes": b.zip_bytes,
                 "sha256": b.sha256, "node": b.node, "seconds": b.seconds, "options": b.options}
             for k, b in CoreMLStore(storage).bundles(s.id).items()}
+
+
+def coreai_bundles(storage: Storage, s: Search) -> dict:
+    """The Core AI folders of a search's recipes (issue 36: `search bundle --target coreai`, or the
+    Core ML phase of a search submitted with ``--target coreai``): status, the checks (LUTs bit for
+    bit, runtime PSNR, the search's measured PSNR, their difference, ok), the comparison with
+    Apple's 4bit preset (rows: name, bits/weight, asset bytes, PSNR; delta dB), the zip's size and
+    sha256 when shipped. Never a file path."""
+    from storage.coreai_store import CoreAIStore
+
+    out = {}
+    for k, b in CoreAIStore(storage).bundles(s.id).items():
+        comp = b.comparison
+        out[k] = {"status": b.status, "detail": b.detail, "ok": b.ok, "luts_ok": b.luts_ok, "luts_detail": b.luts_detail,
+                  "runtime_psnr": b.runtime_psnr, "measured_psnr": b.measured_psnr, "difference_db": b.difference_db,
+                  "runtime_ok": b.runtime_ok, "floor_psnr": b.floor_psnr,  # the float16 floor, if measured
+                  "total_bytes": b.total_bytes, "zip_bytes": b.zip_bytes,
+                  "sha256": b.sha256, "node": b.node, "seconds": b.seconds,
+                  "comparison": None if comp is None else {
+                      "delta_db": comp["delta_db"], "weights": comp["weights"],
+                      "rows": [{"name": r["name"], "bits_per_weight": r["bits_per_weight"],
+                                "asset_bytes": r["asset_bytes"], "psnr": r["psnr"]} for r in comp["rows"]]}}
+    return out
 
 
 def preparing(s: Search) -> dict | None:
@@ -108,6 +133,7 @@ def search_detail(storage: Storage, s: Search, now: datetime | None = None) -> d
                  for r in storage.recipes(s.id)],
         validations={k: asdict(v) for k, v in storage.validations(s.id).items()},
         bundles=bundles(storage, s),
+        coreai=coreai_bundles(storage, s),
         counts=phase_counts(storage, s, pairs),
         eval_floor=eval_floor(storage, s),
         gallery=gallery(storage, s, images=False),
@@ -182,5 +208,5 @@ def plot_png(storage: Storage, s: Search) -> bytes:
         return plot_report(build_report(storage, s), Path(tmp) / "psnr.png").read_bytes()
 
 
-__all__ = ["iso", "search_summary", "coreml_progress", "bundles", "preparing", "search_detail", "phase_counts",
+__all__ = ["iso", "search_summary", "coreml_progress", "bundles", "coreai_bundles", "preparing", "search_detail", "phase_counts",
            "recipes_json", "plot_png"]

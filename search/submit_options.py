@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Mapping, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Mapping, Optional, Union
 
 from annotated_types import Len
 
@@ -25,19 +25,23 @@ REFINE_EVALS_HELP = (f"end-to-end measurements per optimal target for the measur
 RESUME_HELP = "if an unfinished search has this model and config, resume it"
 APPLY_HELP = ("after the recipes, apply them on the cluster's Core ML node, validate them and ship the .mlpackage "
               "files to the service: 'all' or comma-separated recipe keys")
+TARGET_HELP = ("what --apply builds: coreml (Core ML packages and the Swift pipeline's Resources folders) or coreai "
+               "(the folder Apple's Core AI exporter writes, checked on the Linux Core AI runtime, on any node; needs "
+               "the [coreai] extra; 3-bit formats refused: docs/coreai.md)")
 COREML_NODE_HELP = ("with --apply: 'coreml' = a node started with the custom resource coreml (a Mac), 'any' = any "
                     "node (everything but Core ML prediction) [default: coreml]")
 
 
-def parse_apply(value, coreml_node=None) -> tuple[str, str]:
+def parse_apply(value, coreml_node=None, target="coreml") -> tuple[str, str]:
     """``--apply`` / ``apply``: 'all', or the recipe keys as one comma string without blanks or
-    repeats; and ``--coreml-node`` (default coreml). ConfigError (one line) otherwise."""
+    repeats; and ``--coreml-node`` (default coreml; with ``--target coreai`` any: Core AI runs on
+    Linux). ConfigError (one line) otherwise."""
     from search.config import ConfigError
 
     keys = list(dict.fromkeys(k.strip() for k in str(value or "").split(",") if k.strip()))
     if not keys:
         raise ConfigError("--apply: give 'all' or recipe keys separated by commas")
-    node = coreml_node or "coreml"
+    node = coreml_node or ("any" if target == "coreai" else "coreml")
     if node not in ("coreml", "any"):
         raise ConfigError(f"--coreml-node must be coreml or any, got '{node}'")
     return ("all" if "all" in keys else ",".join(keys)), node
@@ -133,6 +137,19 @@ def _config_dir(value):
     return str(path)
 
 
+def check_coreai_installed(target) -> None:
+    """``--target coreai`` needs the [coreai] extra where the search runs: one line saying how to
+    install it, before anything is stored or measured (the local command line and the service
+    call it; a client sending to a service does not need the packages itself)."""
+    from search.config import ConfigError
+
+    if target == "coreai":
+        from workers import coreai
+
+        if not coreai.available():
+            raise ConfigError(f"--target coreai: {coreai.INSTALL_HINT}")
+
+
 def _prompts(value):
     """The prompts themselves (the CLI reads them from its --prompts file first)."""
     from search.config import ConfigError
@@ -211,6 +228,7 @@ SEARCH_OPTIONS: tuple[SearchOption, ...] = (
                  "(docs/reuse.md); --no-reuse measures everything"),
     SearchOption("reuse_across_devices", ("--reuse-across-devices",), bool, False, "also reuse measurements made on "
                  "another device class (CUDA, MPS, CPU) in the same precision"),
+    SearchOption("target", ("--target",), str, "coreml", TARGET_HELP, json_type=Literal["coreml", "coreai"]),
     SearchOption("gallery", ("--gallery/--no-gallery",), bool, True, "after the recipes, generate full images of "
                  "the float16 model, linear 8-bit and every recipe (the search's prompts and seeds) and score them "
                  "with image PSNR/SSIM (docs/gallery.md)"),
@@ -243,5 +261,6 @@ def parse_search_options(values: Mapping[str, Any]) -> dict:
     return options
 
 
-__all__ = ["SEARCH_OPTIONS", "SearchOption", "parse_search_options", "WORKERS_HELP", "RESUME_HELP", "REFINE_EVALS",
+__all__ = ["SEARCH_OPTIONS", "SearchOption", "parse_search_options", "check_coreai_installed", "TARGET_HELP",
+           "WORKERS_HELP", "RESUME_HELP", "REFINE_EVALS",
            "REFINE_EVALS_HELP"]

@@ -16,6 +16,7 @@ from storage.engine import SessionFactory, open_engine
 from storage.errors import StorageError
 from storage.records import (ACTIVE, Baseline, Layer, Measurement, PaletteInfo, Search, StoredRecipe, Validation,
                              stored_format)
+from storage.reuse_store import count_results
 
 
 def _search(row: s.SearchRow) -> Search:
@@ -36,8 +37,7 @@ def _recipe(row: s.RecipeRow) -> StoredRecipe:
         bits=recipe_formats(json.loads(row.bits_json)), avg_bits=row.avg_bits, size_mb=row.size_mb,
         predicted_psnr=row.predicted_psnr, psnr=row.psnr,
         per_prompt=tuple(json.loads(row.per_prompt_json)) if row.per_prompt_json else None,
-        node=row.node, duration_s=row.duration_s,
-    )
+        node=row.node, duration_s=row.duration_s)
 
 
 def _layer_rows(search_id: str, layers: list[Layer]) -> list[s.LayerRow]:
@@ -205,12 +205,10 @@ class Storage:
             psnr=m.psnr, per_prompt_json=json.dumps(list(m.per_prompt)), node=m.node, worker=m.worker,
             duration_s=m.duration_s, created_at=utcnow(), reuse_key=m.reuse_key, reuse_device=m.reuse_device,
             reused_from=m.reused_from).on_conflict_do_nothing()
-        counter = "reused" if m.reused_from else "evaluations"
         with self.session_scope() as db:
             inserted = db.execute(stmt).rowcount == 1
             if inserted:
-                db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(
-                    {counter: getattr(s.SearchRow, counter) + 1, "heartbeat_at": utcnow()}))
+                count_results(db, search_id, reused=bool(m.reused_from), heartbeat=True)
             return inserted
 
     def measurements(self, search_id: str, phase: str | None = None) -> list[Measurement]:
@@ -240,12 +238,10 @@ class Storage:
                                             per_prompt_json=json.dumps(list(b.per_prompt)), duration_s=b.duration_s,
                                             reuse_key=b.reuse_key, reuse_device=b.reuse_device,
                                             reused_from=b.reused_from).on_conflict_do_nothing()
-        counter = "reused" if b.reused_from else "evaluations"  # as add_measurement
         with self.session_scope() as db:
             inserted = db.execute(stmt).rowcount == 1
             if inserted:
-                db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(
-                    {counter: getattr(s.SearchRow, counter) + 1}))
+                count_results(db, search_id, reused=bool(b.reused_from))  # as add_measurement
             return inserted
 
     def baselines(self, search_id: str) -> dict[str, Baseline]:
@@ -274,8 +270,7 @@ class Storage:
                 s.RecipeRow.search_id == search_id, s.RecipeRow.key == key, s.RecipeRow.psnr.is_(None)).values(
                 psnr=psnr, per_prompt_json=json.dumps(list(per_prompt)), node=node, duration_s=duration_s))
             if res.rowcount == 1 and count:
-                db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(
-                    evaluations=s.SearchRow.evaluations + 1))
+                count_results(db, search_id, reused=False)
             return res.rowcount == 1
 
     def recipes(self, search_id: str) -> list[StoredRecipe]:

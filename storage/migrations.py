@@ -86,9 +86,27 @@ def _gallery_images(conn: Connection) -> None:
     schema.Base.metadata.create_all(conn, tables=[t.__table__ for t in schema.GALLERY_TABLES])
 
 
+def _coreai_bundles(conn: Connection) -> None:
+    """Core AI folders per recipe (issue 36): their checks and the comparison with Apple's 4bit preset."""
+    schema.Base.metadata.create_all(conn, tables=[t.__table__ for t in schema.COREAI_TABLES])
+
+
+def _coreml_job_targets(conn: Connection) -> None:
+    """What a queued Core ML phase builds when it is not the search's own target (issue 36)."""
+    schema.Base.metadata.create_all(conn, tables=[t.__table__ for t in schema.JOB_TARGET_TABLES])
+
+
+def _coreai_floor(conn: Connection) -> None:
+    """Core AI folders keep the float16 floor their runtime check measured (issue 36): a nullable
+    column, added only where missing (a database whose coreai_bundles came from this release has it)."""
+    have = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(coreai_bundles)")}
+    if "floor_psnr" not in have:
+        conn.exec_driver_sql("ALTER TABLE coreai_bundles ADD COLUMN floor_psnr FLOAT")
+
+
 STEPS: list[Callable[[Connection], None]] = [_v1_initial, _v2_validations, _v3_preparing, _v4_palette_formats,
                                              _v5_coreml, _v6_bundles, _measurement_reuse,
-                                             _gallery_images]
+                                             _gallery_images, _coreai_bundles, _coreml_job_targets, _coreai_floor]
 LATEST_VERSION = len(STEPS)
 
 

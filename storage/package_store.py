@@ -16,7 +16,8 @@ from pathlib import Path
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 SUFFIX = ".mlpackage.zip"
 BUNDLE_SUFFIX = ".bundle.zip"
-SUFFIXES = (SUFFIX, BUNDLE_SUFFIX)
+COREAI_SUFFIX = ".coreai.zip"  # a recipe's Core AI folder (issue 36): one top folder CoreAI/
+SUFFIXES = (SUFFIX, BUNDLE_SUFFIX, COREAI_SUFFIX)
 
 
 def safe_name(key: str) -> str:

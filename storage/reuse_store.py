@@ -4,6 +4,7 @@ and copied into another search in one transaction (docs/reuse.md).
 A lookup is an ``IN`` on the indexed ``reuse_key`` column, a few hundred keys per statement,
 never a scan: start-up costs the same with ten stored SDXL searches as with none
 (benchmarks/reuse_startup.py). Rows with a NULL key (stored before keys existed) never match.
+Also the search's result counters (`count_results`: reused vs evaluations), which every insert bumps.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.sqlite import insert
 
+from common.clock import utcnow
 from common.formats import PaletteFormat
 from storage import schema as s
 from storage.records import Baseline, Measurement, PaletteInfo, stored_format
@@ -102,6 +104,16 @@ def copy_results(storage, search_id: str, measurements: list[Measurement], basel
             if table is not s.PaletteRow:  # rows the search already had were left alone: not counted
                 inserted += db.scalar(count) - before
         if inserted:
-            db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(
-                reused=s.SearchRow.reused + inserted))
+            count_results(db, search_id, reused=True, n=inserted)
     return inserted
+
+
+def count_results(db, search_id: str, *, reused: bool, n: int = 1, heartbeat: bool = False) -> None:
+    """Add ``n`` stored results to the search's counters, in the caller's transaction: ``reused``
+    (copied from another search, docs/reuse.md) or ``evaluations`` (pipeline runs of its own).
+    One place for both, since every insert of a result (`storage.api.Storage`, `copy_results`) bumps one."""
+    counter = "reused" if reused else "evaluations"
+    values = {counter: getattr(s.SearchRow, counter) + n}
+    if heartbeat:
+        values["heartbeat_at"] = utcnow()
+    db.execute(update(s.SearchRow).where(s.SearchRow.id == search_id).values(values))

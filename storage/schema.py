@@ -234,3 +234,53 @@ class GalleryImageRow(Base):
 
 
 GALLERY_TABLES = [GalleryImageRow]
+
+
+class CoreAIBundleRow(Base):
+    """A Core AI folder built for a recipe (issue 36): where it is, its checks on the Linux Core AI
+    runtime, and the comparison with Apple's 4bit preset (JSON: rows of name, bits/weight, asset
+    bytes, PSNR; delta dB)."""
+
+    __tablename__ = "coreai_bundles"
+    __table_args__ = (UniqueConstraint("search_id", "recipe_key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
+    recipe_key: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))    # built | shipped | failed
+    detail: Mapped[str] = mapped_column(Text)          # the checks in one line, or why it failed
+    path: Mapped[str | None] = mapped_column(Text, nullable=True)   # the folder (local) or zip (shipped)
+    total_bytes: Mapped[int] = mapped_column(Integer, default=0)   # the folder's files
+    sha256: Mapped[str] = mapped_column(String(64), default="")    # of the zip, when shipped
+    zip_bytes: Mapped[int] = mapped_column(Integer, default=0)     # of the zip, when shipped
+    luts_ok: Mapped[bool | None] = mapped_column(nullable=True)
+    luts_detail: Mapped[str] = mapped_column(Text, default="")
+    runtime_psnr: Mapped[float | None] = mapped_column(Float, nullable=True)
+    measured_psnr: Mapped[float | None] = mapped_column(Float, nullable=True)
+    runtime_ok: Mapped[bool | None] = mapped_column(nullable=True)
+    runtime_detail: Mapped[str] = mapped_column(Text, default="")
+    comparison_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # None: not compared
+    node: Mapped[str] = mapped_column(Text, default="")
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the runtime's float16 floor (Apple's none preset on it), when the runtime check measured it
+    floor_psnr: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+COREAI_TABLES = [CoreAIBundleRow]
+
+
+class CoreMLJobTargetRow(Base):
+    """What a search's queued Core ML phase builds (issue 36 through the service: `search apply ID
+    --target coreai --server URL` on a search submitted for Core ML): coreml or coreai. Its own
+    table so the job row keeps its shape; no row: the search's own target (its config)."""
+
+    __tablename__ = "coreml_job_targets"
+    __table_args__ = (UniqueConstraint("search_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
+    target: Mapped[str] = mapped_column(String(16))    # coreml | coreai
+    compare_4bit: Mapped[bool] = mapped_column(default=True)  # coreai: also measure Apple's 4bit preset
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+JOB_TARGET_TABLES = [CoreMLJobTargetRow]

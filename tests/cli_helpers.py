@@ -36,6 +36,37 @@ def run_cli(*args: str, model_cache: Path, timeout: float = 600, **env) -> subpr
                           timeout=timeout)
 
 
+def invoke_cli(*args: str, model_cache: Path, **env) -> subprocess.CompletedProcess:
+    """`search ARGS` run in this process by typer's CliRunner (the same app, environment and
+    error handling as `run_cli`, stdout and stderr kept apart), for tests of what a command says
+    and its exit code, not of the process: a subprocess costs ~2 s of imports per call."""
+    return invoke_with_env(cli_cmd(*args), cli_env(model_cache, **env))
+
+
+def invoke_with_env(argv: list[str], env: dict) -> subprocess.CompletedProcess:
+    """The command line ``argv`` (from `cli_cmd`) in this process with exactly the environment
+    ``env`` while it runs (what is not in it is unset), as a CompletedProcess."""
+    from typer.testing import CliRunner
+
+    from search.cli import console
+    from search.cli.app import app
+
+    changes = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    changes.update({k: None for k in os.environ if k not in env})
+    # rich fixes a console's width at creation when COLUMNS was set then; a subprocess reads env's
+    widths = [(c, c._width) for c in (console.out, console.err)]
+    for c, _ in widths:
+        c._width = None
+    try:
+        res = CliRunner(env=changes).invoke(app, argv[3:])
+    finally:
+        for c, width in widths:
+            c._width = width
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return subprocess.CompletedProcess(argv, res.exit_code, res.stdout, res.stderr)
+
+
 def start_cli(*args: str, model_cache: Path, **env) -> subprocess.Popen:
     return subprocess.Popen(cli_cmd(*args), cwd=ROOT, env=cli_env(model_cache, **env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -119,11 +150,13 @@ def submit_ok(*args, model_cache: Path, timeout: float = 600) -> tuple[subproces
 
 
 def status_json(sid: str, db: Path, model_cache: Path) -> dict:
-    return json.loads(run_cli("status", sid, "--db", db, "--json", model_cache=model_cache).stdout)
+    """`search status SID --json` (in-process: the command's output, not its process)."""
+    return json.loads(invoke_cli("status", sid, "--db", db, "--json", model_cache=model_cache).stdout)
 
 
 def download(db, sid, model_cache) -> dict:
-    proc = run_cli("download", sid, "-o", "-", "--db", db, model_cache=model_cache)
+    """`search download SID -o -` (in-process: the JSON it writes, not its process)."""
+    proc = invoke_cli("download", sid, "-o", "-", "--db", db, model_cache=model_cache)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 

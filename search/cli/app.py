@@ -40,10 +40,12 @@ class _Cli(typer.Typer):
 def _usage_errors(call):
     """Run the command line; a refusal of click's own (an unknown option, a missing value) is one
     line ``error: ...`` (lower case, as every other refusal) and exit 2, not a framed box."""
-    try:  # typer vendors its own copy of click (typer._click) from 0.2x on
+    try:  # typer vendors its own copy of click (typer._click) from 0.2x on, with Abort in typer.exceptions
         from typer import _click as click
+        from typer.exceptions import Abort
     except ImportError:  # pragma: no cover
         import click
+        from click.exceptions import Abort
 
     try:
         return call()
@@ -57,7 +59,7 @@ def _usage_errors(call):
     except click.exceptions.ClickException as exc:
         print(f"error: {exc.format_message()}", file=sys.stderr)
         return exc.exit_code
-    except click.exceptions.Abort:
+    except Abort:
         print("error: aborted", file=sys.stderr)
         return 1
 

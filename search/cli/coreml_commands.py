@@ -26,6 +26,18 @@ MODEL_HELP = ("torch model whose weights the .mlpackage holds, when it is not th
 RecipeOption = typer.Option(None, "--recipe", help="recipe key, or 'all'")
 ModelOption = typer.Option(None, "--model", help=MODEL_HELP)
 NodeOption = typer.Option(None, "--coreml-node", help=COREML_NODE_HELP)
+TARGET_HELP = ("coreai: the folders Apple's Core AI exporter writes instead of Core ML packages (with --server: all "
+               "recipes unless --recipe, 3-bit ones refused in one line each, --coreml-node any by default; locally: "
+               "`search bundle --target coreai`, one recipe) [default: the search's own target]")
+
+
+def _coreai_flags(ctx: typer.Context, here: bool) -> None:
+    """Refuse, in one line, what applies to Core ML packages only."""
+    given = [f for f, on in (("--here", here), ("--mlpackage", ctx.params.get("mlpackage") is not None),
+                             ("--recipe-file", ctx.params.get("recipe_file") is not None),
+                             ("--model", ctx.params.get("model") is not None)) if on]
+    if given:
+        raise CliError(f"{', '.join(given)} apply to Core ML packages only, not --target coreai")
 
 
 def validation_table(storage, search):
@@ -74,16 +86,31 @@ def call_driver(fn, **kwargs):
 
 
 def _queue_on_service(ctx: typer.Context, search_id: str, recipe: Optional[str], coreml_node: Optional[str],
-                      server: str, token: Optional[str]) -> None:
-    """`search apply ID --server URL`: queue the Core ML phase on the cluster and return at once."""
+                      server: str, token: Optional[str], target: Optional[str] = None,
+                      compare_4bit: bool = True) -> None:
+    """`search apply ID --server URL`: queue the Core ML phase on the cluster and return at once
+    (``target`` coreai: Core AI folders instead; the service picks the node, any by default)."""
     from search.cli.backend import open_backend
     from search.submit_options import parse_apply
 
     local_only(ctx, "output", "mlpackage", "recipe_file", "model", "ray_address", "db")
-    apply, node = parse_apply(recipe or "all", coreml_node)
+    apply, node = parse_apply(recipe or "all", coreml_node, target or "coreml")
     with open_backend(ctx, None, server, token) as backend:
-        info = backend.queue_coreml(search_id, apply, node)
+        if target is None:
+            info = backend.queue_coreml(search_id, apply, node)
+        else:
+            from search.service.client import _segment
+
+            body = {"apply": apply, "target": target, "coreml_node": coreml_node,
+                    "compare_4bit": None if compare_4bit else False}
+            info = backend.client.request("POST", f"/searches/{_segment(search_id)}/coreml",
+                                          json={k: v for k, v in body.items() if v is not None}).json()
     cm = info["coreml"]
+    if cm.get("target") == "coreai":
+        out.print(f"search {info['id']}: Core AI phase {info['note']} ({cm['recipes']} recipe(s))", highlight=False)
+        err.print(f"watch it with `search status {info['id']} --server {backend.server}`; fetch the folders with "
+                  f"`search download {info['id']} --bundle all -o DIR --server {backend.server}`", highlight=False)
+        return
     out.print(f"search {info['id']}: Core ML phase {info['note']} ({cm['recipes']} recipe(s), "
               f"{cm['applied']} already shipped)", highlight=False)
     err.print(f"watch it with `search status {info['id']} --server {backend.server}`; fetch the packages with "
@@ -134,14 +161,30 @@ def apply_cmd(
     here: bool = typer.Option(False, "--here", help="with --server: apply on this machine (a Mac outside the "
                               "cluster) with the search's recipes and exact palettes fetched from the service, "
                               "and post the validations back"),
+    target: Optional[str] = typer.Option(None, "--target", help=TARGET_HELP),
+    compare_4bit: bool = typer.Option(True, "--compare-4bit/--no-compare-4bit", help="--target coreai: also "
+                                      "measure Apple's 4bit preset on the same model and protocol (the table)"),
 ) -> None:
     """Palettize a Core ML UNet with a recipe's exact LUTs, one .mlpackage per recipe, and validate it.
     With --server: queue that on the cluster's Core ML node (all recipes unless --recipe) and return;
-    the packages come back to the service (`search download ID --mlpackage`)."""
+    the packages come back to the service (`search download ID --mlpackage`). With --target coreai:
+    Core AI folders instead (`search download ID --bundle`)."""
+    if target not in (None, "coreml", "coreai"):
+        raise CliError(f"--target must be one of coreml, coreai, got '{target}'")
+    if target == "coreai":
+        _coreai_flags(ctx, here)
+    elif not compare_4bit:
+        raise CliError("--no-compare-4bit applies to --target coreai only")
     if here:
         return _apply_here(ctx, search_id, recipe, output, mlpackage, server, token)
     if server:
-        return _queue_on_service(ctx, search_id, recipe, coreml_node, server, token)
+        return _queue_on_service(ctx, search_id, recipe, coreml_node, server, token, target, compare_4bit)
+    if target == "coreai":  # locally: `search bundle ID --target coreai -o DIR`, one recipe
+        from search.cli.bundle_commands import bundle_coreai_cmd
+
+        if output is None:
+            raise CliError("give -o DIR for the Core AI folder (or --server URL to build them on the cluster)")
+        return bundle_coreai_cmd(search_id, recipe, output, compare_4bit, False, db)
     if output is None:
         raise CliError("give -o DIR for the .mlpackage files (or --server URL to apply on the cluster)")
     from search.cli.local_backend import LocalBackend

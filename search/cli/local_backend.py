@@ -120,7 +120,12 @@ class LocalBackend:
         from storage.package_store import PackageStore
 
         store = CoreMLStore(self.storage)
-        p = (store.packages if kind == "mlpackage" else store.bundles)(search_id)[key]
+        if kind == "coreai":  # a Core AI folder's zip (issue 36)
+            from storage.coreai_store import CoreAIStore
+
+            p = CoreAIStore(self.storage).bundles(search_id)[key]
+        else:
+            p = (store.packages if kind == "mlpackage" else store.bundles)(search_id)[key]
         with open(PackageStore.beside(self.storage.path).path(p.path), "rb") as src:
             src.seek(fh.tell())
             shutil.copyfileobj(src, fh, 8 * 2**20)

@@ -120,41 +120,113 @@ def _choose_bundles(info: dict, choice: str, where: str) -> dict[str, dict]:
     return {choice: shipped[choice]}
 
 
-def _unpack_bundle(zip_path: Path, out_dir: Path, key: str) -> Path:
-    """Unpack the zip's one ``Resources/`` folder as ``out_dir/<key>`` (built aside, then moved
-    into place), after checking its bundle.json names this recipe."""
-    from workers.coreml.bundle.manifest import MANIFEST, read
-
+def _unpack_folder(zip_path: Path, out_dir: Path, key: str, top: str, report_name: str, check) -> Path:
+    """Unpack the zip's one ``top/`` folder as ``out_dir/<key>`` (built aside, then moved into
+    place), after ``check(folder)`` (a CliError) has accepted the folder's own report: a zip with
+    anything outside ``top/`` or without ``top/report_name`` is refused before it is extracted."""
     with zipfile.ZipFile(zip_path) as zf:
         names = [PurePosixPath(n) for n in zf.namelist()]
-        if (any(n.is_absolute() or ".." in n.parts or n.parts[0] != BUNDLE_TOP for n in names)
-                or PurePosixPath(BUNDLE_TOP, MANIFEST) not in names):
-            raise CliError(f"{zip_path.name}: not one {BUNDLE_TOP}/ folder with a {MANIFEST}")
+        if (any(n.is_absolute() or ".." in n.parts or n.parts[0] != top for n in names)
+                or PurePosixPath(top, report_name) not in names):
+            raise CliError(f"{zip_path.name}: not one {top}/ folder with a {report_name}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{safe_name(key)}-", dir=out_dir))
         try:
             zf.extractall(tmp)
-            try:
-                manifest = read(tmp / BUNDLE_TOP)
-            except ValueError as exc:
-                raise CliError(str(exc)) from None
-            if manifest.get("recipe_key") != key:
-                raise CliError(f"the bundle of recipe {key} holds recipe {manifest.get('recipe_key')!r}")
+            check(tmp / top)
             final = out_dir / safe_name(key)
-            publish_dir(tmp / BUNDLE_TOP, final)
+            publish_dir(tmp / top, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
+def _unpack_bundle(zip_path: Path, out_dir: Path, key: str) -> Path:
+    """A Core ML bundle: its bundle.json must name this recipe."""
+    from workers.coreml.bundle.manifest import MANIFEST, read
+
+    def check(folder: Path) -> None:
+        try:
+            manifest = read(folder)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        if manifest.get("recipe_key") != key:
+            raise CliError(f"the bundle of recipe {key} holds recipe {manifest.get('recipe_key')!r}")
+
+    return _unpack_folder(zip_path, out_dir, key, BUNDLE_TOP, MANIFEST, check)
+
+
 def download_bundles(backend, search_id: str, choice: str, out_dir: Path) -> list[tuple[str, Path, dict]]:
-    """Fetch, check and unpack the chosen bundles; returns (key, Resources folder, stored facts)."""
+    """Fetch, check and unpack the chosen bundles; returns (key, Resources folder, stored facts).
+    Core AI folders instead (`download_coreai`) when the search's Core ML phase builds them (submitted
+    with ``--target coreai``, or applied with it last), or when it has Core AI folders and no bundles."""
     _out_dir(out_dir, "bundle folders")
+    detail = backend.detail(search_id)
     info = backend.coreml(search_id)
+    if _wants_coreai(detail, info):
+        return download_coreai(backend, detail, choice, out_dir)
     chosen = _choose_bundles(info, choice, backend.where)
     out_dir.mkdir(exist_ok=True)
     done = []
     for key, facts in chosen.items():
         partial = _fetch(backend, info["id"], key, "bundle", facts["zip_bytes"], facts["sha256"], out_dir)
         done.append((key, _unpack_bundle(partial, out_dir, key), facts))
+        partial.unlink()
+    return done
+
+
+def _wants_coreai(detail: dict, info: dict) -> bool:
+    shipped = lambda rows: any(r["status"] == "shipped" for r in (rows or {}).values())  # noqa: E731
+    target = ((detail.get("coreml") or {}).get("target") or (detail.get("config") or {}).get("target"))
+    return target == "coreai" or (shipped(detail.get("coreai")) and not shipped(info.get("bundles")))
+
+
+# -- Core AI folders (issue 36): the folder Apple's Core AI exporter writes, zipped under CoreAI/ ----
+COREAI_TOP = "CoreAI"  # the zip's one folder (workers.coreai.worker.zip_coreai)
+COREAI_REPORT = "mbp-coreai.json"  # in the folder: the search, the recipe, the checks (workers.coreai.bundle)
+
+
+def _choose_coreai(info: dict, choice: str, where: str) -> dict[str, dict]:
+    folders = info.get("coreai") or {}
+    shipped = {k: c for k, c in folders.items() if c["status"] == "shipped"}
+    if choice == "all":
+        if not shipped:
+            cm = info.get("coreml") or {}
+            raise CliError(f"search {info['id']} has no shipped Core AI folders (Core ML phase: "
+                           f"{cm.get('status', 'never asked')}); build them with `search apply {info['id']}{where} "
+                           "--target coreai`" if where else f"search {info['id']} has no shipped Core AI folders; "
+                           f"build one here with `search bundle {info['id']} --recipe KEY --target coreai -o DIR`")
+        return shipped
+    if choice not in shipped:
+        c = folders.get(choice)
+        why = f" ({c['status']}: {c['detail']})" if c is not None else ""
+        raise CliError(f"search {info['id']} has no shipped Core AI folder for recipe '{choice}'{why} "
+                       f"(Core AI folders: {', '.join(shipped) or 'none'})")
+    return {choice: shipped[choice]}
+
+
+def _unpack_coreai(zip_path: Path, out_dir: Path, search_id: str, key: str) -> Path:
+    """A Core AI folder: its mbp-coreai.json must name this search and recipe."""
+    import json
+
+    def check(folder: Path) -> None:
+        try:
+            report = json.loads((folder / COREAI_REPORT).read_text())
+        except ValueError as exc:
+            raise CliError(f"{zip_path.name}: {COREAI_REPORT} is not JSON ({exc})") from None
+        if (report.get("recipe_key"), report.get("search_id")) != (key, search_id):
+            raise CliError(f"the Core AI folder of recipe {key} holds recipe {report.get('recipe_key')!r} of "
+                           f"search {report.get('search_id')!r}")
+
+    return _unpack_folder(zip_path, out_dir, key, COREAI_TOP, COREAI_REPORT, check)
+
+
+def download_coreai(backend, info: dict, choice: str, out_dir: Path) -> list[tuple[str, Path, dict]]:
+    """Fetch, check (sha256, then the folder's own report) and unpack the chosen Core AI folders."""
+    chosen = _choose_coreai(info, choice, backend.where)
+    out_dir.mkdir(exist_ok=True)
+    done = []
+    for key, facts in chosen.items():
+        partial = _fetch(backend, info["id"], key, "coreai", facts["zip_bytes"], facts["sha256"], out_dir)
+        done.append((key, _unpack_coreai(partial, out_dir, info["id"], key), facts))
         partial.unlink()
     return done

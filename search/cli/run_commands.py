@@ -15,7 +15,7 @@ from search.driver.signals import stop_on_signals
 from search.cli.options import (DbOption, RayOption, SearchIdArgument, ServerOption, TokenOption, WaitOption,
                                 search_flags)
 from search.submit_options import (APPLY_HELP, COREML_NODE_HELP, REFINE_EVALS, REFINE_EVALS_HELP, RESUME_HELP,
-                                   WORKERS_HELP, parse_apply, parse_search_options)
+                                   WORKERS_HELP, check_coreai_installed, parse_apply, parse_search_options)
 
 MODEL_HELP = ("Hub id, alias (sdxl-base-1.0, sdxl-refiner-1.0, sd-1.5, sd-2.1-base, sdxl-turbo, sd-turbo, "
               "lcm-dreamshaper-v7, sd3.5-medium, sd3.5-large, flux-schnell, flux-dev, pixart-sigma, ...), local "
@@ -75,12 +75,14 @@ def submit(
     if flags["prompts"] is not None:
         request["prompts"] = list(parse_prompts_file(str(flags["prompts"])))
     parse_search_options(request)  # fail fast, before loading a model or asking the service
+    if not server:  # the service checks its own packages
+        check_coreai_installed(flags["target"])
     if apply is not None:
         if coreml_node is None and not server:  # as `search apply`: any node when Ray runs embedded on Linux
             from search.driver.coreml_jobs import default_coreml_node
 
             coreml_node = default_coreml_node(ray_address)
-        request.update(zip(("apply", "coreml_node"), parse_apply(apply, coreml_node)))
+        request.update(zip(("apply", "coreml_node"), parse_apply(apply, coreml_node, flags["target"])))
     elif coreml_node is not None:
         raise CliError("--coreml-node goes with --apply")
     with open_backend(ctx, db, server, token, local=("db", "ray_address")) as backend:

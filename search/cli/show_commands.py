@@ -130,9 +130,10 @@ def _download_bundles(ctx: typer.Context, search_id: str, choice: str, output: s
     with open_backend(ctx, db, server, token) as backend:
         got = download_bundles(backend, search_id, choice, Path(output))
     for key, path, facts in got:
-        out.print(f"{key}: {path} (Resources folder {facts['total_bytes'] / 1e6:.2f} MB, zip sha256 "
+        what = "Core AI folder" if "luts_ok" in facts else "Resources folder"  # --target coreai (issue 36)
+        out.print(f"{key}: {path} ({what} {facts['total_bytes'] / 1e6:.2f} MB, zip sha256 "
                   f"{facts['sha256'][:16]}... checked)", highlight=False, soft_wrap=True)
-    if any(not facts["options"].get("compile") for _, _, facts in got):
+    if any("options" in facts and not facts["options"].get("compile") for _, _, facts in got):
         err.print("the folders hold .mlpackage files: compile them on a Mac (README.txt in each folder) before "
                   "Swift's resourcesAt: loads them", highlight=False)
 

@@ -12,6 +12,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from search.cli.console import err, fail, out
+from search.cli.coreml_view import bundle_lines, coreml_line
 
 
 def fmt(value: Optional[float]) -> str:
@@ -164,6 +165,10 @@ def status(info: dict) -> None:
         coreml_line(info["coreml"])
     if info.get("bundles"):
         bundle_lines(info["id"], info["bundles"])
+    if info.get("coreai"):
+        from search.cli.coreai_view import coreai_lines
+
+        coreai_lines(info["id"], info["coreai"])
     gallery_line(info.get("gallery"))
     print_uncut(recipe_table(info))
     validations = search_validations(info)
@@ -179,32 +184,6 @@ def phase_lines(phases: list[dict]) -> None:
             f"{p['label']} {p['done']}/{p['total'] if p['total'] is not None else '?'}"
             + (f" in {p['wall_s']:.1f} s" if p.get("wall_s") is not None else "") for p in phases),
             highlight=False, soft_wrap=True)
-
-
-def coreml_line(c: dict) -> None:
-    """The Core ML phase of a search: recipes applied, validated, failed (with why), MB shipped."""
-    where = f" on {c['node']}" if c.get("node") else ""
-    out.print(f"Core ML phase {c['status']}{where} (recipes {c['apply']}, node {c['coreml_node']}): applied and "
-              f"shipped {c['applied']}/{c['recipes']}, validated {c['validated']}, {c['shipped_mb']:.2f} MB shipped "
-              f"to the service", highlight=False, soft_wrap=True)
-    for key in c.get("failed", []):
-        detail = c["packages"].get(key, {}).get("detail") or "not validated"
-        out.print(f"[red]  {escape(key)} failed:[/] {escape(detail)}", highlight=False, soft_wrap=True)
-    if c.get("error"):
-        out.print(f"[red]Core ML phase error:[/] {escape(c['error'])}", highlight=False, soft_wrap=True)
-
-
-def bundle_lines(sid: str, bundles: dict) -> None:
-    """A search's Resources folders for Apple's Swift pipeline: one line each with its total size
-    (bundle.json's) and how it checked; shipped ones can be downloaded."""
-    for key, b in bundles.items():
-        size = f"{b['total_bytes'] / 1e6:.2f} MB" if b["total_bytes"] else "no folder"
-        zipped = f", a {b['zip_bytes'] / 1e6:.2f} MB zip on the service" if b["status"] == "shipped" else ""
-        status = f"[red]{b['status']}[/]" if b["status"] == "failed" else b["status"]
-        out.print(f"bundle {escape(key)}: {status}, {size}{zipped}; {escape(b['detail'])}", highlight=False,
-                  soft_wrap=True)
-    if any(b["status"] == "shipped" for b in bundles.values()):
-        out.print(f"download: search download {sid} --bundle KEY|all -o DIR", highlight=False, soft_wrap=True)
 
 
 def run_ended(info: dict, ended: dict, where: str, resume_where: str) -> None:

@@ -49,7 +49,7 @@ def bundle_coreai(storage: Storage, search_id: str, *, recipe: str | None, out_d
                   compare_4bit: bool = True, device: str | None = None) -> CoreAIReport:
     """`search bundle --target coreai`: one recipe as the folder Apple's Core AI exporter writes,
     built and checked in this process (the Linux Core AI runtime runs the denoiser); the search's
-    data is only read. Refusals (no extra installed, 3-bit layers, a family Apple does not export,
+    data is only read, one `CoreAIBundleInfo` row (its checks and table) is written. Refusals (no extra installed, 3-bit layers, a family Apple does not export,
     a busy folder) are one-line ``ApplyError``s before any work."""
     from workers import coreai
     from workers.coreai.layout import check_formats, pipeline_type
@@ -83,6 +83,11 @@ def bundle_coreai(storage: Storage, search_id: str, *, recipe: str | None, out_d
         result = build(job, ev)
     except coreai.CoreAIError as exc:
         raise ApplyError(str(exc)) from None
+    from storage.coreai_store import CoreAIStore, from_result
+
+    ok = result.luts_ok and result.runtime_ok is not False  # its checks and table, as `search status` shows them
+    CoreAIStore(storage).put(search.id, from_result(r.key, result, status="built" if ok else "failed",
+                                                    path=result.path, node=socket.gethostname()))
     return CoreAIReport(search.id, r.key, result)
 
 

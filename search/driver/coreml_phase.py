@@ -106,6 +106,10 @@ class CoreMLPhase:
     def _run(self) -> None:
         sid = self.search.id
         keys = self._keys()
+        from search.driver.coreai_phase import is_coreai, run_coreai
+
+        if is_coreai(self.search, self.storage):  # --target coreai (the search's or the request's): Core AI folders
+            return run_coreai(self, keys)
         family = self._family()
         done = done_keys(self.storage, self.packages, sid)
         bundled = set(keys) if family in NO_SWIFT_PIPELINE else bundled_keys(self.storage, self.packages, sid)
@@ -146,7 +150,7 @@ class CoreMLPhase:
                 self.reporter.message(f"Core ML {what} shipped to the head: {size / 1e6:.2f} MB in {seconds:.2f} s "
                                       f"({size / 1e6 / max(seconds, 1e-9):.1f} MB/s)")
 
-    def _start(self, keys: list[str], node: str):
+    def _start(self, keys: list[str], node: str, worker_class=CoreMLWorker):
         s, by_key = self.search, {r.key: r for r in self.storage.recipes(self.search.id)}
         wanted = {(l, b) for k in keys for l, b in by_key[k].bits.items() if is_palettized(b)}
         job = CoreMLJob("apply", s.id, s.model, s.fingerprint, evaluator_settings(s),
@@ -156,7 +160,7 @@ class CoreMLPhase:
         options = dict(num_cpus=1, max_restarts=0, max_task_retries=0)
         if node == "coreml":  # the coreml resource reserves the Mac; a node may offer it with no CPU for evaluators
             options.update(num_cpus=0, resources={COREML_RESOURCE: 1})
-        return ray.remote(CoreMLWorker).options(**options).remote(job, s.model_version)
+        return ray.remote(worker_class).options(**options).remote(job, s.model_version)
 
     def _wait(self, ref):
         """ray.get that keeps the heartbeat and notices a stop request; task errors become ApplyError."""

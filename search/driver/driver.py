@@ -7,36 +7,32 @@ import threading
 import time
 from typing import Callable
 
-import ray
-
 from common.errors import first_line
 from common.formats import is_palettized
 from search.config import SearchConfig
 from search.driver.cluster import driver_id, ensure_ray, plan_workers  # driver_id, ensure_ray: search/service imports them here
 from search.driver.coreml_phase import CoreMLStage
 from search.driver.gallery_phase import GalleryPhase
-from search.driver.palette_feed import PaletteFeed, task_cpus
-from search.driver.palettes import load_stored_palette
+from search.driver.palette_feed import PaletteStage
 from search.driver.pool import EvaluatorPool, ItemFailed, PoolError, actor_class, can_place
 from search.driver.progress import NullReporter, Reporter
 from search.driver.recipe_phase import RecipePhases
 from search.driver.reuse import Reuse
 from search.driver.signals import SearchFailed, SearchInterrupted, deferred, stop_on_signals
-from search.recipes.strategy import descent_plan, floor_plan, isolated_plan, refinement_plan, skipped_note, unfit
+from search.recipes.strategy import descent_plan, floor_plan, isolated_plan, refinement_plan
 from search.recipes.tables import load_tables, weight_mse
-from storage import Baseline, DiskError, Measurement, PaletteInfo, Search, Storage, StorageError
+from storage import Baseline, DiskError, Measurement, Search, Storage, StorageError
 from storage.palette_store import PaletteStore
 from workers.evaluation.items import WorkItem
 from workers.evaluation.protocol import LINEAR8_BASELINE
 from workers.models import ModelSpec
-from workers.palette_formats import PaletteError, save_palette
 from workers.weights import WeightShipper, fetch_pipeline
 
 HEARTBEAT_S = 5.0
 CANCEL_POLL_S = 1.0
 
 
-class SearchDriver(RecipePhases, GalleryPhase, CoreMLStage):
+class SearchDriver(PaletteStage, RecipePhases, GalleryPhase, CoreMLStage):
     def __init__(self, storage: Storage, search: Search, spec: ModelSpec, *, workers: int | None = None,
                  reporter: Reporter | None = None, actor_resources: dict | None = None, weights_dir=None):
         self.storage, self.search, self.spec = storage, search, spec
@@ -123,15 +119,6 @@ class SearchDriver(RecipePhases, GalleryPhase, CoreMLStage):
                 if self.pool:
                     self.pool.shutdown()
 
-    def _load_palettes(self, wanted=None) -> None:
-        """Put the stored palettes (those in ``wanted``, else all) in Ray's object store, checked."""
-        for key, info in self.storage.palettes(self.search.id).items():
-            if wanted is None or key in wanted:
-                try:
-                    self.palette_refs[key] = ray.put(load_stored_palette(self.palette_store, info))
-                except PaletteError as exc:
-                    raise SearchFailed(str(exc)) from None
-
     def _start_pool(self) -> None:
         n, cpus, gpus, threads = plan_workers(self.requested_workers)
         cls = actor_class(cpus, gpus, self.actor_resources)
@@ -198,46 +185,6 @@ class SearchDriver(RecipePhases, GalleryPhase, CoreMLStage):
             raise SearchInterrupted(f"search {self.search.id} interrupted")
 
     # -- phases ---------------------------------------------------------------------------
-    def _palette_feed(self, waiting: dict) -> PaletteFeed:
-        """Load the stored palettes; the missing ones are fitted by CPU tasks from histograms the
-        evaluators compute (`search.driver.palette_feed`). Unfit formats are skipped, said once."""
-        sid, sizes = self.search.id, load_tables(self.storage, self.search.id).sizes
-        if skipped := set(unfit(self.config, sizes)):
-            self.reporter.message(f"[dim]{skipped_note(self.config, sizes)}")
-        wanted = [(layer, bits) for layer in sizes for bits in self.config.nbits if (layer, bits) not in skipped]
-        self.reuse.take_palettes(wanted)
-        self._load_palettes(set(wanted))
-        missing = [key for key in wanted if key not in self.palette_refs]
-
-        def store(layer: str, bits: int, palette) -> None:
-            rel = self.palette_store.write(sid, layer, bits, lambda path: save_palette(path, palette))
-            self.storage.add_palette(sid, PaletteInfo(layer, bits, palette.digest, float(palette.weight_mse), rel,
-                                                      reuse_key=self.reuse.palette_key(layer, bits)))
-            self.palette_refs[(layer, bits)] = ray.put(palette)
-
-        cpus, in_flight = task_cpus(self.actor_cpus)
-        self.reporter.phase_start("palettes", len(missing))
-        return PaletteFeed(missing, store, cpus=cpus, in_flight=in_flight, waiting=waiting,
-                           on_fit=lambda: self.reporter.advance("palettes"))
-
-    def _fit_palettes(self, feed: PaletteFeed, phase: str, items: list[WorkItem], total: int) -> None:
-        """Run ``items`` while the feed fits the palettes (and releases what waited for them)."""
-        def store(item: WorkItem, result) -> None:
-            if item.phase == "palette":
-                feed.add_histogram(item, result)
-            else:
-                self._store_isolated(item, result)
-
-        self._run_items(phase, feed.histogram_items() + feed.ready_items() + items, self._submit, store, feed=feed,
-                        total=total)
-        self.timings["palettes"] = feed.fit_s
-        self.reporter.phase_end("palettes")
-        if feed.fits:
-            self.reporter.message(f"{feed.fits} palette(s) fitted by CPU tasks in {feed.fit_s:.1f} s")
-
-    def _submit(self, actor, item: WorkItem):
-        return actor.histogram.remote(item) if item.phase == "palette" else self._submit_eval(actor, item)
-
     def _submit_eval(self, actor, item: WorkItem):
         refs = {key: self.palette_refs[key] for key in item.assignment if is_palettized(key[1])}
         return actor.evaluate.remote(item, refs)

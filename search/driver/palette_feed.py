@@ -8,6 +8,9 @@ protocol a candidate under 10,000 elements comes as its float16 weight instead, 
 coremltools' own k-means call on it, as Apple's script does (`palette_from_sample`). Every palette is
 stored the moment it arrives, and the items that only waited for it (the isolated measurement
 of that layer at that depth) go to the evaluators at once.
+
+`PaletteStage` is the driver's side of it (`SearchDriver` inherits it): loading the stored palettes
+into Ray's object store, starting a feed for the missing ones and running items beside it.
 """
 from __future__ import annotations
 
@@ -17,9 +20,14 @@ from typing import Callable
 import ray
 from ray.exceptions import RayError
 
+from search.driver.palettes import load_stored_palette
 from search.driver.pool import ItemFailed
+from search.driver.signals import SearchFailed
+from search.recipes.strategy import skipped_note, unfit
+from search.recipes.tables import load_tables
+from storage import PaletteInfo
 from workers.evaluation.items import WorkItem
-from workers.palette_formats import palette_from_sample
+from workers.palette_formats import PaletteError, palette_from_sample, save_palette
 
 _fit = ray.remote(max_retries=3, retry_exceptions=False)(palette_from_sample)
 
@@ -106,3 +114,58 @@ class PaletteFeed:
         self.fit_s = time.monotonic() - (self._t0 or time.monotonic())
         self.on_fit()
         return self.waiting.pop((layer, bits), [])
+
+
+class PaletteStage:
+    """`SearchDriver` inherits it: the palettes of a search on the driver's side. Needs the driver's
+    ``storage``, ``search``, ``config``, ``palette_store``, ``palette_refs``, ``reuse``, ``reporter``,
+    ``actor_cpus``, ``timings``, ``_run_items``, ``_store_isolated`` and ``_submit_eval``."""
+
+    def _load_palettes(self, wanted=None) -> None:
+        """Put the stored palettes (those in ``wanted``, else all) in Ray's object store, checked."""
+        for key, info in self.storage.palettes(self.search.id).items():
+            if wanted is None or key in wanted:
+                try:
+                    self.palette_refs[key] = ray.put(load_stored_palette(self.palette_store, info))
+                except PaletteError as exc:
+                    raise SearchFailed(str(exc)) from None
+
+    def _palette_feed(self, waiting: dict) -> PaletteFeed:
+        """Load the stored palettes; the missing ones are fitted by CPU tasks from histograms the
+        evaluators compute (`search.driver.palette_feed`). Unfit formats are skipped, said once."""
+        sid, sizes = self.search.id, load_tables(self.storage, self.search.id).sizes
+        if skipped := set(unfit(self.config, sizes)):
+            self.reporter.message(f"[dim]{skipped_note(self.config, sizes)}")
+        wanted = [(layer, bits) for layer in sizes for bits in self.config.nbits if (layer, bits) not in skipped]
+        self.reuse.take_palettes(wanted)
+        self._load_palettes(set(wanted))
+        missing = [key for key in wanted if key not in self.palette_refs]
+
+        def store(layer: str, bits: int, palette) -> None:
+            rel = self.palette_store.write(sid, layer, bits, lambda path: save_palette(path, palette))
+            self.storage.add_palette(sid, PaletteInfo(layer, bits, palette.digest, float(palette.weight_mse), rel,
+                                                      reuse_key=self.reuse.palette_key(layer, bits)))
+            self.palette_refs[(layer, bits)] = ray.put(palette)
+
+        cpus, in_flight = task_cpus(self.actor_cpus)
+        self.reporter.phase_start("palettes", len(missing))
+        return PaletteFeed(missing, store, cpus=cpus, in_flight=in_flight, waiting=waiting,
+                           on_fit=lambda: self.reporter.advance("palettes"))
+
+    def _fit_palettes(self, feed: PaletteFeed, phase: str, items: list[WorkItem], total: int) -> None:
+        """Run ``items`` while the feed fits the palettes (and releases what waited for them)."""
+        def store(item: WorkItem, result) -> None:
+            if item.phase == "palette":
+                feed.add_histogram(item, result)
+            else:
+                self._store_isolated(item, result)
+
+        self._run_items(phase, feed.histogram_items() + feed.ready_items() + items, self._submit, store, feed=feed,
+                        total=total)
+        self.timings["palettes"] = feed.fit_s
+        self.reporter.phase_end("palettes")
+        if feed.fits:
+            self.reporter.message(f"{feed.fits} palette(s) fitted by CPU tasks in {feed.fit_s:.1f} s")
+
+    def _submit(self, actor, item: WorkItem):
+        return actor.histogram.remote(item) if item.phase == "palette" else self._submit_eval(actor, item)

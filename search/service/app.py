@@ -38,6 +38,7 @@ from common.files import atomic_write_bytes
 from search.config import ConfigError
 from search import read_models
 from search.read_models import search_detail, search_summary
+from search.submit_options import check_coreai_installed
 from search.service.coreml_routes import checked_apply, router as coreml_router
 from search.service.gallery_routes import router as gallery_router
 from search.service.recipe_routes import router as recipe_router
@@ -145,7 +146,8 @@ def create_app(db_path: Path | str, data_dir: Path | str, token: str | None = No
         check_model_files(body.loras, body.config_dir, service.allowed_model_dirs)  # before anything reads them
         model_key(model)  # unknown names, bad repo ids, directories that are no pipeline: 422 now
         options = body.options()  # validated: fails before anything is stored (images_dir aside, next line)
-        coreml = checked_apply(body.apply, body.coreml_node)  # the Core ML stage asked too (coreml_routes)
+        check_coreai_installed(options["target"])  # --target coreai: the [coreai] extra here, or one 422 line
+        coreml = checked_apply(body.apply, body.coreml_node, options["target"])  # the Core ML stage asked too
         options["images_dir"] = submitted_images(body, images_dirs, service.data_dir)  # allowed, or uploaded
         with service.prepare_lock:  # the duplicate check and the insert, together
             try:

@@ -130,7 +130,7 @@ class Client:
         """Append recipe ``key``'s zip (``kind`` mlpackage: its Core ML package; bundle: its
         Resources folder) to the open binary file ``fh`` in pieces, from its current size on (a
         Range request: an interrupted download resumes)."""
-        if kind not in ("mlpackage", "bundle"):
+        if kind not in ("mlpackage", "bundle", "coreai"):  # coreai: a Core AI folder (issue 36)
             raise ValueError(f"unknown kind {kind!r}")
         start = fh.tell()
         headers = {"Range": f"bytes={start}-"} if start else {}

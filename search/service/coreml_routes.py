@@ -23,21 +23,29 @@ from common.errors import first_line
 from common.formats import LUT_SPELLING_PATTERN
 from search.read_models import bundles, coreml_progress
 from search.service.progress_file import read_progress
-from search.submit_options import APPLY_HELP, COREML_NODE_HELP, parse_apply
+from search.submit_options import APPLY_HELP, COREML_NODE_HELP, check_coreai_installed, parse_apply
 from search.service.requests import ApiError, checked_id, find_search
 from search.service.responses import errors
 from storage import Search
+from storage.coreai_store import search_target, set_job_target
 from storage.coreml_store import CoreMLStore
-from storage.package_store import BUNDLE_SUFFIX, SUFFIX, PackageStore
+from storage.package_store import BUNDLE_SUFFIX, COREAI_SUFFIX, SUFFIX, PackageStore
 from storage.records import ACTIVE, STALE_AFTER_S
 
 router = APIRouter(tags=["coreml"])
+TARGET_HELP = ("what the phase builds: coreml (packages and Resources folders) or coreai (the folders Apple's Core AI "
+               "exporter writes; 3-bit recipes are refused, each in one line, the others build) [default: the "
+               "search's own target]")
 
 
 class CoreMLBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     apply: str = Field("all", min_length=1, max_length=8192, description=APPLY_HELP)
-    coreml_node: Literal["coreml", "any"] = Field("coreml", description=COREML_NODE_HELP)
+    coreml_node: Optional[Literal["coreml", "any"]] = Field(None, description=COREML_NODE_HELP + " [default: coreml; "
+                                                            "any with target coreai]")
+    target: Optional[Literal["coreml", "coreai"]] = Field(None, description=TARGET_HELP)
+    compare_4bit: bool = Field(True, description="target coreai: also measure Apple's 4bit preset on the same "
+                               "model and protocol (the table); false: the checks only")
 
 
 def require_coreml_node(coreml_node: str) -> None:
@@ -50,14 +58,15 @@ def require_coreml_node(coreml_node: str) -> None:
         raise ApiError(409, str(exc)) from None
 
 
-def checked_apply(apply: str | None, coreml_node: str | None) -> tuple[str, str] | None:
+def checked_apply(apply: str | None, coreml_node: str | None, target: str = "coreml") -> tuple[str, str] | None:
     """The Core ML stage asked with a submit (``apply``/``coreml_node`` of the body), checked
-    before anything is stored; None when not asked."""
+    before anything is stored; None when not asked. ``target`` coreai: Core AI folders, any node
+    by default, and the [coreai] extra must be installed here."""
     if apply is None:
         if coreml_node is not None:
             raise ApiError(422, "coreml_node: only with apply")
         return None
-    keys, node = parse_apply(apply, coreml_node)  # ConfigError: 422 with its line
+    keys, node = parse_apply(apply, coreml_node, target)  # ConfigError: 422 with its line
     require_coreml_node(node)
     return keys, node
 
@@ -109,19 +118,23 @@ def _running(request: Request, sid: str, job) -> bool:
 @router.post("/searches/{search_id}/coreml", status_code=202, responses=errors(404, 409, 422))
 def queue_coreml(search_id: str, request: Request, body: Annotated[Optional[CoreMLBody], Body()] = None) -> dict:
     """Apply the search's recipes with its exact palettes on the Core ML node, validate them and
-    ship the packages to the head. Returns at once; packages already shipped are not redone."""
+    ship the packages to the head; with ``target`` coreai build their Core AI folders instead (any
+    node by default). Returns at once; packages and folders already shipped are not redone."""
     service, body = _service(request), body or CoreMLBody()
     s = _search(service, search_id)
-    keys, _ = parse_apply(body.apply)
+    target = body.target or search_target(s)
+    keys, node = parse_apply(body.apply, body.coreml_node, target)
+    check_coreai_installed(target)  # coreai: the [coreai] extra on the service, or one 422 line
     if s.status == "completed" and keys != "all":
         stored = {r.key for r in service.storage.recipes(s.id)}
         if unknown := [k for k in keys.split(",") if k not in stored]:
             raise ApiError(422, f"no recipe '{unknown[0]}' in search {s.id}; choose from: {', '.join(sorted(stored))}")
-    require_coreml_node(body.coreml_node)
+    require_coreml_node(node)
     jobs = CoreMLStore(service.storage)
     if _running(request, s.id, jobs.job(s.id)):
         raise ApiError(409, f"the Core ML phase of search {s.id} is already running")
-    jobs.request(s.id, keys, body.coreml_node)
+    jobs.request(s.id, keys, node)
+    set_job_target(service.storage, s.id, target, body.compare_4bit)
     if s.status == "completed":
         _launch(request, s)
         note = "started"
@@ -221,8 +234,9 @@ def here_validations(search_id: str, request: Request, body: list[ValidationBody
     206: {"description": "the requested byte range"}, 416: {"description": "range not satisfiable"},
     **errors(404, 409, 422)})
 def package_zip(search_id: str, name: str, request: Request):
-    """One recipe's package as a zip (``<key>.mlpackage.zip``), or its Resources folder for
-    Apple's Swift pipeline (``<key>.bundle.zip``: one folder ``Resources/``); Range requests
+    """One recipe's package as a zip (``<key>.mlpackage.zip``), its Resources folder for
+    Apple's Swift pipeline (``<key>.bundle.zip``: one folder ``Resources/``), or its Core AI folder
+    (``<key>.coreai.zip``: one folder ``CoreAI/``, the phase run with target coreai); Range requests
     resume a download. The ``X-Checksum-SHA256`` header is the digest of the whole zip."""
     service = _service(request)
     s = _search(service, search_id)
@@ -235,8 +249,15 @@ def package_zip(search_id: str, name: str, request: Request):
         key, what = name[: -len(BUNDLE_SUFFIX)], "bundle"
         p = store.bundles(s.id).get(key)
         path, size, sha256 = (p.path, p.zip_bytes, p.sha256) if p is not None else (None, 0, "")
+    elif name.endswith(COREAI_SUFFIX):  # a Core AI folder (issue 36: a search submitted with --target coreai)
+        from storage.coreai_store import CoreAIStore
+
+        key, what = name[: -len(COREAI_SUFFIX)], "Core AI folder"
+        p = CoreAIStore(service.storage).bundles(s.id).get(key)
+        path, size, sha256 = (p.path, p.zip_bytes, p.sha256) if p is not None else (None, 0, "")
     else:
-        raise ApiError(404, f"no package '{name[:80]}': ask for <recipe key>{SUFFIX} or <recipe key>{BUNDLE_SUFFIX}")
+        raise ApiError(404, f"no package '{name[:80]}': ask for <recipe key>{SUFFIX}, <recipe key>{BUNDLE_SUFFIX} "
+                            f"or <recipe key>{COREAI_SUFFIX}")
     if p is None or p.status != "shipped":
         why = f" ({p.detail})" if p is not None and p.detail else ""
         raise ApiError(404, f"search {s.id} has no {what} for recipe '{key[:80]}'{why[:300]}")

@@ -12,12 +12,10 @@ with scikit-learn's k-means (under 10,000 elements), so they must agree value fo
 and the recipe applied to Core ML palettizes some of them."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from tests.cli_helpers import run_cli
+from tests.cli_helpers import download, run_cli
 from tests.reference.apple_serial import SignalRunner, run_apple_pre_analysis
 from tests.reference.json_checks import check_apple_recipes_from_json
 from tests.reference.local_images import image_bytes, write_images
@@ -48,9 +46,7 @@ def _search(name: str, tmp_path, model_cache) -> dict:
     proc = run_cli(*args, model_cache=model_cache, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sid = proc.stdout.split()[1]
-    out = run_cli("download", sid, "-o", "-", "--db", tmp_path / "s.db", model_cache=model_cache)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return {**json.loads(out.stdout), "id": sid}
+    return {**download(tmp_path / "s.db", sid, model_cache), "id": sid}
 
 
 def _agree(ours: dict, ref: dict, what: str) -> int:

@@ -6,12 +6,10 @@ both built-in models, CPU float32 (bit-exact), every bit depth: `single_layer`, 
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from tests.cli_helpers import default_search, run_cli
+from tests.cli_helpers import default_search, download
 from tests.reference.apple_serial import run_apple_pre_analysis
 from tests.reference.json_checks import check_apple_recipes_from_json
 
@@ -25,10 +23,7 @@ def _search(model: str, tmp_path_factory, model_cache) -> dict:
     """`search submit --model MODEL --workers 2`: the same search as tests/search/test_end_to_end.py's,
     run once per session (tests.cli_helpers.default_search); a copy of it is downloaded here."""
     run = default_search(tmp_path_factory, model, model_cache)
-    db, sid = run["db"], run["id"]
-    out = run_cli("download", sid, "-o", "-", "--db", db, model_cache=model_cache)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout)
+    return download(run["db"], run["id"], model_cache)
 
 
 def _agree(ours: dict, ref: dict, what: str) -> int:

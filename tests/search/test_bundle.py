@@ -322,7 +322,7 @@ def test_bad_requests_are_one_line_and_touch_nothing(searches, tmp_path):
 
 
 def test_cli_refuses_bad_options_in_one_line(searches, model_cache, tmp_path):
-    from tests.cli_helpers import error_line, run_cli
+    from tests.cli_helpers import error_line, invoke_cli
 
     s = searches["tiny-sdxl"]
     cases = [(["--attention", "flash"], "--attention must be one of"),
@@ -332,8 +332,8 @@ def test_cli_refuses_bad_options_in_one_line(searches, model_cache, tmp_path):
     if sys.platform != "darwin":
         cases.append((["--compile"], "--compile needs macOS"))
     for extra, message in cases:
-        proc = run_cli("bundle", s["search_id"], "-o", tmp_path / "R", "--db", s["db"], *extra,
-                       model_cache=model_cache, timeout=300)
+        proc = invoke_cli("bundle", s["search_id"], "-o", tmp_path / "R", "--db", s["db"], *extra,
+                          model_cache=model_cache)  # the command's words and exit code, not the process
         assert proc.returncode == 2, (extra, proc.stderr)
         assert message in error_line(proc), (extra, proc.stderr)
         assert not (tmp_path / "R").exists() and not (tmp_path / "R.partial").exists()

@@ -1,12 +1,14 @@
 """`search bundle ID --target coreai` on a finished tiny-sd search, as a user runs it (a subprocess):
 the folder is Apple's Core AI exporter layout (a table written here from apple/coreai-models'
 sources), the denoiser holds the search's palettes from SQLite bit for bit, the Linux Core AI
-runtime gives the PSNR the search measured, the 4bit comparison's numbers are what the assets
-store, and refusals are one line with exit 2 and nothing written.
+runtime gives the PSNR the search measured (a recipe measured near the runtime's float16 floor:
+that PSNR combined with the floor), the 4bit comparison's numbers are what the assets store, and
+refusals are one line with exit 2 and nothing written.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -47,8 +49,9 @@ def search(model_cache, tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(search, model_cache, tmp_path_factory):
     folder = tmp_path_factory.mktemp("coreai-out") / "sd-coreai"
-    proc = run_cli("bundle", search["search_id"], "--target", "coreai", "-o", folder, "--db", search["db"], "--json",
-                   model_cache=model_cache, timeout=900)
+    key = next(iter(search["recipes"]))  # named: other tests add recipes to this search
+    proc = run_cli("bundle", search["search_id"], "--recipe", key, "--target", "coreai", "-o", folder, "--db",
+                   search["db"], "--json", model_cache=model_cache, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout[proc.stdout.index("{"):])
     return folder, report
@@ -117,6 +120,8 @@ def test_runtime_psnr_equals_the_searchs_measured_psnr(built, search):
     # within one 0.1 dB rounding step of Apple's protocol plus fp16
     assert np.isfinite(report["runtime_psnr"]) and abs(report["runtime_psnr"] - measured) <= 0.15
     assert report["runtime_ok"] is True and report["ok"] is True
+    # the plain check passed, so the float16 floor was not measured (it costs an export and a run)
+    assert report["floor_psnr"] is None and report["expected_psnr"] == report["measured_psnr"]
 
 
 def test_comparison_numbers_are_what_the_assets_store(built, search):
@@ -175,3 +180,87 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(search, model_cache, tmp
                    model_cache=model_cache, timeout=300, PYTHONPATH=f"{shadow}:{Path(__file__).resolve().parents[2]}")
     assert proc.returncode == 2 and "pip install coreai-torch==0.4.3 coreai-opt==0.4.0 coreai-core==1.0.0b3" in error_line(proc)
     assert not out.exists() and not out.with_name("R.partial").exists()
+
+
+# One of the search's 6-bit palettes alone: the search measures ~93 dB for it, about tiny-sd's
+# float16 floor on the Core AI runtime, so both errors count and the runtime reads ~3 dB lower.
+FLOOR_LAYER = "up_blocks.1.resnets.0.conv2"
+
+
+@pytest.fixture(scope="module")
+def floor_case(search, model_cache, tmp_path_factory):
+    """That recipe, measured by the search's own evaluator and stored as the search stores recipes,
+    then built and stored with the same evaluator as the service's Core AI worker does (one
+    evaluator, no 4bit table: the floor's own export and run are what this adds)."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from search.cli.app import app
+    from search.driver.bundle_jobs import evaluator_settings
+    from search.driver.palettes import load_stored_palette
+    from storage import Storage, StoredRecipe
+    from storage.coreai_store import CoreAIStore, from_result
+    from storage.palette_store import PaletteStore
+    from workers.coreai.bundle import CoreAIJob, build
+    from workers.evaluation.evaluator import Evaluator
+    from workers.evaluation.items import WorkItem
+    from workers.models import resolve_model
+
+    sid, db = search["search_id"], str(search["db"])
+    with Storage(db) as st:
+        s = st.get_search(sid)
+        first = next(iter(st.recipes(sid)))
+        assert first.bits[FLOOR_LAYER] == 6
+        pal = load_stored_palette(PaletteStore(st.path), st.palettes(sid)[(FLOOR_LAYER, 6)])
+        bits = {l: 6 if l == FLOOR_LAYER else 16 for l in first.bits}
+        st.add_recipe(sid, StoredRecipe("floor-case", "manual", None, None, bits, 16.0, 0.1, None, None, None, None,
+                                        None))
+        settings = evaluator_settings(s)
+        ev = Evaluator(resolve_model("tiny-sd"), settings.signal, precision=settings.precision,
+                       fingerprint=s.fingerprint, device="cpu", min_size=settings.min_size)
+        measured = ev.evaluate(WorkItem("recipe/floor-case", "recipe", name="floor-case",
+                                        assignment=((FLOOR_LAYER, 6),)), {(FLOOR_LAYER, 6): pal})
+        st.set_recipe_result(sid, "floor-case", psnr=measured.psnr, per_prompt=measured.per_prompt,
+                             node=measured.node, duration_s=measured.duration_s)
+        folder = tmp_path_factory.mktemp("coreai-floor") / "floor"
+        job = CoreAIJob(sid, s.model, s.fingerprint, "floor-case", bits, 16.0, measured.psnr,
+                        {(FLOOR_LAYER, 6): pal}, str(folder), s.model_version, compare_4bit=False)
+        result = build(job, ev)
+        CoreAIStore(st).put(sid, from_result("floor-case", result, status="built" if result.runtime_ok else "failed",
+                                             path=result.path, node=socket.gethostname()))
+        del ev
+    runner = CliRunner()
+    status = runner.invoke(app, ["status", sid, "--db", db])
+    as_json = runner.invoke(app, ["status", sid, "--db", db, "--json"])
+    return {"measured": measured.psnr, "result": result, "status": status.output,
+            "json": json.loads(as_json.output[as_json.output.index("{"):]),
+            "report": json.loads((folder / "mbp-coreai.json").read_text())}
+
+
+def test_near_the_float16_floor_the_runtime_is_checked_against_measured_and_floor_combined(floor_case, search):
+    from storage import Storage
+    from storage.coreai_store import CoreAIStore
+
+    m, report = floor_case["measured"], floor_case["report"]
+    assert m > 88  # the recipe measures near the runtime's floor: the case the plain rule got wrong
+    assert report["luts_ok"] is True and report["runtime_ok"] is True, report["runtime_detail"]
+    assert floor_case["result"].floor_psnr == report["floor_psnr"]
+    runtime, floor = report["runtime_psnr"], report["floor_psnr"]
+    assert report["measured_psnr"] == m and floor is not None
+    assert abs(runtime - m) > 1.0  # the plain 0.15 dB rule fails here (runtime_ok False, the folder not shipped)
+    assert runtime <= floor + 0.15  # no asset measures above what float16 alone allows
+    both = -10 * math.log10(10 ** (-m / 10) + 10 ** (-floor / 10))  # two independent noises' MSEs add
+    assert report["expected_psnr"] == pytest.approx(both, abs=1e-9)
+    assert abs(runtime - both) <= 0.5 and report["runtime_ok"] is True
+    assert "so the float16 floor was measured" in report["runtime_detail"]
+    assert f"{floor:.2f} dB" in report["runtime_detail"] and f"{both:.2f} dB, within 0.5 dB" in report["runtime_detail"]
+    with Storage(search["db"]) as st:
+        row = CoreAIStore(st).bundles(search["search_id"])["floor-case"]
+    assert (row.status, row.ok, row.runtime_ok, row.floor_psnr) == ("built", True, True, floor)
+    assert row.runtime_detail == report["runtime_detail"] and row.runtime_psnr == runtime
+    line = next(ln for ln in floor_case["status"].splitlines() if ln.startswith("Core AI floor-case"))
+    assert f"runtime PSNR {runtime:.2f} dB vs measured {m:.2f} dB" in line and f"float16 floor {floor:.2f} dB" in line
+    assert line.endswith("; ok") and "so the float16 floor was measured" in floor_case["status"]
+    shown = floor_case["json"]["coreai"]["floor-case"]
+    assert shown["floor_psnr"] == floor and shown["runtime_ok"] is True and shown["ok"] is True

@@ -11,7 +11,7 @@ import pytest
 
 from tests.cli_helpers import (STALE, comparable, counts, download, error_line, evaluations_this_run, run_cli,
                                submit_ok)
-from tests.search.resume_helpers import SMALL, start_and_wait
+from tests.search.resume_helpers import MIN_SIZE, SMALL, start_and_wait
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +107,7 @@ def test_killed_evaluator_is_replaced(tmp_path, model_cache, reference):
                 os.kill(self.killed, signal.SIGKILL)
 
     spec = resolve_model("tiny-sdxl")
-    config = resolve_config(spec, nbits=(2, 8), min_size=16384, num_recipes=25)
+    config = resolve_config(spec, nbits=(2, 8), min_size=MIN_SIZE, num_recipes=25)  # SMALL's search
     assert isinstance(config, SearchConfig)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cli_helpers import ROOT, cli_cmd, cli_env, error_line, floor_probes, run_cli
+from tests.cli_helpers import ROOT, cli_cmd, cli_env, error_line, floor_probes, invoke_with_env, run_cli
 from tests.reference.json_checks import check_apple_recipes_from_json
 
 TINY = dict(model="tiny-sdxl", nbits="8", min_size=16384)        # 47 candidates
@@ -218,6 +218,15 @@ def remote(server, *args, token: str | None = "default", timeout: float = SEARCH
     return proc
 
 
+def remote_here(server, *args, token: str | None = "default") -> subprocess.CompletedProcess:
+    """`remote` run in this process (typer's CliRunner, the same environment): for what the remote
+    CLI says and its exit code, not its process (a subprocess costs ~2 s of imports per call)."""
+    env = {k: v for k, v in server.env.items() if k != "MBP_SEARCH_TOKEN"}
+    if token is not None:
+        env["MBP_SEARCH_TOKEN"] = server.token if token == "default" else token
+    return invoke_with_env(cli_cmd(*args, "--server", server.url), env)
+
+
 def stored(db: Path, sid: str) -> dict:
     """What the SQLite file holds for one search: measurements per phase, baselines, measured recipes."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
@@ -292,9 +301,9 @@ def test_token_required_everywhere_but_health(server):
             "/searches/{search_id}/recipes.json", "/searches/{search_id}/plot.png"} <= set(schema["paths"])
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
     # The CLI reports a missing or wrong token in one line.
-    proc = remote(server, "list", token=None)
+    proc = remote_here(server, "list", token=None)
     assert proc.returncode == 2 and "401" in error_line(proc) and "--token" in error_line(proc)
-    proc = remote(server, "list", token="y" * 32)
+    proc = remote_here(server, "list", token="y" * 32)
     assert proc.returncode == 2 and "token is wrong" in error_line(proc)
 
 
@@ -326,7 +335,7 @@ def test_unknown_ids_and_path_traversal(server):
         assert b"root:" not in body and b"SQLite format" not in body
     # The client escapes ids too: whatever the user types stays one path segment.
     for bad in ("../../etc/passwd", "..", "a/b", "a.b"):
-        proc = remote(server, "download", bad, "-o", "-")
+        proc = remote_here(server, "download", bad, "-o", "-")
         assert proc.returncode == 2 and "HTTP 404" in error_line(proc), bad
     assert not any(p.suffix == ".png" for p in server.base.rglob("*") if "plots" not in p.parts)
 
@@ -355,7 +364,7 @@ def test_invalid_requests_are_422_with_the_reason(server):
     r = c.post("/searches", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "JSON" in r.json()["detail"]
     # The CLI shows the server's reason in one line.
-    proc = remote(server, "submit", "--model", "not a repo id!")
+    proc = remote_here(server, "submit", "--model", "not a repo id!")
     assert proc.returncode == 2 and "unknown model 'not a repo id!'" in error_line(proc)
     rows = c.get("/searches").json()
     assert rows == [], "a rejected request must not create a search"
@@ -401,7 +410,7 @@ def test_submit_returns_before_the_model_is_loaded(server):
     assert d["preparing"]["done_bytes"] <= d["preparing"]["total_bytes"] or not d["preparing"]["total_bytes"]
     r = c.post("/searches", json=body)  # the same search, still preparing
     assert r.status_code == 409 and r.json()["existing"] == sid, r.text
-    listed = remote(server, "list")
+    listed = remote_here(server, "list")
     row = next(line for line in listed.stdout.splitlines() if sid in line)
     assert "preparing" in row and ("%" in row or " MB" in row), listed.stdout  # fetched so far
     d = wait_for(lambda: c.get(f"/searches/{sid}").json(), lambda d: d["status"] not in ACTIVE, SEARCH_TIMEOUT_S,
@@ -423,7 +432,7 @@ def test_a_failed_preparation_fails_the_search_with_one_line(server):
                  "the preparation to fail", interval=0.5)
     assert d["status"] == "failed" and "not in the local Hugging Face cache" in d["error"], d
     assert "\n" not in d["error"]
-    proc = remote(server, "status", sid)
+    proc = remote_here(server, "status", sid)
     assert "not in the local Hugging Face cache" in proc.stdout, proc.stdout
 
 
@@ -463,23 +472,23 @@ def test_cli_submit_wait_then_download(server, tmp_path):
     assert (data_dir / "plots" / f"{sid}.png").is_file()
 
     # The CLI's remote mode: list, status, download, plot, cancel of a finished search.
-    proc = remote(server, "list")
+    proc = remote_here(server, "list")
     assert proc.returncode == 0 and sid in proc.stdout and "completed" in proc.stdout
-    proc = remote(server, "list", "--json")
+    proc = remote_here(server, "list", "--json")
     assert sid in [row["id"] for row in json.loads(proc.stdout)]
-    proc = remote(server, "status", sid)
+    proc = remote_here(server, "status", sid)
     assert proc.returncode == 0 and "status completed" in proc.stdout and "isolated 47/47" in proc.stdout
     out = tmp_path / "recipes.json"
-    proc = remote(server, "download", sid, "-o", str(out))
+    proc = remote_here(server, "download", sid, "-o", str(out))
     assert proc.returncode == 0 and json.loads(out.read_text()) == report
-    proc = remote(server, "download", sid[:6], "-o", "-")
+    proc = remote_here(server, "download", sid[:6], "-o", "-")
     assert proc.returncode == 0 and json.loads(proc.stdout) == report
     plot = tmp_path / "psnr.png"
-    proc = remote(server, "plot", sid, "-o", str(plot))
+    proc = remote_here(server, "plot", sid, "-o", str(plot))
     assert proc.returncode == 0 and plot.read_bytes().startswith(b"\x89PNG")
-    proc = remote(server, "status", sid, "--wait")
+    proc = remote_here(server, "status", sid, "--wait")
     assert proc.returncode == 0 and f"search {sid} completed" in proc.stderr and "recipes of search" in proc.stdout
-    proc = remote(server, "cancel", sid)
+    proc = remote_here(server, "cancel", sid)
     assert proc.returncode == 1 and "is not running (status completed)" in error_line(proc)
     assert c.post(f"/searches/{sid}/resume").status_code == 409
 
@@ -496,7 +505,7 @@ def test_apply_without_a_coreml_node_is_refused_at_once(server):
     took = time.monotonic() - t0
     assert r.status_code == 409 and "'coreml' resource" in r.json()["detail"], r.text
     assert "\n" not in r.json()["detail"] and took < 10, took
-    proc = remote(server, "submit", *TINY_ARGS, "--apply", "all")
+    proc = remote_here(server, "submit", *TINY_ARGS, "--apply", "all")
     assert proc.returncode == 1 and "'coreml' resource" in error_line(proc), proc.stderr
     r = c.post("/searches", json={**TINY, "apply": " , "})
     assert r.status_code == 422 and "--apply" in r.json()["detail"], r.text
@@ -521,7 +530,7 @@ def test_cancel_resume_and_restart_resume(server):
     get = lambda: c.get(f"/searches/{sid}").json()  # noqa: E731
 
     wait_for(get, lambda d: d["counts"]["palettes"]["done"] >= 8, SEARCH_TIMEOUT_S, "palettes to be fitted")
-    proc = remote(server, "cancel", sid[:8])
+    proc = remote_here(server, "cancel", sid[:8])
     assert proc.returncode == 0 and f"cancel requested for search {sid}" in proc.stderr, proc.stderr
     d = wait_for(get, lambda d: d["status"] not in ACTIVE, 60, "the driver to stop")
     assert d["status"] == "cancelled"
@@ -551,7 +560,10 @@ def test_cancel_resume_and_restart_resume(server):
     d = wait_for(get, lambda d: sum(d["measurements"].values()) >= measured + 3, SEARCH_TIMEOUT_S,
                  "measurements after the resume")
 
+    before = server.log.stat().st_size
     server.stop()  # SIGTERM: the service interrupts its drivers and leaves
+    shutdown = server.log.read_text(errors="replace")[before:]
+    assert "Traceback" not in shutdown, shutdown[-3000:]  # (once an AttributeError on typer's missing click Abort)
     row = search_row(server.db, sid)
     assert row["status"] == "interrupted", row
     print(f"\ncancelled with {palettes} palettes and {measured} measurements stored; interrupted by the service's "

@@ -7,7 +7,8 @@ import pytest
 
 from common.formats import average_bits
 from search.recipes.refine import candidate_key
-from tests.cli_helpers import error_line, floor_probes, refined_lines, run_cli, start_cli, status_json, submit_ok
+from tests.cli_helpers import (download, error_line, floor_probes, invoke_cli, refined_lines, run_cli, start_cli,
+                               status_json, submit_ok)
 from tests.reference.floor_reference import plain_floor
 from tests.reference.json_checks import check_apple_recipes_from_json
 
@@ -65,14 +66,14 @@ def test_status_floor_is_the_two_magnitude_estimate_of_the_stored_probes(fast, m
         assert floor["psnr"] == pytest.approx(sum(-10 * math.log10(r) for r in ref) / len(ref))
     else:
         assert floor["psnr"] is None
-    text = run_cli("status", fast["id"], "--db", fast["db"], model_cache=model_cache).stdout
+    text = invoke_cli("status", fast["id"], "--db", fast["db"], model_cache=model_cache).stdout
     level = "none (the probes' response is linear)" if floor["psnr"] is None else f"{floor['psnr']:.2f} dB"
     assert f"evaluation floor {level} ({floor['probes']} probes: one layer's float16 weights moved by 1 or 4 ulps)" \
         in " ".join(text.split())
 
 
 def test_targets_are_met_exactly_and_predicted(fast, model_cache, tiny_sdxl_spec):
-    report = json.loads(run_cli("download", fast["id"], "-o", "-", "--db", fast["db"], model_cache=model_cache).stdout)
+    report = download(fast["db"], fast["id"], model_cache)
     # optimal recipes only: keys and average bits checked against the model's own layer sizes
     assert check_apple_recipes_from_json(report, model_dir=tiny_sdxl_spec.location) == 0
     sizes = None
@@ -112,7 +113,7 @@ def test_recipe_command_builds_and_measures_a_target(fast, model_cache):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "predicted PSNR" in proc.stdout
     assert "refined with" in " ".join(proc.stdout.split())  # refinement by default
-    status = json.loads(run_cli("status", fast["id"], "--db", fast["db"], "--json", model_cache=model_cache).stdout)
+    status = status_json(fast["id"], fast["db"], model_cache)
     new = [r for r in status["recipes"] if 4.0 < r["avg_bits"] <= 5.0]
     one_shot = [r for r in new if r["strategy"] == "optimal"]
     assert len(one_shot) == 1 and all(r["psnr"] is not None for r in new)
@@ -129,7 +130,7 @@ def test_recipe_command_builds_and_measures_a_target(fast, model_cache):
     for args, expected in ((["--bits", "0.5"], "below"), (["--psnr", "5000"], "unreachable"),
                            (["--bits", "4", "--psnr", "40"], "exactly one"),
                            (["--bits", "4", "--refine-evals", "-1"], "--refine-evals")):
-        bad = run_cli("recipe", fast["id"], *args, "--db", fast["db"], model_cache=model_cache)
+        bad = invoke_cli("recipe", fast["id"], *args, "--db", fast["db"], model_cache=model_cache)
         assert bad.returncode == 2 and expected in error_line(bad)
 
 
@@ -146,10 +147,10 @@ def test_cancel_stops_a_running_search_and_it_resumes(tmp_path, model_cache):
         time.sleep(0.5)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
-    rows = json.loads(run_cli("list", "--json", "--db", db, model_cache=model_cache).stdout)
+    rows = json.loads(invoke_cli("list", "--json", "--db", db, model_cache=model_cache).stdout)
     assert rows[0]["status"] == "cancelled"
-    again = run_cli("cancel", sid, "--db", db, model_cache=model_cache)
+    again = invoke_cli("cancel", sid, "--db", db, model_cache=model_cache)
     assert again.returncode == 2 and "not running" in error_line(again)
     res = run_cli("resume", sid, "--db", db, model_cache=model_cache)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert json.loads(run_cli("status", sid, "--db", db, "--json", model_cache=model_cache).stdout)["status"] == "completed"
+    assert status_json(sid, db, model_cache)["status"] == "completed"

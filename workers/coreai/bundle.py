@@ -9,11 +9,13 @@ are Apple's ``none`` preset (float16). It is built in ``DIR.partial`` and rename
 
 Checks, on the artifact itself: the LUTs and indices read back from the saved asset with Core
 AI's API equal the stored palettes bit for bit, and the asset run on the Core AI runtime inside
-the search's signal gives the PSNR the search measured, within ``RUNTIME_TOLERANCE_DB``.
+the search's signal gives the PSNR the search measured, within ``RUNTIME_TOLERANCE_DB`` -- or, when it
+reads lower, the PSNR the search measured combined with the float16 floor (`runtime_check`).
 """
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +37,15 @@ from workers.coreai.luts import compare_luts, search_luts
 # to 0.1 dB, so a difference of hundredths can move a prompt by one 0.1 dB step: measured 0.05 dB
 # (tiny-sd, tiny-sd3 with 2 prompts) and 0.10 dB (tiny-sd3, 1 prompt). A wrong weight costs far more.
 RUNTIME_TOLERANCE_DB = 0.15
+# The asset computes in float16, so against a float32 (or another float16) reference its PSNR is
+# capped by that arithmetic alone: the floor, Apple's `none` preset (nothing compressed) run on the
+# runtime in the same signal. The recipe's palettization error and the floor's are independent and
+# add in MSE (`expected_psnr`). On the trained bench model (docs/coreai.md: floor 92.51 dB, recipes
+# measured 88.3-97.9 dB, runtime 1.6-6.6 dB lower) the combination predicts the runtime within
+# -0.30..+0.03 dB (mean -0.17); 0.5 dB covers that with room for the 0.1 dB rounding of three PSNRs
+# (measured, floor, runtime), and a wrong weight still costs far more. Used only where the floor moves
+# the expected PSNR by more than RUNTIME_TOLERANCE_DB; elsewhere the plain 0.15 dB holds.
+FLOOR_TOLERANCE_DB = 0.5
 REPORT = "mbp-coreai.json"  # in the folder: what was built from what, and the checks
 
 
@@ -71,6 +82,27 @@ class CoreAIResult:
     runtime_detail: str
     comparison: dict | None  # workers.coreai.compare.comparison(...)
     seconds: float
+    floor_psnr: float | None = None  # the float16 `none` preset on the runtime; measured only if the plain check fails
+    expected_psnr: float | None = None  # what the runtime was checked against (measured, combined with the floor)
+
+
+def expected_psnr(measured: float, floor: float | None) -> float:
+    """The PSNR of the recipe's asset on the runtime: the search's measured PSNR with the runtime's
+    float16 floor added as an independent noise (their MSEs add); ``measured`` when no floor."""
+    if floor is None:
+        return measured
+    mse = 10 ** (-measured / 10) + 10 ** (-floor / 10)
+    return math.inf if mse == 0 else -10 * math.log10(mse)
+
+
+def runtime_check(runtime: float, measured: float, floor: float | None = None) -> tuple[bool, float, float]:
+    """(ok, expected PSNR, tolerance): the runtime's PSNR against the measured one combined with the
+    floor, within FLOOR_TOLERANCE_DB where the floor moves it by more than RUNTIME_TOLERANCE_DB, else
+    within RUNTIME_TOLERANCE_DB. A search measured in float16 holds its own float16 arithmetic, not the
+    runtime's (another kernel order and rounding), so the two still add and the rule is the same."""
+    expected = expected_psnr(measured, floor)
+    tolerance = FLOOR_TOLERANCE_DB if measured - expected > RUNTIME_TOLERANCE_DB else RUNTIME_TOLERANCE_DB
+    return bool(runtime == expected or abs(runtime - expected) <= tolerance), expected, tolerance
 
 
 def _search_call(ev) -> tuple[tuple[int, int], int]:
@@ -157,10 +189,8 @@ def build(job: CoreAIJob, ev) -> CoreAIResult:
         shutil.rmtree(checked)
     else:
         runtime_note = ""
-    runtime_ok = None if job.measured_psnr is None else bool(abs(psnr - job.measured_psnr) <= RUNTIME_TOLERANCE_DB)
-    runtime_detail = (f"Core AI runtime ({calls} denoiser calls{runtime_note}) {psnr:.2f} dB" + (
-        "" if job.measured_psnr is None else f" vs measured {job.measured_psnr:.2f} dB "
-        f"({'within' if runtime_ok else 'NOT within'} {RUNTIME_TOLERANCE_DB} dB)"))
+    runtime_ok, floor, expected, check = runtime_verdict(ev, ptype, hw, tokens, psnr, job.measured_psnr)
+    runtime_detail = f"Core AI runtime ({calls} denoiser calls{runtime_note}) {psnr:.2f} dB{check}"
     _others(ev, ptype, hw, partial)
     _tokenizers(ev, ptype, getattr(ev.spec, "location", ""), partial)
     assets = {c.key: c.filename for c in COMPONENTS[ptype]}
@@ -178,7 +208,7 @@ def build(job: CoreAIJob, ev) -> CoreAIResult:
                              None if tokens == apple_tokens(ptype) else tokens)
     files = _files(partial)
     result = CoreAIResult(str(final), ptype, assets, files, sum(files.values()), len(luts), luts_ok, luts_detail,
-                          psnr, job.measured_psnr, runtime_ok, runtime_detail, comparison, 0.0)
+                          psnr, job.measured_psnr, runtime_ok, runtime_detail, comparison, 0.0, floor, expected)
     report = {"search_id": job.search_id, "model": job.model, "fingerprint": job.fingerprint,
               "recipe_key": job.recipe_key, "formats": formats_json(job.bits), **asdict(result)}
     atomic_write_text(partial / REPORT, json.dumps(report, indent=2, default=str))
@@ -189,6 +219,25 @@ def build(job: CoreAIJob, ev) -> CoreAIResult:
     files = _files(final)
     return CoreAIResult(**{**asdict(result), "files": files, "total_bytes": sum(files.values()),
                            "seconds": time.perf_counter() - t0})
+
+
+def runtime_verdict(ev, ptype: str, hw, tokens: int, psnr: float, measured: float | None):
+    """(ok, floor, expected, the detail's tail). The floor costs one more export and runtime run
+    (tiny-sd: ~17 s), so it is measured only when the plain check fails with the runtime below the
+    search (the floor can only lower it), once per evaluator (`compare.float16_floor`)."""
+    if measured is None:
+        return None, None, None, ""
+    ok, expected, tolerance = runtime_check(psnr, measured)
+    if ok or psnr > measured:
+        return ok, None, expected, f" vs measured {measured:.2f} dB ({'within' if ok else 'NOT within'} {tolerance} dB)"
+    from workers.coreai.compare import float16_floor
+
+    floor = float16_floor(ev, ptype, hw, None if tokens == apple_tokens(ptype) else tokens)
+    ok, expected, tolerance = runtime_check(psnr, measured, floor)
+    return ok, floor, expected, (
+        f" vs measured {measured:.2f} dB: not within {RUNTIME_TOLERANCE_DB} dB, so the float16 floor was measured "
+        f"(Apple's none preset on the runtime: {floor:.2f} dB); measured and floor combined (their errors add "
+        f"in MSE): {expected:.2f} dB, {'within' if ok else 'NOT within'} {tolerance} dB")
 
 
 def apple_tokens(ptype: str) -> int:

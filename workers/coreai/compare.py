@@ -6,14 +6,20 @@ The preset is exported here exactly as Apple's exporter applies it (``export.qua
 run on the same Core AI runtime in the same signal, and both assets are sized from what Core AI
 says they store (``AIModelAsset.summary``: elements per storage type), so bits per weight count
 LUTs and scales as the device does: stored bits / the denoiser's weights.
+
+Apple's other preset, ``none`` (the float16 denoiser, nothing compressed), run the same way is the
+runtime's float16 floor (`float16_floor`): what its arithmetic alone costs against the search's
+reference, which the bundle's runtime check allows for (`workers.coreai.bundle.runtime_check`).
 """
 from __future__ import annotations
 
 import re
 import tempfile
+import weakref
 from pathlib import Path
 
 _TYPE = re.compile(r"(?i)^(b?float|u?int)(\d+)")
+_FLOORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # {evaluator: {(ptype, hw, tokens): PSNR}}
 
 
 def storage_bits(asset_path) -> tuple[int, dict[str, int]]:
@@ -57,3 +63,19 @@ def comparison(ev, ptype: str, hw, recipe_asset: Path, luts, job, recipe_psnr: f
                         {"quantized_weights": quantized, "quantized_bits_per_weight": 4.5 if quantized else None}))
     return {"weights": weights, "rows": rows, "delta_db": rows[0]["psnr"] - rows[1]["psnr"],
             "protocol": "the search's signal, Core AI runtime (Linux CPU) vs the search's diffusers reference"}
+
+
+def float16_floor(ev, ptype: str, hw, tokens: int | None = None) -> float:
+    """PSNR of Apple's ``none`` preset (the float16 denoiser) on the Core AI runtime in the search's
+    signal: the most any asset of this model can measure there. The same for every recipe of a
+    search, so kept per evaluator (a phase building many recipes exports and runs it once)."""
+    from workers.coreai.denoiser import export_denoiser, measure_asset
+
+    known = _FLOORS.setdefault(ev, {})
+    key = (ptype, tuple(hw), tokens)
+    if key not in known:
+        with tempfile.TemporaryDirectory(prefix="mbp-coreai-none-") as tmp:
+            preset = Path(tmp) / "Unet-none.aimodel"
+            export_denoiser(ev, ptype, hw, None, preset, tokens=tokens)
+            known[key] = measure_asset(ev, preset)[0]
+    return known[key]

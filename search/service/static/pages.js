@@ -121,6 +121,7 @@ function searchView(sid) {
 <h2>Recipes</h2>
 <div class="scroll"><table id="recipes"><thead><tr><th>key</th><th>strategy</th><th class="num">bits</th><th class="num">MB</th>
 <th class="num">predicted dB</th><th class="num">measured dB</th><th class="num">image PSNR dB</th><th class="num">image SSIM</th><th>Core ML validation</th></tr></thead><tbody></tbody></table></div>
+<div id="coreai" class="scroll"></div>
 <div class="chart heatmap scroll" id="layer-map"></div>
 <h2>Images</h2><div id="gallery" class="gallery"></div>
 <div class="grid">
@@ -175,6 +176,7 @@ best so far: ${best(d.best)} ${act}</p>`;
       }).join("") || `<tr><td colspan="9" class="muted">no recipes yet</td></tr>`;
       root.querySelector("#messages").textContent = (d.messages || []).join("\n").replace(/\[\/?[a-z ]+\]/g, "");
       coremlLinks(sid, root.querySelector("#downloads"), d);
+      coreaiTable(root.querySelector("#coreai"), d.coreai || {});
       const m = await charts;
       if (m.status !== 304) {
         etag = m.etag;
@@ -187,6 +189,26 @@ best so far: ${best(d.best)} ${act}</p>`;
       }
     },
   };
+}
+
+// The Core AI folders of a search (issue 36, detail.coreai): per recipe its checks on the Linux Core AI
+// runtime and the rows of the comparison with Apple's 4bit preset, as `search status` prints them.
+function coreaiTable(el, folders) {
+  const rows = [];
+  for (const [key, c] of Object.entries(folders)) {
+    const luts = c.luts_ok === null ? "not checked" : c.luts_ok ? "yes" : "NO";
+    const diff = c.difference_db === null ? "" : ` (${c.difference_db >= 0 ? "+" : ""}${num(c.difference_db, 2)})`;
+    rows.push(`<tr data-coreai="${esc(key)}"><td class="key">${esc(key)}</td><td class="status-${esc(c.status)}">${esc(c.status)}</td><td>${luts}</td>
+<td class="num">${num(c.runtime_psnr, 2)}</td><td class="num">${num(c.measured_psnr, 2)}${diff}</td><td>${c.ok ? "ok" : "<b>not ok</b>: " + esc(c.detail)}</td><td></td><td></td><td></td></tr>`);
+    for (const r of (c.comparison && c.comparison.rows) || []) {
+      rows.push(`<tr class="muted"><td></td><td colspan="5">${esc(r.name)}</td><td class="num">${num(r.bits_per_weight, 3)}</td><td class="num">${num(r.asset_bytes / 1e6, 3)}</td><td class="num">${num(r.psnr, 2)}</td></tr>`);
+    }
+    if (c.comparison) rows.push(`<tr class="muted"><td></td><td colspan="8">recipe − Apple 4bit: ${c.comparison.delta_db >= 0 ? "+" : ""}${num(c.comparison.delta_db, 2)} dB</td></tr>`);
+  }
+  const html = rows.length ? `<h2>Core AI</h2><table id="coreai-table"><thead><tr><th>recipe</th><th>status</th><th>LUTs bit for bit</th>
+<th class="num">runtime dB</th><th class="num">measured dB</th><th>checks</th><th class="num">bits/weight</th><th class="num">asset MB</th><th class="num">PSNR dB</th></tr></thead>
+<tbody>${rows.join("")}</tbody></table>` : "";
+  if (el.dataset.shown !== html) { el.innerHTML = html; el.dataset.shown = html; }
 }
 
 async function download(path, name) {
@@ -212,6 +234,9 @@ function coremlLinks(sid, list, d) {
     if (b.status === "shipped") {
       items.push([`${key}.bundle.zip`, `Resources folder for Apple's Swift pipeline, recipe ${key}: ${mb(b.total_bytes)} (${mb(b.zip_bytes)} zip)`]);
     }
+  }
+  for (const [key, c] of Object.entries(d.coreai || {})) {
+    if (c.status === "shipped") items.push([`${key}.coreai.zip`, `Core AI folder, recipe ${key}: ${mb(c.total_bytes)} (${mb(c.zip_bytes)} zip)`]);
   }
   const html = items.map(([name, text]) => `<li class="coreml-dl"><a href="#" data-dl="/searches/${sid}/coreml/${encodeURIComponent(name)}" data-name="${esc(`${sid}-${name}`)}">${esc(text)}</a></li>`).join("");
   if (list.dataset.coreml === html) return;
