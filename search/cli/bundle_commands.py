@@ -12,9 +12,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from search.cli.console import CliError, err, guarded, out
-from search.cli.coreml_commands import NodeOption, call_driver
-from search.cli.options import DbOption, RayOption, SearchIdArgument
+from search.cli.console import CliError, call_driver, err, guarded, out
+from search.cli.options import DbOption, NodeOption, RayOption, SearchIdArgument
 from workers.coreml.bundle.contract import ATTENTIONS, ENCODER_NBITS, BundleOptions
 
 TARGETS = ("coreml", "coreai")

@@ -3,6 +3,7 @@ and every expected failure as one red ``error:`` line with a non-zero exit, neve
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -11,6 +12,11 @@ from common.errors import first_line
 
 out = Console()
 err = Console(stderr=True)
+
+
+def fmt(value: Optional[float]) -> str:
+    """A number in a table: two decimals, '-' when missing."""
+    return f"{value:.2f}" if value is not None else "-"
 
 
 class CliError(Exception):
@@ -65,3 +71,19 @@ def guarded(fn):
 
     return wrapper
 
+
+def call_driver(fn, **kwargs):
+    """Run ``fn``; ApplyError becomes the CLI's one red line; Ray stops if this command started it."""
+    import ray
+
+    from search.driver.cluster import shutdown_ray
+    from search.driver.coreml_jobs import ApplyError
+
+    started_here = not ray.is_initialized()
+    try:
+        return fn(**kwargs)
+    except ApplyError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        if started_here:
+            shutdown_ray()

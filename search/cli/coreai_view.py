@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from rich.markup import escape
 
-from search.cli.console import out
-from search.cli.views import fmt
+from search.cli.console import fmt, out
 
 
 def coreai_lines(sid: str, folders: dict) -> None:

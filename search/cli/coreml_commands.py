@@ -14,18 +14,15 @@ import typer
 from rich.markup import escape
 
 from common.errors import first_line
-from search.cli.console import CliError, err, guarded, out
-from search.cli.options import DbOption, RayOption, SearchIdArgument, ServerOption, TokenOption, local_only
+from search.cli.console import CliError, call_driver, err, guarded, out
+from search.cli.options import (DbOption, NodeOption, RayOption, SearchIdArgument, ServerOption, TokenOption,
+                                local_only)
 from search.cli.views import print_uncut, search_validations, validation_table as _validation_table
 
-COREML_NODE_HELP = ("where the Core ML worker runs: 'coreml' = a node started with the custom resource coreml "
-                    "(a Mac), 'any' = any node (everything but Core ML prediction) "
-                    "[default: any when Ray runs embedded on Linux, else coreml]")
 MODEL_HELP = ("torch model whose weights the .mlpackage holds, when it is not the search's model (e.g. a "
               "fine-tuned variant): layer names and LUTs then come from it [default: the search's model]")
 RecipeOption = typer.Option(None, "--recipe", help="recipe key, or 'all'")
 ModelOption = typer.Option(None, "--model", help=MODEL_HELP)
-NodeOption = typer.Option(None, "--coreml-node", help=COREML_NODE_HELP)
 TARGET_HELP = ("coreai: the folders Apple's Core AI exporter writes instead of Core ML packages (with --server: all "
                "recipes unless --recipe, 3-bit ones refused in one line each, --coreml-node any by default; locally: "
                "`search bundle --target coreai`, one recipe) [default: the search's own target]")
@@ -66,23 +63,6 @@ def _report(report) -> None:
     if report.failed:
         err.print(f"[bold red]validation failed:[/] {escape(', '.join(report.failed))}", highlight=False)
         raise typer.Exit(1)
-
-
-def call_driver(fn, **kwargs):
-    """Run ``fn``; ApplyError becomes the CLI's one red line; Ray stops if this command started it."""
-    import ray
-
-    from search.driver.cluster import shutdown_ray
-    from search.driver.coreml_jobs import ApplyError
-
-    started_here = not ray.is_initialized()
-    try:
-        return fn(**kwargs)
-    except ApplyError as exc:
-        raise CliError(str(exc)) from None
-    finally:
-        if started_here:
-            shutdown_ray()
 
 
 def _queue_on_service(ctx: typer.Context, search_id: str, recipe: Optional[str], coreml_node: Optional[str],

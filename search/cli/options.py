@@ -26,6 +26,9 @@ TokenOption = typer.Option(None, "--token", envvar=TOKEN_ENV, help="the service'
 RayOption = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
                          help="join a running Ray cluster instead of starting a local one")
 WaitOption = typer.Option(False, "--wait", help="with --server: follow the search's progress until it ends")
+NodeOption = typer.Option(None, "--coreml-node", help="where the Core ML worker runs: 'coreml' = a node started "
+                          "with the custom resource coreml (a Mac), 'any' = any node (everything but Core ML "
+                          "prediction) [default: any when Ray runs embedded on Linux, else coreml]")
 SearchIdArgument = typer.Argument(..., help="search id (or a unique prefix)")
 
 

@@ -11,12 +11,8 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
-from search.cli.console import err, fail, out
+from search.cli.console import err, fail, fmt, out
 from search.cli.coreml_view import bundle_lines, coreml_line
-
-
-def fmt(value: Optional[float]) -> str:
-    return f"{value:.2f}" if value is not None else "-"
 
 
 def print_json(data) -> None:
