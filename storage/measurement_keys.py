@@ -40,6 +40,7 @@ NOT_VALUE_FIELDS = {
     "reuse": "this feature's own switch", "reuse_across_devices": "this feature's own switch",
     "gallery": "images after the recipes, not measurements", "gallery_steps": "gallery only",
     "gallery_resolution": "gallery only",
+    "target": "what --apply builds (Core ML or Core AI) and which formats are allowed; not how one is measured",
 }
 REUSABLE_PHASES = ("baseline", "floor", "isolated", "cumulative", "candidate", "recipe")
 

@@ -199,7 +199,7 @@ function coreaiTable(el, folders) {
     const luts = c.luts_ok === null ? "not checked" : c.luts_ok ? "yes" : "NO";
     const diff = c.difference_db === null ? "" : ` (${c.difference_db >= 0 ? "+" : ""}${num(c.difference_db, 2)})`;
     rows.push(`<tr data-coreai="${esc(key)}"><td class="key">${esc(key)}</td><td class="status-${esc(c.status)}">${esc(c.status)}</td><td>${luts}</td>
-<td class="num">${num(c.runtime_psnr, 2)}</td><td class="num">${num(c.measured_psnr, 2)}${diff}</td><td>${c.ok ? "ok" : "<b>not ok</b>: " + esc(c.detail)}</td><td></td><td></td><td></td></tr>`);
+<td class="num">${num(c.runtime_psnr, 2)}</td><td class="num">${num(c.measured_psnr, 2)}${diff}</td><td>${!c.ok ? "<b>not ok</b>: " + esc(c.detail) : c.floor_psnr == null ? "ok" : `ok (float16 floor ${num(c.floor_psnr, 2)} dB: ${esc(c.detail)})`}</td><td></td><td></td><td></td></tr>`);
     for (const r of (c.comparison && c.comparison.rows) || []) {
       rows.push(`<tr class="muted"><td></td><td colspan="5">${esc(r.name)}</td><td class="num">${num(r.bits_per_weight, 3)}</td><td class="num">${num(r.asset_bytes / 1e6, 3)}</td><td class="num">${num(r.psnr, 2)}</td></tr>`);
     }
