@@ -45,6 +45,9 @@ def _layer_rows(search_id: str, layers: list[Layer]) -> list[s.LayerRow]:
                        shape_json=json.dumps(list(l.shape))) for i, l in enumerate(layers)]
 
 
+_VALIDATION_FIELDS = ("recipe_key", "mlpackage", "size_bytes", "avg_bits", "structural_ok", "structural_detail",
+                      "numeric_psnr", "numeric_ok", "runtime_note", "node")
+
 class Storage:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
@@ -278,14 +281,11 @@ class Storage:
             rows = db.scalars(select(s.RecipeRow).where(s.RecipeRow.search_id == search_id).order_by(s.RecipeRow.id))
             return [_recipe(r) for r in rows]
 
-    # -- Core ML validations --------------------------------------------------------------
+    # -- Core ML validations (the Validation fields stored as they are; runtime as JSON) -----
     def put_validation(self, search_id: str, v: Validation) -> None:
         """Latest validation of a recipe wins: re-applying replaces the previous record."""
-        values = dict(search_id=search_id, recipe_key=v.recipe_key, mlpackage=v.mlpackage, size_bytes=v.size_bytes,
-                      avg_bits=v.avg_bits, structural_ok=v.structural_ok, structural_detail=v.structural_detail,
-                      numeric_psnr=v.numeric_psnr, numeric_ok=v.numeric_ok,
-                      runtime_json=json.dumps(v.runtime) if v.runtime is not None else None,
-                      runtime_note=v.runtime_note, node=v.node, created_at=utcnow())
+        values = dict(search_id=search_id, **{f: getattr(v, f) for f in _VALIDATION_FIELDS}, created_at=utcnow(),
+                      runtime_json=json.dumps(v.runtime) if v.runtime is not None else None)
         stmt = insert(s.ValidationRow).values(**values)
         stmt = stmt.on_conflict_do_update(index_elements=["search_id", "recipe_key"],
                                           set_={k: stmt.excluded[k] for k in values if k not in ("search_id", "recipe_key")})
@@ -295,7 +295,5 @@ class Storage:
     def validations(self, search_id: str) -> dict[str, Validation]:
         with self.session_scope() as db:
             rows = db.scalars(select(s.ValidationRow).where(s.ValidationRow.search_id == search_id))
-            return {r.recipe_key: Validation(r.recipe_key, r.mlpackage, r.size_bytes, r.avg_bits, r.structural_ok,
-                                             r.structural_detail, r.numeric_psnr, r.numeric_ok,
-                                             json.loads(r.runtime_json) if r.runtime_json else None, r.runtime_note,
-                                             r.node) for r in rows}
+            return {r.recipe_key: Validation(**{f: getattr(r, f) for f in _VALIDATION_FIELDS},
+                                             runtime=json.loads(r.runtime_json) if r.runtime_json else None) for r in rows}

@@ -101,23 +101,29 @@ def download_packages(backend, search_id: str, choice: str, out_dir: Path) -> li
 BUNDLE_TOP = "Resources"  # the zip's one folder (workers.coreml.shipping.zip_bundle)
 
 
-def _choose_bundles(info: dict, choice: str, where: str) -> dict[str, dict]:
-    bundles = info.get("bundles") or {}
-    shipped = {k: b for k, b in bundles.items() if b["status"] == "shipped"}
+def _choose_shipped(info: dict, rows: dict, choice: str, one: str, many: str, none_shipped: str) -> dict[str, dict]:
+    """The shipped rows ``choice`` names ('all' or a recipe key), or one line saying why not: a
+    recipe's own status and detail when it has a row, ``none_shipped`` when 'all' finds nothing."""
+    shipped = {k: r for k, r in (rows or {}).items() if r["status"] == "shipped"}
     if choice == "all":
         if not shipped:
-            cm = info.get("coreml") or {}
-            how = (f"the Core ML phase builds them: `search apply {info['id']}{where}`" if where else
-                   f"build one here with `search bundle {info['id']} --recipe KEY -o DIR`")
-            raise CliError(f"search {info['id']} has no shipped bundles (Core ML phase: "
-                           f"{cm.get('status', 'never asked')}); {how}")
+            raise CliError(none_shipped)
         return shipped
     if choice not in shipped:
-        b = bundles.get(choice)
-        why = f" ({b['status']}: {b['detail']})" if b is not None else ""
-        raise CliError(f"search {info['id']} has no shipped bundle for recipe '{choice}'{why} "
-                       f"(bundles: {', '.join(shipped) or 'none'})")
+        r = (rows or {}).get(choice)
+        why = f" ({r['status']}: {r['detail']})" if r is not None else ""
+        raise CliError(f"search {info['id']} has no shipped {one} for recipe '{choice}'{why} "
+                       f"({many}: {', '.join(shipped) or 'none'})")
     return {choice: shipped[choice]}
+
+
+def _choose_bundles(info: dict, choice: str, where: str) -> dict[str, dict]:
+    cm = info.get("coreml") or {}
+    how = (f"the Core ML phase builds them: `search apply {info['id']}{where}`" if where else
+           f"build one here with `search bundle {info['id']} --recipe KEY -o DIR`")
+    return _choose_shipped(info, info.get("bundles"), choice, "bundle", "bundles",
+                           f"search {info['id']} has no shipped bundles (Core ML phase: "
+                           f"{cm.get('status', 'never asked')}); {how}")
 
 
 def _unpack_folder(zip_path: Path, out_dir: Path, key: str, top: str, report_name: str, check) -> Path:
@@ -186,22 +192,12 @@ COREAI_REPORT = "mbp-coreai.json"  # in the folder: the search, the recipe, the 
 
 
 def _choose_coreai(info: dict, choice: str, where: str) -> dict[str, dict]:
-    folders = info.get("coreai") or {}
-    shipped = {k: c for k, c in folders.items() if c["status"] == "shipped"}
-    if choice == "all":
-        if not shipped:
-            cm = info.get("coreml") or {}
-            raise CliError(f"search {info['id']} has no shipped Core AI folders (Core ML phase: "
-                           f"{cm.get('status', 'never asked')}); build them with `search apply {info['id']}{where} "
-                           "--target coreai`" if where else f"search {info['id']} has no shipped Core AI folders; "
-                           f"build one here with `search bundle {info['id']} --recipe KEY --target coreai -o DIR`")
-        return shipped
-    if choice not in shipped:
-        c = folders.get(choice)
-        why = f" ({c['status']}: {c['detail']})" if c is not None else ""
-        raise CliError(f"search {info['id']} has no shipped Core AI folder for recipe '{choice}'{why} "
-                       f"(Core AI folders: {', '.join(shipped) or 'none'})")
-    return {choice: shipped[choice]}
+    cm = info.get("coreml") or {}
+    none_shipped = (f"search {info['id']} has no shipped Core AI folders (Core ML phase: "
+                    f"{cm.get('status', 'never asked')}); build them with `search apply {info['id']}{where} "
+                    "--target coreai`" if where else f"search {info['id']} has no shipped Core AI folders; "
+                    f"build one here with `search bundle {info['id']} --recipe KEY --target coreai -o DIR`")
+    return _choose_shipped(info, info.get("coreai"), choice, "Core AI folder", "Core AI folders", none_shipped)
 
 
 def _unpack_coreai(zip_path: Path, out_dir: Path, search_id: str, key: str) -> Path:

@@ -77,7 +77,7 @@ def run_coreai(phase, keys: list[str]) -> None:
                              f"({len(keys) - len(todo)} already shipped)")
             compare = compares_4bit(phase.storage, sid)
             for key in todo:
-                _one(phase, worker, key, compare)
+                _one(phase, worker, key, recipes[key].psnr, compare)
                 reporter.advance(PHASE)
         finally:
             ray.kill(worker, no_restart=True)
@@ -87,9 +87,8 @@ def run_coreai(phase, keys: list[str]) -> None:
                          f"{phase.bundle_ship_s:.2f} s")
 
 
-def _one(phase, worker, key: str, compare_4bit: bool = True) -> None:
+def _one(phase, worker, key: str, measured: float | None, compare_4bit: bool = True) -> None:
     sid, store = phase.search.id, CoreAIStore(phase.storage)
-    measured = {r.key: r.psnr for r in phase.storage.recipes(sid)}.get(key)
     packed, why = phase._call(worker.coreai.remote(key, compare_4bit), "build a Core AI folder")
     phase.bundles_built += 1
     if packed is None:

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import sqlite3
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -27,6 +26,7 @@ from storage import Storage
 from storage.coreml_store import CoreMLStore
 from storage.package_store import PackageStore
 from tests.coreml_helpers import same_tree, sha256
+from tests.service_helpers import serving
 
 pytestmark = pytest.mark.slow
 
@@ -155,24 +155,13 @@ def test_a_bad_bundle_key_is_one_line_and_exit_2(shipped, tmp_path):
 def server(shipped, tmp_path_factory):
     """`search serve`'s app (uvicorn on a free loopback port, in a thread) over the same database;
     its package store is the one the phase shipped into."""
-    import uvicorn
-
     from search.service.app import create_app
 
     data = tmp_path_factory.mktemp("service-data")
     (data / "packages").symlink_to(shipped["packages"].root, target_is_directory=True)
     app = create_app(shipped["db"], data, resume_interrupted=False)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the service did not start"
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(30)
+    with serving(app) as url:
+        yield url
 
 
 def test_the_service_route_and_the_remote_download(shipped, server, tmp_path):

@@ -20,7 +20,6 @@ import hashlib
 import json
 import re
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from storage import Storage
 from storage.coreai_store import CoreAIStore
 from tests.cli_helpers import error_line, run_cli
 from tests.conftest import build_completed_search
+from tests.service_helpers import serving
 from workers import coreai
 
 needs_coreai = pytest.mark.skipif(not coreai.available(), reason=coreai.INSTALL_HINT)
@@ -107,23 +107,13 @@ def shipped(search, local):
 
 @pytest.fixture(scope="module")
 def server(search, shipped, tmp_path_factory):
-    import uvicorn
-
     from search.service.app import create_app
 
     data = tmp_path_factory.mktemp("coreai-service-data")
     (data / "packages").symlink_to(shipped["packages"].root, target_is_directory=True)
     app = create_app(search["db"], data, resume_interrupted=False)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the service did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(30)
+    with serving(app) as url:
+        yield url
 
 
 def _checks(r: dict) -> dict:

@@ -10,13 +10,13 @@ import os
 import re
 import signal
 import sqlite3
-import threading
 import time
 
 import numpy as np
 import pytest
 
 from tests.cli_helpers import error_line, run_cli, start_cli
+from tests.service_helpers import serving
 
 pytestmark = pytest.mark.slow
 PROMPTS = ("a red fox in the snow", "a lighthouse at dusk")
@@ -192,24 +192,14 @@ def test_resume_image_by_image_after_a_kill(search, model_cache, tmp_path):
 def server(search, tmp_path_factory):
     """`search serve`'s app over the search's database; its data directory's gallery is the one
     the command line wrote next to the database."""
-    import uvicorn
-
     from search.service.app import create_app
     from storage.gallery_store import gallery_root_beside
 
     data = tmp_path_factory.mktemp("service-data")
     (data / "gallery").symlink_to(gallery_root_beside(search["db"]), target_is_directory=True)
     app = create_app(search["db"], data, resume_interrupted=False)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the service did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(30)
+    with serving(app) as url:
+        yield url
 
 
 def test_the_routes(search, server, model_cache, tmp_path):

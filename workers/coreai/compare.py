@@ -19,7 +19,16 @@ import weakref
 from pathlib import Path
 
 _TYPE = re.compile(r"(?i)^(b?float|u?int)(\d+)")
-_FLOORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # {evaluator: {(ptype, hw, tokens): PSNR}}
+# Apple's presets measured once per evaluator: {evaluator: {(preset, ptype, hw, tokens): result}}. Both
+# are the same for every recipe of a search, so a phase building many recipes exports each once.
+_PRESETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _per_evaluator(ev, key: tuple, compute):
+    known = _PRESETS.setdefault(ev, {})
+    if key not in known:
+        known[key] = compute()
+    return known[key]
 
 
 def storage_bits(asset_path) -> tuple[int, dict[str, int]]:
@@ -49,20 +58,28 @@ def row(name: str, asset_path, weights: int, psnr: float, extra: dict | None = N
 
 def comparison(ev, ptype: str, hw, recipe_asset: Path, luts, job, recipe_psnr: float, tokens: int | None = None) -> dict:
     """{rows: [recipe, 4bit], delta_db, weights}: measured on the Core AI runtime."""
-    from workers.coreai.denoiser import export_denoiser, measure_asset
 
     weights = sum(p.numel() for p in ev.denoiser.parameters())
     rows = [row(f"recipe {job.recipe_key}", recipe_asset, weights, recipe_psnr,
                 {"search_avg_bits": job.avg_bits, "palettized_layers": len(luts)})]
+    rows.append(dict(_per_evaluator(ev, ("4bit", ptype, tuple(hw), tokens),
+                                    lambda: _preset_4bit(ev, ptype, hw, weights, tokens))))
+    return {"weights": weights, "rows": rows, "delta_db": rows[0]["psnr"] - rows[1]["psnr"],
+            "protocol": "the search's signal, Core AI runtime (Linux CPU) vs the search's diffusers reference"}
+
+
+def _preset_4bit(ev, ptype: str, hw, weights: int, tokens: int | None) -> dict:
+    """The comparison's row of Apple's 4bit preset: exported as Apple's exporter applies it, run in the
+    search's signal on the Core AI runtime."""
+    from workers.coreai.denoiser import export_denoiser, measure_asset
+
     with tempfile.TemporaryDirectory(prefix="mbp-coreai-4bit-") as tmp:
         preset = Path(tmp) / "Unet-4bit.aimodel"
         export_denoiser(ev, ptype, hw, None, preset, quantize=True, tokens=tokens)
         psnr, _, _ = measure_asset(ev, preset)
         quantized = sum(n for t, n in storage_bits(preset)[1].items() if t.lower() in ("int4", "uint4"))
-        rows.append(row("Apple 4bit preset", preset, weights, psnr,
-                        {"quantized_weights": quantized, "quantized_bits_per_weight": 4.5 if quantized else None}))
-    return {"weights": weights, "rows": rows, "delta_db": rows[0]["psnr"] - rows[1]["psnr"],
-            "protocol": "the search's signal, Core AI runtime (Linux CPU) vs the search's diffusers reference"}
+        return row("Apple 4bit preset", preset, weights, psnr,
+                   {"quantized_weights": quantized, "quantized_bits_per_weight": 4.5 if quantized else None})
 
 
 def float16_floor(ev, ptype: str, hw, tokens: int | None = None) -> float:
@@ -71,11 +88,10 @@ def float16_floor(ev, ptype: str, hw, tokens: int | None = None) -> float:
     search, so kept per evaluator (a phase building many recipes exports and runs it once)."""
     from workers.coreai.denoiser import export_denoiser, measure_asset
 
-    known = _FLOORS.setdefault(ev, {})
-    key = (ptype, tuple(hw), tokens)
-    if key not in known:
+    def measure() -> float:
         with tempfile.TemporaryDirectory(prefix="mbp-coreai-none-") as tmp:
             preset = Path(tmp) / "Unet-none.aimodel"
             export_denoiser(ev, ptype, hw, None, preset, tokens=tokens)
-            known[key] = measure_asset(ev, preset)[0]
-    return known[key]
+            return measure_asset(ev, preset)[0]
+
+    return _per_evaluator(ev, ("none", ptype, tuple(hw), tokens), measure)
